@@ -1,0 +1,1 @@
+"""dpstudy: Ray-distributed hyperparameter studies for DP image classification."""

@@ -1,0 +1,263 @@
+"""Filters, sorting, Pareto fronts and formatting over a study's results tables.
+
+Pure functions: they take a pyarrow Table or a pandas DataFrame (see
+:func:`to_frame`) and return a new pandas DataFrame; nothing is modified in place.
+Column names may be given by alias (``accuracy`` for ``test_accuracy``, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+OPS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
+       ">": operator.gt, "<": operator.lt}
+FORMATS = ("table", "csv", "json")
+
+# In filters (and column selection / sorting) ``epsilon`` means the *target* budget.
+FILTER_ALIASES = {"epsilon": "epsilon_target", "eps": "epsilon_target",
+                  "accuracy": "test_accuracy", "acc": "test_accuracy", "loss": "test_loss",
+                  "cost": "wall_time_s", "time": "wall_time_s", "lr": "learning_rate"}
+# In Pareto specs an alias also carries its direction; ``epsilon`` is what was *spent*.
+PARETO_ALIASES = {"accuracy": ("test_accuracy", "max"), "acc": ("test_accuracy", "max"),
+                  "density": ("density", "min"), "epsilon": ("epsilon_spent", "min"),
+                  "eps": ("epsilon_spent", "min"), "cost": ("wall_time_s", "min"),
+                  "time": ("wall_time_s", "min"), "loss": ("test_loss", "min")}
+_DEFAULT_DIRECTION = {"best_test_accuracy": "max", "samples_per_s": "max",
+                      "epsilon_target": "min", **dict(PARETO_ALIASES.values())}
+
+_FILTER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|!=|>=|<=|>|<)\s*(\S.*?)\s*$")
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One ``<column><op><value>`` condition; ``text`` is the value as written."""
+
+    column: str
+    op: str
+    value: float | int | str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.column}{self.op}{self.text}"
+
+
+def parse_filter(expr: str) -> Filter:
+    """Parse ``"prune_rate>0.5"``-style text; numbers become int/float, the rest strings."""
+    match = _FILTER_RE.match(expr)
+    if not match:
+        raise ValueError(f"bad filter {expr!r}: expected <column><op><value> with op one of "
+                         f"{' '.join(OPS)} (e.g. 'epsilon==3', 'status!=failed')")
+    column, op, text = match.groups()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return Filter(column, op, text[1:-1], text[1:-1])
+    value: float | int | str = text
+    if _NUMBER_RE.match(text):
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    return Filter(column, op, value, text)
+
+
+def to_frame(data: pd.DataFrame | pa.Table) -> pd.DataFrame:
+    """A pandas DataFrame of ``data``; int64 columns keep integers (nullable ``Int64``)."""
+    if isinstance(data, pa.Table):
+        return data.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    return data
+
+
+def resolve_column(df: pd.DataFrame, name: str, aliases: dict[str, str] | None = None,
+                   context: str = "") -> str:
+    """The column ``name`` refers to (itself or its alias), else a did-you-mean ValueError."""
+    aliases = FILTER_ALIASES if aliases is None else aliases
+    if name in df.columns:
+        return name
+    if name in aliases and aliases[name] in df.columns:
+        return aliases[name]
+    known = [str(c) for c in df.columns]
+    hint = difflib.get_close_matches(name, known + list(aliases), n=1)
+    mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    where = f" in {context}" if context else ""
+    raise ValueError(f"unknown column {name!r}{where}{mean} available columns: "
+                     f"{', '.join(known)}")
+
+
+def _operand(series: pd.Series, f: Filter, column: str) -> Any:
+    """The filter value converted to something ``series`` can be compared with."""
+    if pd.api.types.is_datetime64_any_dtype(series):
+        try:
+            value = pd.Timestamp(f.text)
+        except ValueError:
+            raise ValueError(f"filter {str(f)!r}: {f.text!r} is not a timestamp") from None
+        tz = series.dt.tz
+        return value.tz_localize(tz) if value.tzinfo is None and tz is not None else value
+    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+        return f.text
+    if isinstance(f.value, str):
+        raise ValueError(f"filter {str(f)!r}: column {column!r} is numeric but "
+                         f"{f.text!r} is not a number")
+    return f.value
+
+
+def _mask(df: pd.DataFrame, f: Filter) -> pd.Series:
+    column = resolve_column(df, f.column, context=f"filter {str(f)!r}")
+    series = df[column]
+    value = _operand(series, f, column)
+    try:
+        mask = OPS[f.op](series, value)
+    except TypeError as err:
+        raise ValueError(f"filter {str(f)!r}: cannot compare column {column!r}: {err}") from None
+    return mask.fillna(f.op == "!=").astype(bool)
+
+
+def apply_filters(df: pd.DataFrame | pa.Table, filters: list[Filter]) -> pd.DataFrame:
+    """Rows matching every filter (null values match ``!=`` only)."""
+    df = to_frame(df)
+    keep = pd.Series(True, index=df.index)
+    for f in filters:
+        keep &= _mask(df, f)
+    return df[keep]
+
+
+def select_columns(df: pd.DataFrame | pa.Table, columns: list[str] | None) -> pd.DataFrame:
+    """Only ``columns`` (aliases allowed, in the given order); all of them when None."""
+    df = to_frame(df)
+    if not columns:
+        return df
+    names = [resolve_column(df, c, context="column selection") for c in columns]
+    return df[list(dict.fromkeys(names))]
+
+
+def sort(df: pd.DataFrame | pa.Table, by: list[str], descending: bool = False) -> pd.DataFrame:
+    """Stable sort by ``by``; a ``-col`` item sorts that column descending. Nulls last."""
+    df = to_frame(df)
+    if not by:
+        return df
+    names, ascending = [], []
+    for item in by:
+        desc = descending or item.startswith("-")
+        names.append(resolve_column(df, item.lstrip("-"), context="sort keys"))
+        ascending.append(not desc)
+    return df.sort_values(names, ascending=ascending, kind="mergesort", na_position="last")
+
+
+def parse_pareto(spec: str) -> list[tuple[str, str]]:
+    """``"accuracy,density"`` -> ``[("test_accuracy", "max"), ("density", "min")]``.
+
+    Items are aliases (see ``PARETO_ALIASES``), ``col:max`` / ``col:min``, or a column with
+    a known direction (``test_accuracy``, ``wall_time_s``, ...).
+    """
+    objectives: list[tuple[str, str]] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, direction = (s.strip() for s in item.partition(":"))
+        column = PARETO_ALIASES.get(name, (name, ""))[0]
+        direction = direction or PARETO_ALIASES.get(name, ("", ""))[1]
+        direction = direction or _DEFAULT_DIRECTION.get(column, "")
+        if direction not in ("max", "min"):
+            raise ValueError(f"bad Pareto objective {item!r} in {spec!r}: write "
+                             f"'<column>:max' or '<column>:min' or one of "
+                             f"{', '.join(PARETO_ALIASES)}")
+        if any(column == c for c, _ in objectives):
+            raise ValueError(f"Pareto objective {column!r} given twice in {spec!r}")
+        objectives.append((column, direction))
+    if not objectives:
+        raise ValueError(f"empty Pareto spec {spec!r}: expected e.g. 'accuracy,density'")
+    return objectives
+
+
+def _dominated(values: np.ndarray) -> np.ndarray:
+    """Rows of ``values`` (all objectives to maximise) dominated by some other row."""
+    out = np.zeros(len(values), dtype=bool)
+    for i, row in enumerate(values):
+        at_least = (values >= row).all(axis=1)
+        better = (values > row).any(axis=1)
+        out[i] = bool((at_least & better).any())
+    return out
+
+
+def pareto_front(df: pd.DataFrame | pa.Table, objectives: list[tuple[str, str]]
+                 ) -> pd.DataFrame:
+    """Non-dominated completed rows for ``objectives`` ([(column, "max"|"min"), ...]).
+
+    Rows whose ``status`` is not ``completed`` (stopped early by the scheduler, failed) or
+    that have a null objective never enter the front; exact ties are all kept. The result
+    is sorted best-first by the first objective, then by the next ones.
+    """
+    df = to_frame(df)
+    if not objectives:
+        raise ValueError("pareto_front needs at least one objective")
+    columns = [resolve_column(df, c, aliases={}, context="Pareto objectives")
+               for c, _ in objectives]
+    for (name, direction), column in zip(objectives, columns, strict=True):
+        if direction not in ("max", "min"):
+            raise ValueError(f"objective {name!r}: direction must be 'max' or 'min', "
+                             f"got {direction!r}")
+        if not pd.api.types.is_numeric_dtype(df[column]):
+            raise ValueError(f"objective {name!r}: column {column!r} is not numeric")
+    if "status" in df.columns:
+        df = df[df["status"] == "completed"]
+    df = df.dropna(subset=columns)
+    signs = np.array([1.0 if d == "max" else -1.0 for _, d in objectives])
+    values = df[columns].to_numpy(dtype=float, na_value=np.nan) * signs
+    front = df[~_dominated(values)]
+    ascending = [d == "min" for _, d in objectives]
+    return front.sort_values(columns, ascending=ascending, kind="mergesort")
+
+
+def _cell(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+        return f"{float(text):.0f}" if "e+" in text and abs(value) < 1e15 else text
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _plain_table(df: pd.DataFrame) -> str:
+    columns = [str(c) for c in df.columns]
+    cells = [[_cell(v) for v in df[c].tolist()] for c in df.columns]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+    widths = [max([len(name), *map(len, col)]) for name, col in zip(columns, cells, strict=True)]
+
+    def line(items: list[str]) -> str:
+        parts = [s.rjust(w) if num else s.ljust(w)
+                 for s, w, num in zip(items, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    rows = [line(list(r)) for r in zip(*cells, strict=True)] if cells else []
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *rows]) + "\n"
+
+
+def format_table(df: pd.DataFrame | pa.Table, fmt: str) -> str:
+    """Render rows as ``table`` (aligned text, floats to 4 significant digits), ``csv`` or
+    ``json`` (a list of records; nulls -> null, timestamps -> ISO 8601)."""
+    df = to_frame(df)
+    if fmt == "table":
+        return _plain_table(df)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        records = [{str(k): _json_value(v) for k, v in zip(df.columns, row, strict=True)}
+                   for row in df.itertuples(index=False, name=None)]
+        return json.dumps(records, indent=2) + "\n"
+    raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

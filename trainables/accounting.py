@@ -1,0 +1,143 @@
+"""Privacy accounting at a fixed budget, on Opacus' accountants (no hand-written math).
+
+DP-SGD with Poisson sampling rate ``q`` and noise multiplier ``sigma`` spends a budget
+``epsilon(T)`` after ``T`` steps, increasing in ``T``. A trial is given a target
+``(epsilon, delta)`` and one of:
+
+- ``sigma``: it may take the largest ``T`` with ``epsilon(T) <= target``
+  (:func:`max_steps`), capped by ``max_epochs``;
+- a number of epochs: it gets the smallest ``sigma`` that fits (:func:`noise_for_steps`).
+
+:func:`plan_budget` is the one calibrator the train loop calls; the other functions are
+pure (they build a throw-away accountant) so they can be tested and reused alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from trainables.config import PrivacyConfig
+
+
+class BudgetError(ValueError):
+    """The requested configuration cannot train even one epoch within the budget."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyPlan:
+    """What a trial may do: ``steps`` DP steps at ``noise_multiplier`` and ``sample_rate``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon: float  # what the accountant says ``steps`` steps cost
+    epsilon_target: float
+    delta: float
+    accountant: str
+
+    @property
+    def epochs(self) -> float:
+        """Expected passes over the data (steps x sample rate)."""
+        return self.steps * self.sample_rate
+
+
+def accountant_for(mechanism: str, *, noise_multiplier: float, sample_rate: float,
+                   steps: int) -> IAccountant:
+    """An Opacus accountant holding ``steps`` steps of one (sigma, q) mechanism."""
+    accountant = create_accountant(mechanism=mechanism)
+    if steps > 0:
+        accountant.history = [(noise_multiplier, sample_rate, steps)]
+    return accountant
+
+
+def epsilon_after(steps: int, *, noise_multiplier: float, sample_rate: float,
+                  delta: float, accountant: str = "prv") -> float:
+    """Epsilon spent by ``steps`` Poisson-subsampled Gaussian steps (0 for no steps)."""
+    if steps <= 0:
+        return 0.0
+    acc = accountant_for(accountant, noise_multiplier=noise_multiplier,
+                         sample_rate=sample_rate, steps=steps)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def max_steps(*, target_epsilon: float, delta: float, sample_rate: float,
+              noise_multiplier: float, accountant: str = "prv", cap: int) -> int:
+    """Largest ``T <= cap`` with ``epsilon(T) <= target_epsilon`` (0 if none).
+
+    Bisection on T; epsilon is increasing in T. The result is re-checked, so even a
+    numerically noisy accountant never yields a T that overspends.
+    """
+
+    def fits(t: int) -> bool:
+        return epsilon_after(t, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                             delta=delta, accountant=accountant) <= target_epsilon
+
+    if fits(cap):
+        return cap
+    low, high = 0, cap  # fits(low) holds, fits(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    while low > 0 and not fits(low):
+        low -= 1
+    return low
+
+
+def noise_for_steps(*, target_epsilon: float, delta: float, sample_rate: float,
+                    steps: int, accountant: str = "prv") -> float:
+    """Smallest noise multiplier (to Opacus' tolerance) that fits ``steps`` steps."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant, epsilon_tolerance=0.005))
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Steps of one expected pass over the data: ``ceil(1 / q)``."""
+    return math.ceil(1.0 / sample_rate - 1e-9)
+
+
+def plan_budget(config: PrivacyConfig, *, sample_rate: float,
+                max_epochs: float) -> PrivacyPlan:
+    """The calibrator: steps for a given sigma, or sigma for given epochs.
+
+    Raises :class:`BudgetError` when the noise is too small for one epoch of training.
+    """
+    if not 0.0 < sample_rate <= 1.0:
+        raise BudgetError(f"sample_rate: must be in (0, 1] (got {sample_rate!r})")
+    one_epoch = steps_per_epoch(sample_rate)
+    common = {"delta": config.delta, "sample_rate": sample_rate,
+              "accountant": config.accountant}
+    if config.epochs is not None:
+        steps = max(1, round(config.epochs / sample_rate))
+        sigma = noise_for_steps(target_epsilon=config.epsilon, steps=steps, **common)
+    else:
+        sigma = float(config.noise_multiplier)
+        cap = max(1, math.floor(max_epochs / sample_rate + 1e-9))
+        steps = max_steps(target_epsilon=config.epsilon, noise_multiplier=sigma, cap=cap,
+                          **common)
+        if steps < min(one_epoch, cap):
+            _raise_too_little_noise(config, sigma, steps, one_epoch, sample_rate)
+    spent = epsilon_after(steps, noise_multiplier=sigma, **common)
+    return PrivacyPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
+                       epsilon=spent, epsilon_target=config.epsilon, delta=config.delta,
+                       accountant=config.accountant)
+
+
+def _raise_too_little_noise(config: PrivacyConfig, sigma: float, steps: int,
+                            one_epoch: int, sample_rate: float) -> None:
+    needed = noise_for_steps(target_epsilon=config.epsilon, delta=config.delta,
+                             sample_rate=sample_rate, steps=one_epoch,
+                             accountant=config.accountant)
+    raise BudgetError(
+        f"privacy.noise_multiplier: must allow at least one epoch ({one_epoch} steps at "
+        f"sample rate {sample_rate:.4g}) within epsilon={config.epsilon:g}, "
+        f"delta={config.delta:g} ({config.accountant}); {sigma:g} allows only {steps} "
+        f"steps; use a noise multiplier >= {needed:.3f} (got {sigma!r})"
+    )

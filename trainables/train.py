@@ -1,0 +1,267 @@
+"""One trial: DP-SGD at a fixed privacy budget, with pre-pruning and gradient dropping.
+
+``train(config, report=...)`` reads top to bottom as the pipeline does:
+
+1. seed everything; load the data (private train split, test split, optional public);
+2. calibrate: the accountant turns (epsilon, delta, sigma, q) into a number of steps T;
+3. build the model and pre-prune it (masks, or a physically smaller network);
+4. wrap it for per-sample gradients and build the masked DP optimizer and its selector;
+5. resume from a checkpoint if one is given;
+6. train T Poisson-sampled steps, one epoch (ceil(1/q) steps) at a time; after each epoch
+   evaluate, checkpoint and report.
+
+``report(metrics, checkpoint_dir)`` is called once per epoch; the Ray Tune edge
+(:mod:`trainables.tune_trainable`) forwards it to ``ray.tune.report``.
+
+Note: ``train_loss`` is measured on the private training batches and is not itself
+protected by the DP guarantee; it is a diagnostic. Test metrics use the test split.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import IAccountant, create_accountant
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from trainables import checkpoint
+from trainables.accounting import PrivacyPlan, plan_budget, steps_per_epoch
+from trainables.config import OptimConfig, TrialConfig
+from trainables.data import Datasets, Split, load_datasets
+from trainables.dropping import Selector, make_selector
+from trainables.models import build_model
+from trainables.optimizer import MaskedDPOptimizer
+from trainables.pruning import PruneResult, prune
+
+Reporter = Callable[[dict[str, Any], "str | None"], None]
+
+
+@dataclass
+class Run:
+    """Everything built for a trial, in the order it is built."""
+
+    config: TrialConfig
+    device: torch.device
+    data: Datasets
+    plan: PrivacyPlan
+    pruned: PruneResult
+    model: GradSampleModule
+    optimizer: MaskedDPOptimizer
+    selector: Selector | None
+    accountant: IAccountant
+    generators: dict[str, torch.Generator]
+
+
+def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = None,
+          resume_from: str | None = None) -> dict[str, Any]:
+    """Train one trial and return its final metrics (the last epoch's report)."""
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    run = build_run(cfg)
+    progress = restore(run, resume_from) if resume_from else checkpoint.Progress()
+    ckpt_dir = cfg.checkpoint_dir or tempfile.mkdtemp(prefix="dpstudy-ckpt-")
+    per_epoch = steps_per_epoch(run.plan.sample_rate)
+    metrics = progress.history[-1] if progress.history else {}
+    while progress.step < run.plan.steps:
+        started = time.perf_counter()
+        n_steps = min(per_epoch, run.plan.steps - progress.step)
+        train_loss, samples, train_s, kept = train_epoch(run, n_steps)
+        progress.step += n_steps
+        progress.epoch += 1
+        test_loss, test_acc = evaluate(run.model, run.data.test, run.config.eval_batch_size,
+                                       run.device)
+        progress.elapsed_s += time.perf_counter() - started
+        metrics = epoch_metrics(run, progress, train_loss=train_loss, test_loss=test_loss,
+                                test_acc=test_acc, samples_per_s=samples / train_s,
+                                kept=kept)
+        progress.history.append(metrics)
+        save_checkpoint(run, progress, ckpt_dir)
+        if report is not None:
+            report(metrics, ckpt_dir)
+    return metrics
+
+
+# --- 1-4: build ---------------------------------------------------------------------
+
+def build_run(cfg: TrialConfig) -> Run:
+    """Seed, load data, calibrate the budget, build, prune and wrap the model."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_datasets(cfg.dataset, seed=cfg.seed)
+    sample_rate = cfg.optim.batch_size / len(data.train)
+    plan = plan_budget(cfg.privacy, sample_rate=sample_rate, max_epochs=cfg.optim.max_epochs)
+    generators = {name: torch.Generator(device=dev).manual_seed(cfg.seed * 1000 + i)
+                  for i, (name, dev) in enumerate([("sampler", "cpu"), ("pruning", "cpu"),
+                                                   ("noise", device), ("selector", device)])}
+    model = build_model(cfg.model, num_classes=data.num_classes, image_shape=data.image_shape)
+    pruned = prune(model, cfg.pruning, public=data.public, generator=generators["pruning"])
+    ModuleValidator.validate(pruned.model, strict=True)
+    gsm = GradSampleModule(pruned.model.to(device), batch_first=True, loss_reduction="mean")
+    selector = make_selector(cfg.dropping, model=gsm, public=data.public,
+                             generator=generators["selector"])
+    optimizer = make_optimizer(cfg, gsm, pruned, plan, selector, generators["noise"])
+    accountant = create_accountant(mechanism=plan.accountant)
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return Run(config=cfg, device=device, data=data, plan=plan, pruned=pruned, model=gsm,
+               optimizer=optimizer, selector=selector, accountant=accountant,
+               generators=generators)
+
+
+def make_optimizer(cfg: TrialConfig, model: GradSampleModule, pruned: PruneResult,
+                   plan: PrivacyPlan, selector: Selector | None,
+                   noise_generator: torch.Generator) -> MaskedDPOptimizer:
+    """The masked DP optimizer over the model's parameters."""
+    names = [n.removeprefix("_module.") for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    device = params[0].device
+    trainable = [pruned.masks[n].to(device) if n in pruned.masks else None for n in names]
+    return MaskedDPOptimizer(
+        base_optimizer(cfg.optim, params),
+        trainable=trainable if any(t is not None for t in trainable) else None,
+        selector=selector, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=cfg.optim.clip_norm, expected_batch_size=cfg.optim.batch_size,
+        loss_reduction="mean", generator=noise_generator)
+
+
+def base_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The non-private optimizer that applies the privatised gradient."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (model initialisation uses torch's global RNG)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the GPU Ray (or CUDA_VISIBLE_DEVICES) assigned, if any, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but no GPU is available (got 'cuda')")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+# --- 5: resume ----------------------------------------------------------------------
+
+def restore(run: Run, directory: str) -> checkpoint.Progress:
+    """Load model, optimizer, accountant, generators and counters from a checkpoint."""
+    state = checkpoint.load(directory)
+    if state["plan"] != asdict(run.plan):
+        raise ValueError(f"checkpoint: its privacy plan {state['plan']} differs from this "
+                         f"trial's {asdict(run.plan)}; refusing to resume")
+    run.model._module.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.accountant.load_state_dict(state["accountant"])
+    if run.selector is not None:
+        run.selector.load_state_dict(state["selector"])
+    checkpoint.set_rng_state(run.generators, state["rng"])
+    return checkpoint.Progress(**state["progress"])
+
+
+def save_checkpoint(run: Run, progress: checkpoint.Progress, directory: str) -> str:
+    """Checkpoint the run into ``directory``."""
+    return checkpoint.save(
+        directory, model=run.model._module, optimizer=run.optimizer,
+        accountant=run.accountant, masks=run.pruned.masks,
+        selector_state=run.selector.state_dict() if run.selector else {},
+        generators=run.generators, progress=progress, plan=run.plan,
+        config=run.config.to_dict())
+
+
+# --- 6: train and evaluate ----------------------------------------------------------
+
+def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch: each example included with prob. q."""
+    return (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten()
+
+
+def train_epoch(run: Run, n_steps: int) -> tuple[float, int, float, float]:
+    """``n_steps`` DP steps; returns mean train loss, samples seen, seconds, kept fraction."""
+    model, opt, train = run.model, run.optimizer, run.data.train
+    model.train()
+    loss_sum, samples, kept = 0.0, 0, 0.0
+    started = time.perf_counter()
+    for _ in range(n_steps):
+        idx = poisson_batch(len(train), run.plan.sample_rate, run.generators["sampler"])
+        opt.zero_grad(set_to_none=True)
+        if len(idx) == 0:  # an empty Poisson batch is still a (noise-only) step
+            for p in opt.params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        else:
+            x, y = train.images[idx].to(run.device), train.labels[idx].to(run.device)
+            loss = nn.functional.cross_entropy(model(x), y)
+            with warnings.catch_warnings():  # Opacus' hooks on inputs without grad: harmless
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            loss_sum += loss.item() * len(idx)
+        opt.step()
+        samples += len(idx)
+        kept += opt.kept_fraction
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return loss_sum / max(samples, 1), samples, seconds, kept / max(n_steps, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int,
+             device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on ``split``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        x = split.images[start:start + batch_size].to(device)
+        y = split.labels[start:start + batch_size].to(device)
+        logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train()
+    return loss_sum / len(split), correct / len(split)
+
+
+def epoch_metrics(run: Run, progress: checkpoint.Progress, *, train_loss: float,
+                  test_loss: float, test_acc: float, samples_per_s: float,
+                  kept: float) -> dict[str, Any]:
+    """The per-epoch report: progress, privacy spent, sparsity and speed."""
+    best = max([test_acc] + [h["test_accuracy"] for h in progress.history])
+    plan = run.plan
+    return {
+        "epoch": progress.epoch,
+        "steps": progress.step,
+        "epochs": progress.step * plan.sample_rate,
+        "test_accuracy": test_acc,
+        "best_test_accuracy": best,
+        "test_loss": test_loss,
+        "train_loss": train_loss if math.isfinite(train_loss) else float("nan"),
+        "epsilon_spent": float(run.accountant.get_epsilon(delta=plan.delta)),
+        "epsilon_target": plan.epsilon_target,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "steps_planned": plan.steps,
+        "epochs_planned": plan.epochs,
+        "density": run.pruned.density,
+        "drop_rate_effective": 1.0 - kept,
+        "num_params": run.pruned.params_before,
+        "trainable_params": run.pruned.params_after,
+        "samples_per_s": samples_per_s,
+        "wall_time_s": progress.elapsed_s,
+        "device": str(run.device),
+        "done": progress.step >= plan.steps,
+    }
+
