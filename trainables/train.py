@@ -262,6 +262,6 @@ def epoch_metrics(run: Run, progress: checkpoint.Progress, *, train_loss: float,
         "samples_per_s": samples_per_s,
         "wall_time_s": progress.elapsed_s,
         "device": str(run.device),
-        "done": progress.step >= plan.steps,
+        "finished": progress.step >= plan.steps,
     }
 

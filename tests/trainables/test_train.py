@@ -46,7 +46,7 @@ def test_real_training_beats_chance_and_stays_within_budget() -> None:
     assert final["steps"] == final["steps_planned"]
     assert final["density"] == pytest.approx(0.5, abs=0.01)
     assert 0.45 < final["drop_rate_effective"] < 0.55
-    assert final["samples_per_s"] > 0 and final["done"] is True
+    assert final["samples_per_s"] > 0 and final["finished"] is True
 
 
 def test_pruned_weights_stay_exactly_zero_with_momentum_and_decay(tmp_path) -> None:

@@ -1,0 +1,222 @@
+"""Step cost of DP-SGD with pre-pruning and gradient dropping, on the CPU.
+
+Measures training throughput (samples/s) of ``cnn-mnist`` at batch size 256 for:
+
+1. non-private SGD (plain torch model and ``torch.optim.SGD``, no Opacus);
+2. plain DP-SGD (prune rate 0, drop rate 0: Opacus' ``DPOptimizer`` path);
+3. DP-SGD with unstructured pruning 0.8 (random, global);
+4. DP-SGD with gradient dropping 0.8 (random);
+5. DP-SGD with structured pruning 0.5 (random, layerwise);
+6. DP-SGD with structured pruning 0.75 (random, layerwise).
+
+DP configurations are built with :func:`trainables.train.build_run` and timed with
+:func:`trainables.train.train_epoch` (real Poisson sampling); the non-private baseline runs
+the same loop with the same sampler seed, so every configuration sees the same batches.
+Configurations are interleaved round-robin across repeats; the median is reported.
+
+Usage: ``python benchmarks/step_cost.py [--data {mnist-5k,shared}] [--steps N]
+[--repeats R] [--warmup W] [--check]``. ``--check`` exits 1 if a target fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainables.config import TrialConfig
+from trainables.data import Datasets
+from trainables.models import build_model, count_params
+from trainables.train import Run, build_run, poisson_batch, seed_everything, train_epoch
+
+SHARED = "/work/shared/data/mnist"
+BATCH_SIZE = 256
+LEARNING_RATE = 0.1
+SEED = 0
+Timer = Callable[[int], tuple[int, float]]  # n_steps -> (samples, seconds)
+
+#: name -> (pruning section, dropping section) of the trial config; None = non-private.
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]] | None] = {
+    "non-private SGD": None,
+    "DP-SGD": ({}, {}),
+    "DP unstructured prune 0.8": ({"rate": 0.8, "criterion": "random", "scope": "global",
+                                   "granularity": "unstructured"}, {}),
+    "DP drop 0.8": ({}, {"rate": 0.8, "criterion": "random"}),
+    "DP structured prune 0.5": ({"rate": 0.5, "criterion": "random", "scope": "layerwise",
+                                 "granularity": "structured"}, {}),
+    "DP structured prune 0.75": ({"rate": 0.75, "criterion": "random", "scope": "layerwise",
+                                  "granularity": "structured"}, {}),
+}
+
+
+@dataclass
+class Bench:
+    """One configuration: how to time ``n`` steps, its trainable parameters, results."""
+
+    name: str
+    timer: Timer
+    trainable: int
+    rates: list[float]
+    step_ms: list[float]
+
+
+def dataset_section(data: str) -> dict[str, Any]:
+    """The ``dataset`` section: bundled mnist-5k, or the shared IDX files (test: mnist-5k)."""
+    if data == "mnist-5k":
+        return {"name": "mnist-5k"}
+    return {"name": "idx",
+            "train_images": os.path.join(SHARED, "t10k-images-idx3-ubyte.gz"),
+            "train_labels": os.path.join(SHARED, "t10k-labels-idx1-ubyte.gz"),
+            "test": {"name": "mnist-5k"}}
+
+
+def trial_config(data: str, pruning: dict[str, Any], dropping: dict[str, Any]) -> TrialConfig:
+    """A CPU trial whose privacy plan (eps 50, sigma 1, rdp) allows far more steps than timed."""
+    return TrialConfig.from_dict({
+        "seed": SEED, "device": "cpu", "dataset": dataset_section(data),
+        "model": {"name": "cnn-mnist"}, "pruning": pruning, "dropping": dropping,
+        "privacy": {"epsilon": 50.0, "delta": 1e-5, "accountant": "rdp",
+                    "noise_multiplier": 1.0},
+        "optim": {"name": "sgd", "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE,
+                  "max_epochs": 1000.0}})
+
+
+def dp_timer(run: Run, needed: int) -> Timer:
+    """Time ``train_epoch`` on ``run``; fails early if the plan allows too few steps."""
+    if run.plan.steps < needed:
+        raise SystemExit(f"privacy plan allows {run.plan.steps} steps, {needed} are timed")
+
+    def timer(n_steps: int) -> tuple[int, float]:
+        _, samples, seconds, _ = train_epoch(run, n_steps)
+        return samples, seconds
+    return timer
+
+
+def non_private_timer(data: Datasets, sample_rate: float) -> tuple[Timer, int]:
+    """The same Poisson-sampled loop as ``train_epoch``, on a plain model and plain SGD."""
+    seed_everything(SEED)
+    model = build_model(TrialConfig().model, num_classes=data.num_classes,
+                        image_shape=data.image_shape)
+    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    sampler = torch.Generator().manual_seed(SEED * 1000)  # as build_run seeds "sampler"
+    train = data.train
+
+    def timer(n_steps: int) -> tuple[int, float]:
+        model.train()
+        samples, started = 0, time.perf_counter()
+        for _ in range(n_steps):
+            idx = poisson_batch(len(train), sample_rate, sampler)
+            opt.zero_grad(set_to_none=True)
+            if len(idx):
+                loss = nn.functional.cross_entropy(model(train.images[idx]), train.labels[idx])
+                loss.backward()
+                loss.item()  # train_epoch reads the loss every step too
+            opt.step()
+            samples += len(idx)
+        return samples, max(time.perf_counter() - started, 1e-9)
+    return timer, count_params(model)
+
+
+def build(data: str, needed: int) -> list[Bench]:
+    """Every configuration, built with the project's own code."""
+    benches: list[Bench] = []
+    baseline: tuple[Datasets, float] | None = None
+    for name, sections in CONFIGS.items():
+        if sections is None:
+            continue
+        run = build_run(trial_config(data, *sections))
+        baseline = baseline or (run.data, run.plan.sample_rate)
+        benches.append(Bench(name, dp_timer(run, needed), run.pruned.params_after, [], []))
+    assert baseline is not None
+    timer, params = non_private_timer(*baseline)
+    return [Bench("non-private SGD", timer, params, [], []), *benches]
+
+
+def measure(benches: list[Bench], steps: int, repeats: int, warmup: int) -> None:
+    """Warm up each configuration, then time them round-robin, ``repeats`` times."""
+    for bench in benches:
+        bench.timer(warmup)
+    for rep in range(repeats):
+        for bench in benches:
+            samples, seconds = bench.timer(steps)
+            bench.rates.append(samples / seconds)
+            bench.step_ms.append(1000 * seconds / steps)
+        print(f"  repeat {rep + 1}/{repeats}: "
+              + ", ".join(f"{b.rates[-1]:.0f}" for b in benches) + " samples/s", flush=True)
+
+
+def report(benches: list[Bench]) -> bool:
+    """Print the table and the two targets; return whether both pass."""
+    by_name = {b.name: b for b in benches}
+    rate = {b.name: statistics.median(b.rates) for b in benches}
+    ms = {b.name: statistics.median(b.step_ms) for b in benches}
+    base_rate, dp_ms = rate["non-private SGD"], ms["DP-SGD"]
+    header = (f"{'config':<27}{'params trainable':>17}{'samples/s (median)':>20}"
+              f"{'step ms':>10}{'ratio to non-private':>22}{'time vs DP-SGD':>16}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for name in by_name:
+        print(f"{name:<27}{by_name[name].trainable:>17,}{rate[name]:>20.0f}{ms[name]:>10.1f}"
+              f"{rate[name] / base_rate:>22.3f}{ms[name] / dp_ms:>16.3f}")
+    spread = max(statistics.pstdev(b.rates) / statistics.mean(b.rates) for b in benches)
+    print(f"(largest relative stdev of samples/s across repeats: {spread:.1%})\n")
+    extra = {n: ms[n] / dp_ms - 1 for n in ("DP unstructured prune 0.8", "DP drop 0.8")}
+    ok_a = all(v <= 0.10 for v in extra.values())
+    speedup = rate["DP structured prune 0.75"] / rate["DP-SGD"]
+    ok_b = speedup >= 2.0
+    print(f"(a) masking/dropping add <= 10% to DP-SGD step time: {'PASS' if ok_a else 'FAIL'} "
+          f"({', '.join(f'{n}: {v:+.1%}' for n, v in extra.items())})")
+    print(f"(b) structured prune 0.75 >= 2x DP-SGD throughput:   {'PASS' if ok_b else 'FAIL'} "
+          f"({speedup:.2f}x)")
+    return ok_a and ok_b
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build, measure, report; 0 unless ``--check`` and a target fails."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Configurations:\n  " + "\n  ".join(CONFIGS))
+    parser.add_argument("--data", choices=("mnist-5k", "shared"), default="mnist-5k",
+                        help=f"mnist-5k (bundled, default) or shared: the IDX files in {SHARED}")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per config")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target fails")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if args.data == "shared" and not os.path.isdir(SHARED):
+        parser.error(f"--data shared: {SHARED} does not exist (use --data mnist-5k)")
+    print(f"machine: {platform.machine()} {cpu_model()}, cpu count {os.cpu_count()}, "
+          f"python {platform.python_version()}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"data {args.data}, cnn-mnist, expected batch {BATCH_SIZE} (Poisson), "
+          f"{args.steps} steps x {args.repeats} repeats, warmup {args.warmup}", flush=True)
+    benches = build(args.data, args.warmup + args.steps * args.repeats)
+    measure(benches, args.steps, args.repeats, args.warmup)
+    ok = report(benches)
+    return 1 if args.check and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""``dpstudy``: run, resume, follow, query and report DP hyperparameter studies.
+
+Heavy libraries (torch, ray, optuna, pandas) are imported inside the command that needs
+them, so ``dpstudy --help`` is instant. Exit codes: 0 success, 1 runtime failure,
+2 invalid input (bad spec, bad filter, unknown study), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+DEFAULT_STORAGE = "~/dpstudy-runs"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Validate a spec, then run the study on the embedded Ray (or ``--address``)."""
+    from study import runner
+
+    spec, floor = runner.prepare(args.spec, cluster=bool(args.address))
+    print(f"[{spec.name}] {spec.trials} trials at epsilon={spec.privacy.epsilon:g}, "
+          f"delta={spec.privacy.delta:g}; experiment {runner.experiment_dir(spec)}; "
+          f"results {spec.results_path}", flush=True)
+    return _summarise(runner.run(spec, floor, address=args.address))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Finish an interrupted study: ``resume NAME --storage DIR`` or ``resume DIR/NAME``."""
+    from study import runner
+
+    target = os.path.expanduser(args.study)
+    if "://" not in target and not os.path.isdir(target):
+        target = os.path.join(os.path.expanduser(args.storage), args.study)
+        if not os.path.isdir(target):
+            raise UsageError(f"study: no experiment directory {args.study!r} nor {target!r} "
+                             f"(give DIR/NAME or NAME --storage DIR)")
+    print(f"resuming {target}", flush=True)
+    return _summarise(runner.resume(target, address=args.address))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """One line per study under the storage root."""
+    from study.status import study_statuses
+
+    rows = study_statuses(os.path.expanduser(args.storage))
+    if not rows:
+        print(f"no studies under {args.storage}")
+        return EXIT_OK
+    for line in rows:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Filter, select, sort and print results (or their Pareto front)."""
+    from study import query
+    from study.results import read_epochs, read_trials
+
+    uri = _results_uri(args.results)
+    table = read_epochs(uri) if args.epochs else read_trials(uri)
+    df = query.apply_filters(table, [query.parse_filter(w) for w in args.where])
+    if args.pareto:
+        df = query.pareto_front(df, query.parse_pareto(args.pareto))
+    if args.sort:
+        df = query.sort(df, args.sort.split(","), descending=args.desc)
+    if args.limit:
+        df = df.head(args.limit)
+    df = query.select_columns(df, args.columns.split(",") if args.columns else None)
+    print(query.format_table(df, args.format))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """PNG plots and an HTML or Markdown page for one study."""
+    from study.report import build_report
+
+    uri = _results_uri(args.results)
+    out = args.out or (os.path.join(uri, "report") if "://" not in uri else "report")
+    pareto = None
+    if args.pareto:
+        from study.query import parse_pareto
+
+        pareto = parse_pareto(args.pareto)
+    files = build_report(uri, out, pareto=pareto, fmt=args.format)
+    print(f"report: {files.page}")
+    for name, path in files.figures.items():
+        print(f"  {name}: {path}")
+    return EXIT_OK
+
+
+def _results_uri(results: str) -> str:
+    """A results directory/URI as given, or ``results/NAME`` for a bare study name."""
+    if "://" in results or os.path.exists(os.path.expanduser(results)):
+        return os.path.expanduser(results)
+    named = os.path.join("results", results)
+    if os.path.isdir(named):
+        return named
+    raise UsageError(f"results: no results directory {results!r} (nor {named!r})")
+
+
+def _summarise(summary: object) -> int:
+    s = summary
+    print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
+          f"{s.failed} failed; results in {s.results}")
+    if s.best:
+        keys = ("trial_id", "test_accuracy", "epsilon_spent", "prune_rate", "drop_rate",
+                "clip_norm", "noise_multiplier", "learning_rate", "density")
+        print("  best: " + ", ".join(f"{k}={_fmt(s.best.get(k))}" for k in keys))
+    return EXIT_OK if s.completed + s.stopped > 0 or s.failed == 0 else EXIT_FAILED
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dpstudy`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="dpstudy", description="Hyperparameter studies for differentially private image "
+        "classification with pre-pruning and gradient dropping, on Ray Tune + Optuna.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], text: str):
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("run", cmd_run, "run a study from a YAML spec")
+    p.add_argument("spec", help="study spec (YAML), e.g. examples/quickstart.yaml")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p = add("resume", cmd_resume, "finish an interrupted study")
+    p.add_argument("study", help="experiment directory (STORAGE/NAME) or study NAME")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root for NAME")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p = add("status", cmd_status, "list studies under a storage root with their progress")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root")
+    p = add("query", cmd_query, "filter, sort and print results")
+    p.add_argument("results", help="results directory or URI, or a study name")
+    p.add_argument("--where", action="append", default=[], metavar="EXPR",
+                   help="filter such as 'epsilon==3' or 'prune_rate>0.5' (repeatable)")
+    p.add_argument("--columns", help="comma-separated columns to show")
+    p.add_argument("--sort", help="comma-separated columns to sort by ('-col' descending)")
+    p.add_argument("--desc", action="store_true", help="sort descending")
+    p.add_argument("--limit", type=int, help="show at most N rows")
+    p.add_argument("--pareto", help="objectives of a Pareto front, e.g. accuracy,density")
+    p.add_argument("--epochs", action="store_true", help="query epochs.parquet instead")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p = add("report", cmd_report, "write PNG plots and an HTML/Markdown report")
+    p.add_argument("results", help="results directory or URI, or a study name")
+    p.add_argument("--out", help="output directory (default: RESULTS/report)")
+    p.add_argument("--format", choices=("html", "md"), default="html")
+    p.add_argument("--pareto", help="Pareto objectives (default accuracy,density)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dpstudy`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted; continue with 'dpstudy resume'", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - map known error types to exit codes
+        return _report_error(err)
+
+
+def _report_error(err: Exception) -> int:
+    from trainables.config import ConfigError
+
+    if isinstance(err, (UsageError, ConfigError, FileNotFoundError, ValueError)):
+        print(f"error: {err}" if not isinstance(err, ConfigError) else str(err),
+              file=sys.stderr)
+        return EXIT_USAGE
+    if type(err).__name__ == "StudyExistsError":
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    raise err
+
+
+if __name__ == "__main__":
+    sys.exit(main())

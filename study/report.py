@@ -1,0 +1,264 @@
+"""A standalone HTML or Markdown report of one study: summary, tables and PNG figures.
+
+:func:`build_report` reads ``trials.parquet`` / ``epochs.parquet`` (a local directory or a
+pyarrow.fs URI such as ``s3://bucket/prefix``) and writes, into a local ``out_dir``, the
+figures of :mod:`study.plots` plus ``report.html`` (or ``report.md``) that embeds them by
+relative path. The page is written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from study.query import pareto_front, parse_pareto, to_frame
+from study.results import EPOCHS_SCHEMA, read_epochs, read_trials
+
+FORMATS = ("html", "md")
+HYPERPARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
+               "batch_size")
+TOP_COLUMNS = ("trial_id", "status", *HYPERPARAMS, "epsilon_spent", "density", "test_accuracy")
+FIGURES = {  # file stem -> one-sentence caption, in page order
+    "accuracy_vs_prune_rate": "Final test accuracy against prune rate, coloured by drop rate "
+                              "(filled: completed, hollow: stopped early; failed excluded).",
+    "accuracy_vs_drop_rate": "Final test accuracy against drop rate, coloured by prune rate "
+                             "(filled: completed, hollow: stopped early; failed excluded).",
+    "prune_drop_heatmap": "Best completed test accuracy in each prune rate × drop rate bin "
+                          "(blank: no trial in that bin).",
+    "pareto_front": "Completed trials (grey) and their Pareto front (red) for the chosen "
+                    "objectives.",
+    "param_importances": "Optuna importances of the searched hyperparameters that vary, for "
+                         "final test accuracy of completed trials.",
+    "learning_curves": "Test accuracy after each epoch for every trial, the best completed "
+                       "trials highlighted.",
+}
+_CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:75em;padding:0 1em}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}"
+        "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
+        "th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}"
+        "figcaption{color:#444;font-style:italic}")
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths written by :func:`build_report`: the page, the figures (stem -> path) and,
+    for every figure not drawn, the reason (stem -> text)."""
+
+    page: str
+    figures: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _cell(value: object) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def _values(df: pd.DataFrame, column: str) -> str:
+    found = sorted({_cell(v) for v in df[column].dropna()})
+    return ", ".join(found) if found else "-"
+
+
+def _best(trials: pd.DataFrame) -> pd.Series | None:
+    done = trials[trials["status"] == "completed"].dropna(subset=["test_accuracy"])
+    if done.empty:
+        return None
+    return done.sort_values("test_accuracy", ascending=False, kind="mergesort").iloc[0]
+
+
+def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
+    """(label, value) rows summarising a study's trials frame (``TRIALS_SCHEMA`` columns)."""
+    counts = trials["status"].value_counts()
+    rows = [("Study", _values(trials, "study")),
+            ("Dataset / model", f"{_values(trials, 'dataset')} / {_values(trials, 'model')}")]
+    rows += [(f"Trials {s}", str(int(counts.get(s, 0)))) for s in ("completed", "stopped",
+                                                                   "failed")]
+    rows += [("Epsilon target", _values(trials, "epsilon_target")),
+             ("Delta", _values(trials, "delta")), ("Accountant", _values(trials, "accountant"))]
+    best = _best(trials)
+    if best is None:
+        return [*rows, ("Best test accuracy", "- (no completed trial yet)")]
+    params = ", ".join(f"{p}={_cell(best[p])}" for p in HYPERPARAMS if p in best.index)
+    return [*rows, ("Best test accuracy", f"{_cell(best['test_accuracy'])} "
+                                          f"(trial {best['trial_id']})"),
+            ("Best hyperparameters", params)]
+
+
+def _table(rows: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["", "value"], dtype=object)
+
+
+def _md_text(text: str) -> str:
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(_md_text(str(c)) for c in df.columns) + " |",
+             "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(_md_text(_cell(v)) for v in row) + " |"
+              for row in df.itertuples(index=False, name=None)]
+    return "\n".join(lines)
+
+
+def render_markdown_summary(trials_df: pd.DataFrame) -> str:
+    """The summary of :func:`summary_rows` as a Markdown pipe table (for the CLI)."""
+    return _md_table(_table(summary_rows(to_frame(trials_df)))) + "\n"
+
+
+def _load(uri: str, study: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    trials = to_frame(read_trials(uri))
+    epochs_uri = uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
+    try:
+        epochs = to_frame(read_epochs(epochs_uri))
+    except FileNotFoundError:
+        epochs = to_frame(EPOCHS_SCHEMA.empty_table())
+    names = sorted(trials["study"].unique())
+    if study is None and len(names) > 1:
+        raise ValueError(f"{uri!r} holds several studies ({', '.join(names)}); pass study=")
+    if study is not None and names and study not in names:
+        raise ValueError(f"no study {study!r} in {uri!r}; found: {', '.join(names)}")
+    name = study or (names[0] if names else os.path.basename(uri.rstrip("/")) or uri)
+    return (trials[trials["study"] == name].reset_index(drop=True),
+            epochs[epochs["study"] == name].reset_index(drop=True), name)
+
+
+def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
+          objectives: list[tuple[str, str]], out_dir: str) -> tuple[dict, dict]:
+    from study import plots
+
+    draw = {
+        "accuracy_vs_prune_rate": lambda p: plots.plot_accuracy_vs(trials, p, "prune_rate",
+                                                                   "drop_rate"),
+        "accuracy_vs_drop_rate": lambda p: plots.plot_accuracy_vs(trials, p, "drop_rate",
+                                                                  "prune_rate"),
+        "prune_drop_heatmap": lambda p: plots.plot_heatmap(trials, p),
+        "pareto_front": lambda p: plots.plot_pareto(trials, front, objectives, p),
+        "param_importances": lambda p: plots.plot_importances(
+            *plots.param_importances(trials), p),
+        "learning_curves": lambda p: plots.plot_learning_curves(trials, epochs, p),
+    }
+    figures, skipped = {}, {}
+    for stem in FIGURES:
+        path = os.path.join(out_dir, f"{stem}.png")
+        try:
+            draw[stem](path)
+            figures[stem] = path
+        except plots.SkipFigure as why:
+            skipped[stem] = str(why)
+            if os.path.exists(path):  # a stale figure of an earlier run
+                os.remove(path)
+    return figures, skipped
+
+
+def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
+            objectives: list[tuple[str, str]], files: ReportFiles) -> list[tuple]:
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    top = trials.sort_values("test_accuracy", ascending=False, kind="mergesort",
+                             na_position="last").head(10)
+    obj_cols = [c for c, _ in objectives]
+    front_cols = list(dict.fromkeys(["trial_id", *obj_cols, "prune_rate", "drop_rate",
+                                     "epsilon_spent"]))
+    failed = trials[trials["status"] == "failed"]
+    blocks: list[tuple] = [("h1", f"Study report: {name}"),
+                           ("p", f"Results: {uri} - generated {now}"),
+                           ("h2", "Summary"), ("table", _table(summary_rows(trials))),
+                           ("h2", "Top 10 trials by test accuracy"),
+                           ("table", top[list(TOP_COLUMNS)]),
+                           ("h2", "Pareto front (" + ", ".join(f"{c} {d}" for c, d in
+                                                               objectives) + ")"),
+                           ("table", front[front_cols]) if len(front) else
+                           ("p", "No completed trial has all the objectives yet.")]
+    if len(failed):
+        blocks += [("h2", "Failed trials"), ("table", failed[["trial_id", "error"]])]
+    blocks.append(("h2", "Figures"))
+    if (trials["status"] == "completed").sum() == 0:
+        blocks.append(("p", "Nothing to plot yet: the study has no completed trials."))
+    for stem, caption in FIGURES.items():
+        if stem in files.figures:
+            blocks.append(("figure", f"{stem}.png", caption))
+        elif stem in files.skipped:
+            blocks.append(("p", f"{stem}.png not drawn: {files.skipped[stem]}."))
+    return blocks
+
+
+def _html_table(df: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
+                   + "</tr>\n" for row in df.itertuples(index=False, name=None))
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+def _render_html(blocks: list[tuple], title: str) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>",
+           "<body>"]
+    for kind, *args in blocks:
+        if kind == "table":
+            out.append(_html_table(args[0]))
+        elif kind == "figure":
+            src, cap = html.escape(args[0]), html.escape(args[1])
+            out.append(f'<figure><img src="{src}" alt="{cap}">'
+                       f"<figcaption>{cap}</figcaption></figure>")
+        else:
+            out.append(f"<{kind}>{html.escape(args[0])}</{kind}>")
+    return "\n".join([*out, "</body>", "</html>", ""])
+
+
+def _render_md(blocks: list[tuple], title: str) -> str:
+    prefix = {"h1": "# ", "h2": "## ", "p": ""}
+    out = []
+    for kind, *args in blocks:
+        if kind == "table":
+            out.append(_md_table(args[0]))
+        elif kind == "figure":
+            out.append(f"![{args[1]}]({args[0]})\n\n*{args[1]}*")
+        else:
+            out.append(prefix[kind] + _md_text(args[0]))
+    return "\n\n".join(out) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
+                 pareto: list[tuple[str, str]] | None = None, fmt: str = "html"
+                 ) -> ReportFiles:
+    """Write the figures and ``report.<fmt>`` of one study into local ``out_dir``.
+
+    ``results_uri`` is a results directory (local path or pyarrow.fs URI) or its
+    ``trials.parquet``; ``study`` is required only when it holds several studies.
+    ``pareto`` defaults to ``parse_pareto("accuracy,density")``; ``fmt`` is ``html`` or
+    ``md``. A figure that cannot be drawn is listed in ``ReportFiles.skipped`` and noted
+    on the page; a study without completed trials still gets a page.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown report format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    trials, epochs, name = _load(results_uri, study)
+    objectives = list(pareto) if pareto else parse_pareto("accuracy,density")
+    front = pareto_front(trials, objectives)
+    os.makedirs(out_dir, exist_ok=True)
+    figures, skipped = _draw(trials, epochs, front, objectives, out_dir)
+    page = os.path.join(out_dir, f"report.{fmt}")
+    files = ReportFiles(page=page, figures=figures, skipped=skipped)
+    blocks = _blocks(name, results_uri, trials, front, objectives, files)
+    render = _render_html if fmt == "html" else _render_md
+    _write_atomic(page, render(blocks, f"Study report: {name}"))
+    return files

@@ -1,0 +1,197 @@
+"""Run and resume studies: a spec becomes a Ray Tune experiment.
+
+``run`` validates everything first (spec, data, noise floor) and writes nothing on a bad
+spec. It then builds a ``Tuner``: ``OptunaSearch`` (define-by-run, seeded) behind a
+``ConcurrencyLimiter``, an optional ``ASHAScheduler``, ``tune.with_resources``,
+``FailureConfig(max_failures)`` and ``CheckpointConfig``; experiment state lives under
+``storage/NAME``, next to the resolved spec (``dpstudy-spec.yaml``) that ``resume`` reads.
+Results go to Parquet through :class:`study.callbacks.StudyCallback`, and once more from
+the final ``ResultGrid`` so that no trial is ever missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import yaml
+from ray import tune
+
+from study.callbacks import StudyCallback
+from study.space import check_space, make_search, noise_floor
+from study.spec import SpecError, StudySpec, check_against_data, load_spec
+from study.status import SPEC_FILE
+from trainables.data import dataset_size
+from trainables.tune_trainable import run_trial
+
+
+class StudyExistsError(RuntimeError):
+    """``run`` would overwrite an existing experiment."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished (or resumed) study reports back."""
+
+    name: str
+    experiment: str
+    results: str
+    completed: int
+    stopped: int
+    failed: int
+    best: dict[str, Any] | None
+
+
+# --- preparation (nothing written) -----------------------------------------------------
+
+def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, float | None]:
+    """Load and fully validate a spec; returns it with the one-epoch noise floor."""
+    spec = load_spec(spec_path)
+    check_against_data(spec, cluster=cluster)
+    floor = noise_floor(spec, dataset_size(spec.dataset, seed=spec.seed))
+    check_space(spec, floor)
+    return spec, floor
+
+
+def experiment_dir(spec: StudySpec) -> str:
+    """``storage/NAME`` (a local path or a URI)."""
+    base = spec.storage_path
+    return posixpath.join(base, spec.name) if "://" in base else os.path.join(base, spec.name)
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _exists(path: str) -> bool:
+    fs, where = _filesystem(path)
+    return fs.get_file_info(where).type != pafs.FileType.NotFound
+
+
+def save_spec(spec: StudySpec, directory: str) -> None:
+    """Write the resolved spec next to Tune's experiment state."""
+    fs, where = _filesystem(directory)
+    fs.create_dir(where, recursive=True)
+    with fs.open_output_stream(posixpath.join(where, SPEC_FILE)) as out:
+        out.write(yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+
+
+def read_spec(directory: str) -> StudySpec:
+    """The spec saved by :func:`save_spec` in an experiment directory."""
+    fs, where = _filesystem(directory)
+    path = posixpath.join(where, SPEC_FILE)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise SpecError([f"resume: {directory!r} is not a dpstudy experiment directory "
+                         f"(no {SPEC_FILE})"])
+    with fs.open_input_stream(path) as f:
+        return StudySpec.from_dict(yaml.safe_load(f.read().decode()))
+
+
+# --- Ray ------------------------------------------------------------------------------
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to a cluster at ``address``, or start an embedded one on 127.0.0.1."""
+    import ray
+
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to loopback
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+
+
+def dpstudy_trial(config: dict[str, Any], spec: StudySpec) -> None:
+    """The Tune function trainable: sampled params -> trial config -> one DP trial."""
+    resources = spec.resources_per_trial
+    run_trial(spec.trial_config(config), cost_per_second=resources.cpu + resources.gpu)
+
+
+def make_trainable(spec: StudySpec) -> Any:
+    """``dpstudy_trial`` bound to the spec, with the spec's per-trial resources."""
+    resources = {"cpu": spec.resources_per_trial.cpu, "gpu": spec.resources_per_trial.gpu}
+    return tune.with_resources(tune.with_parameters(dpstudy_trial, spec=spec), resources)
+
+
+def make_scheduler(spec: StudySpec) -> Any:
+    """ASHA on the primary objective (epochs as time), or None."""
+    if spec.scheduler.name != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    metric, mode = spec.objective.primary
+    p = spec.search.max_epochs or spec.search.epochs
+    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
+                         max_t=max(1, math.ceil(p.max_value())),
+                         grace_period=spec.scheduler.grace_period,
+                         reduction_factor=spec.scheduler.reduction_factor)
+
+
+def run_config(spec: StudySpec) -> tune.RunConfig:
+    """Where state lives, how failures retry, what checkpoints are kept, who listens."""
+    return tune.RunConfig(
+        name=spec.name, storage_path=spec.storage_path, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[StudyCallback(spec)])
+
+
+# --- run and resume -------------------------------------------------------------------
+
+def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> Summary:
+    """Run a new study to completion."""
+    directory = experiment_dir(spec)
+    if _exists(posixpath.join(directory, SPEC_FILE)) or _exists(
+            posixpath.join(directory, "tuner.pkl")):
+        raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
+                               f"'dpstudy resume {directory}' or choose another name")
+    init_ray(address)
+    save_spec(spec, directory)
+    tuner = tune.Tuner(
+        make_trainable(spec),
+        tune_config=tune.TuneConfig(search_alg=make_search(spec, floor),
+                                    scheduler=make_scheduler(spec), num_samples=spec.trials,
+                                    reuse_actors=True),
+        run_config=run_config(spec))
+    return _finish(spec, tuner.fit(), directory)
+
+
+def resume(directory: str, *, address: str | None = None) -> Summary:
+    """Finish an interrupted study from its experiment directory."""
+    spec = read_spec(directory)
+    init_ray(address)
+    if not tune.Tuner.can_restore(directory):
+        raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
+                         f"was stopped before its first trial started; run it again)"])
+    tuner = tune.Tuner.restore(directory, trainable=make_trainable(spec),
+                               resume_unfinished=True, resume_errored=True)
+    return _finish(spec, tuner.fit(), directory)
+
+
+def _finish(spec: StudySpec, grid: Any, directory: str) -> Summary:
+    """Record any trial the callback missed, then summarise the study."""
+    callback = StudyCallback(spec)
+    callback.setup()
+    known = callback.store.trial_ids()
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
+        if trial_id not in known:
+            error = str(result.error) if result.error else None
+            callback.record(trial_id, result.config or {}, result.metrics, error=error)
+    rows = callback.store.trials().to_pylist()
+    metric, mode = spec.objective.primary
+    done = [r for r in rows if r["status"] == "completed" and r.get(metric) is not None]
+    best = (max if mode == "max" else min)(done, key=lambda r: r[metric]) if done else None
+    count = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "failed")}
+    return Summary(name=spec.name, experiment=directory, results=spec.results_path,
+                   best=best, **count)
+
