@@ -20,8 +20,18 @@ class UsageError(Exception):
     """Bad input from the user: printed without a traceback, exit code 2."""
 
 
+def _ray_environment(address: str | None) -> None:
+    """Settings Ray reads when it is imported, so they are set before that."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress line instead
+    # checkpoints every epoch force state snapshots on purpose (safe resume); no warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not address:  # the embedded Ray binds its node to loopback only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate a spec, then run the study on the embedded Ray (or ``--address``)."""
+    _ray_environment(args.address)
     from study import runner
 
     spec, floor = runner.prepare(args.spec, cluster=bool(args.address))
@@ -33,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Finish an interrupted study: ``resume NAME --storage DIR`` or ``resume DIR/NAME``."""
+    _ray_environment(args.address)
     from study import runner
 
     target = os.path.expanduser(args.study)

@@ -182,7 +182,9 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
         blocks += [("h2", "Failed trials"), ("table", failed[["trial_id", "error"]])]
     blocks.append(("h2", "Figures"))
     if (trials["status"] == "completed").sum() == 0:
-        blocks.append(("p", "Nothing to plot yet: the study has no completed trials."))
+        blocks.append(("p", "No completed trials yet: the figures below show stopped trials "
+                            "only." if files.figures else
+                            "Nothing to plot yet: the study has no completed trials."))
     for stem, caption in FIGURES.items():
         if stem in files.figures:
             blocks.append(("figure", f"{stem}.png", caption))

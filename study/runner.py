@@ -17,6 +17,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
 import pyarrow.fs as pafs
 import yaml
 from ray import tune
@@ -106,7 +107,8 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to loopback
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only) must be set before Ray is
+    # imported; the CLI does that for local runs.
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
 
 
@@ -155,6 +157,7 @@ def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> 
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
     init_ray(address)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     save_spec(spec, directory)
     tuner = tune.Tuner(
         make_trainable(spec),

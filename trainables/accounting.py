@@ -15,6 +15,7 @@ pure (they build a throw-away accountant) so they can be tested and reused alone
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from opacus.accountants import IAccountant, create_accountant
@@ -93,9 +94,11 @@ def max_steps(*, target_epsilon: float, delta: float, sample_rate: float,
 def noise_for_steps(*, target_epsilon: float, delta: float, sample_rate: float,
                     steps: int, accountant: str = "prv") -> float:
     """Smallest noise multiplier (to Opacus' tolerance) that fits ``steps`` steps."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant, epsilon_tolerance=0.005))
+    with warnings.catch_warnings():  # the search probes tiny sigmas; RDP warns about them
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.005))
 
 
 def steps_per_epoch(sample_rate: float) -> int:

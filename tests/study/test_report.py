@@ -188,7 +188,9 @@ def test_no_completed_trials(tmp_path: Path) -> None:
     _store(tmp_path / "res", [t for t in TRIALS if t[1] != "completed"], study="bad")
     files = build_report(f"file://{tmp_path / 'res'}", str(tmp_path / "out"), fmt="md")
     page = Path(files.page).read_text(encoding="utf-8")
-    assert "Nothing to plot yet" in page and "Study report: bad" in page
+    assert "No completed trials yet" in page and "Study report: bad" in page
+    assert set(files.figures) == {"accuracy_vs_prune_rate", "accuracy_vs_drop_rate",
+                                  "learning_curves"}  # stopped trials only
     assert "pareto_front" in files.skipped and "param_importances" in files.skipped
 
 
