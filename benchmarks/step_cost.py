@@ -167,7 +167,12 @@ def report(benches: list[Bench]) -> bool:
         print(f"{name:<27}{by_name[name].trainable:>17,}{rate[name]:>20.0f}{ms[name]:>10.1f}"
               f"{rate[name] / base_rate:>22.3f}{ms[name] / dp_ms:>16.3f}")
     spread = max(statistics.pstdev(b.rates) / statistics.mean(b.rates) for b in benches)
-    print(f"(largest relative stdev of samples/s across repeats: {spread:.1%})\n")
+    print(f"(largest relative stdev of samples/s across repeats: {spread:.1%}; "
+          f"load average now {load_average()})")
+    if spread > 0.10:
+        print("WARNING: noisy measurements (another process competing for the CPU?); "
+              "rerun on a quiet machine or with more --repeats")
+    print()
     extra = {n: ms[n] / dp_ms - 1 for n in ("DP unstructured prune 0.8", "DP drop 0.8")}
     ok_a = all(v <= 0.10 for v in extra.values())
     speedup = rate["DP structured prune 0.75"] / rate["DP-SGD"]
@@ -177,6 +182,14 @@ def report(benches: list[Bench]) -> bool:
     print(f"(b) structured prune 0.75 >= 2x DP-SGD throughput:   {'PASS' if ok_b else 'FAIL'} "
           f"({speedup:.2f}x)")
     return ok_a and ok_b
+
+
+def load_average() -> str:
+    """The 1-minute load average, or ``n/a`` where the OS does not report it."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
 
 
 def cpu_model() -> str:
@@ -209,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data shared: {SHARED} does not exist (use --data mnist-5k)")
     print(f"machine: {platform.machine()} {cpu_model()}, cpu count {os.cpu_count()}, "
           f"python {platform.python_version()}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {load_average()}")
     print(f"data {args.data}, cnn-mnist, expected batch {BATCH_SIZE} (Poisson), "
           f"{args.steps} steps x {args.repeats} repeats, warmup {args.warmup}", flush=True)
     benches = build(args.data, args.warmup + args.steps * args.repeats)
