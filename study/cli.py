@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="filter such as 'epsilon==3' or 'prune_rate>0.5' (repeatable)")
     p.add_argument("--columns", help="comma-separated columns to show")
-    p.add_argument("--sort", help="comma-separated columns to sort by ('-col' descending)")
+    p.add_argument("--sort", help="comma-separated columns to sort by; "
+                   "'--sort=-col' sorts descending")
     p.add_argument("--desc", action="store_true", help="sort descending")
     p.add_argument("--limit", type=int, help="show at most N rows")
     p.add_argument("--pareto", help="objectives of a Pareto front, e.g. accuracy,density")
