@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from trainables.config import ModelConfig
 
@@ -75,7 +76,23 @@ def resnet18(*, num_classes: int, image_shape: tuple[int, int, int],
         model.maxpool = nn.Identity()
     elif image_shape[0] != 3:
         model.conv1 = nn.Conv2d(image_shape[0], 64, 7, stride=2, padding=3, bias=False)
-    return ModuleValidator.fix(model)
+    model = ModuleValidator.fix(model)
+    for module in model.modules():  # Opacus' backward hooks forbid in-place ops on outputs
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+        if isinstance(module, BasicBlock):
+            module.__class__ = _OutOfPlaceBasicBlock
+    return model
+
+
+class _OutOfPlaceBasicBlock(BasicBlock):
+    """torchvision's ``BasicBlock`` (same parameter names) without ``out += identity``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
 
 
 ModelBuilder = Callable[..., nn.Module]
