@@ -43,6 +43,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Finish an interrupted study: ``resume NAME --storage DIR`` or ``resume DIR/NAME``."""
+    if _is_jobs_address(args.address):  # the driver runs on the cluster, as a Ray Job
+        from study import jobs
+
+        job_id = jobs.submit_resume(args.study, args.address)
+        print(f"submitted resume of {args.study} as job {job_id}")
+        return EXIT_OK
     _ray_environment(args.address)
     from study import runner
 
@@ -56,8 +62,47 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _summarise(runner.resume(target, address=args.address))
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a study to a cluster as a Ray Job; returns at once with its id."""
+    from study import jobs
+
+    job_id, spec = jobs.submit(args.spec, args.address)
+    print(job_id)
+    print(f"[{spec.name}] submitted to {args.address}; Tune state {spec.storage}/{spec.name}, "
+          f"results {spec.results}. Follow with: dpstudy logs {job_id} --address "
+          f"{args.address}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print what a submitted study's driver printed."""
+    from study import jobs
+
+    print(jobs.logs(args.address, args.job_id), end="")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop a submitted study (finish it later with ``dpstudy resume``)."""
+    from study import jobs
+
+    stopped = jobs.stop(args.address, args.job_id)
+    print(f"{args.job_id}: {'stopping' if stopped else 'not running'}")
+    return EXIT_OK
+
+
+def _is_jobs_address(address: str | None) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """One line per study under the storage root."""
+    """One line per study under the storage root, or per submitted study (``--address``)."""
+    if args.address:
+        from study.status import submitted_statuses
+
+        for line in submitted_statuses(args.address) or ["no studies submitted"]:
+            print(line)
+        return EXIT_OK
     from study.status import study_statuses
 
     rows = study_statuses(os.path.expanduser(args.storage))
@@ -146,12 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "run a study from a YAML spec")
     p.add_argument("spec", help="study spec (YAML), e.g. examples/quickstart.yaml")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p = add("submit", cmd_submit, "submit a study to a Ray cluster (returns its job id)")
+    p.add_argument("spec", help="study spec (YAML)")
+    p.add_argument("--address", required=True, help="Ray Jobs API, e.g. http://127.0.0.1:8265")
     p = add("resume", cmd_resume, "finish an interrupted study")
     p.add_argument("study", help="experiment directory (STORAGE/NAME) or study NAME")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root for NAME")
-    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
-    p = add("status", cmd_status, "list studies under a storage root with their progress")
+    p.add_argument("--address", help="Ray cluster address; an http:// Jobs API address "
+                   "submits the resume as a job (default: embedded local Ray)")
+    p = add("status", cmd_status, "list studies (local storage root, or a cluster's jobs)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root")
+    p.add_argument("--address", help="Ray Jobs API address: list submitted studies")
+    p = add("logs", cmd_logs, "print a submitted study's output")
+    p.add_argument("job_id", help="job id printed by submit")
+    p.add_argument("--address", required=True, help="Ray Jobs API address")
+    p = add("stop", cmd_stop, "stop a submitted study")
+    p.add_argument("job_id", help="job id printed by submit")
+    p.add_argument("--address", required=True, help="Ray Jobs API address")
     p = add("query", cmd_query, "filter, sort and print results")
     p.add_argument("results", help="results directory or URI, or a study name")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
@@ -194,6 +250,9 @@ def _report_error(err: Exception) -> int:
     if type(err).__name__ == "StudyExistsError":
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if type(err).__name__ == "ClusterError":
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     raise err
 
 

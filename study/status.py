@@ -49,6 +49,27 @@ def study_status(directory: str) -> str:
             f"best {metric} {best_text} | epsilon {spec.privacy.epsilon:g} | {directory}")
 
 
+def results_counts(results: str | None) -> str:
+    """``N completed, N stopped, N failed`` from a results location, if readable here."""
+    if not results:
+        return "results unknown"
+    try:
+        from study.results import read_trials
+
+        statuses = read_trials(os.path.expanduser(results)).column("status").to_pylist()
+    except (FileNotFoundError, OSError, ValueError):
+        return "no results yet"
+    return ", ".join(f"{statuses.count(s)} {s}" for s in ("completed", "stopped", "failed"))
+
+
+def submitted_statuses(address: str) -> list[str]:
+    """One line per study submitted to the cluster at ``address``."""
+    from study.jobs import list_studies
+
+    return [f"{row['job_id']:<40} {row['study']:<20} {row['status']:<10} "
+            f"{results_counts(row['results'])}" for row in list_studies(address)]
+
+
 def study_statuses(root: str) -> list[str]:
     """One status line per study under ``root``."""
     return [study_status(d) for d in find_studies(root)]

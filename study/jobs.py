@@ -1,0 +1,150 @@
+"""Studies on a Ray cluster through the Ray Jobs API: submit, list, logs, stop.
+
+``dpstudy submit SPEC --address http://HEAD:8265`` validates the spec here, stages the
+project code and the spec as the job's ``runtime_env`` working directory, and submits
+``python -m study.cli run SPEC --address auto`` as a Ray Job, which drives the study on
+the head node. It returns at once with the job id (``dpstudy-NAME-TIMESTAMP``).
+
+Token authentication stays on: clients send the token from ``~/.ray/auth_token`` (or
+``RAY_AUTH_TOKEN``) with ``RAY_AUTH_MODE=token``, which this module sets by default.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from study.spec import StudySpec, load_spec
+
+JOB_SPEC = "dpstudy-submitted-spec.yaml"
+METADATA_KEY = "dpstudy_study"
+ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be reached, refused our token, or refused the request."""
+
+
+def client(address: str) -> Any:
+    """A ``JobSubmissionClient`` for ``address``, with errors a user can act on."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+
+    return _call(address, lambda: JobSubmissionClient(address))
+
+
+def cluster_error(address: str, err: Exception) -> ClusterError:
+    """Turn Ray's connection and authentication failures into one clear message."""
+    text = str(err)
+    if "Authentication" in text or "401" in text or "403" in text or "token" in text.lower():
+        return ClusterError(
+            f"address: the Ray cluster at {address} rejected our authentication token "
+            f"({text.splitlines()[0]}). Set RAY_AUTH_MODE=token and put the cluster's token "
+            f"in ~/.ray/auth_token (or RAY_AUTH_TOKEN); copy it from the head node's "
+            f"~/.ray/auth_token.")
+    return ClusterError(f"address: cannot reach the Ray Jobs API at {address} "
+                        f"({text.splitlines()[0] if text else type(err).__name__}); is the "
+                        f"cluster up and the dashboard port (8265) forwarded?")
+
+
+def cluster_spec(spec: StudySpec) -> StudySpec:
+    """Relative local results paths mean nothing on a cluster: keep them under storage."""
+    results = spec.results
+    if "://" in results or results.startswith(("/", "~")):
+        return spec
+    storage = spec.storage.rstrip("/")
+    return replace(spec, results=f"{storage}/{spec.name}/results")
+
+
+def stage(directory: str, spec: StudySpec | None = None) -> None:
+    """Copy the project packages (and the spec, if any) into the job's working dir."""
+    import yaml
+
+    import study
+    import trainables
+
+    for package in (study, trainables):
+        source = Path(package.__file__).parent
+        shutil.copytree(source, Path(directory) / source.name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if spec is not None:
+        text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+        (Path(directory) / JOB_SPEC).write_text(text, encoding="utf-8")
+
+
+def submit(spec_path: str, address: str) -> tuple[str, StudySpec]:
+    """Submit a study as a Ray Job; returns (job id, the spec as submitted)."""
+    spec = cluster_spec(load_spec(spec_path))
+    job_id = f"dpstudy-{spec.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    entrypoint = f"python -m study.cli run {JOB_SPEC} --address auto"
+    return _submit(address, spec, job_id, entrypoint), spec
+
+
+def submit_resume(experiment: str, address: str) -> str:
+    """Submit ``dpstudy resume EXPERIMENT`` as a Ray Job (the driver died on the head)."""
+    name = experiment.rstrip("/").rsplit("/", 1)[-1]
+    job_id = f"dpstudy-{name}-resume-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    return _submit(address, None, job_id,
+                   f"python -m study.cli resume {experiment} --address auto", name=name)
+
+
+def _submit(address: str, spec: StudySpec | None, job_id: str, entrypoint: str, *,
+            name: str | None = None) -> str:
+    jobs = client(address)
+    with tempfile.TemporaryDirectory(prefix="dpstudy-job-") as work:
+        stage(work, spec)
+        metadata = {METADATA_KEY: name or spec.name}
+        if spec is not None:
+            metadata.update(storage=spec.storage, results=spec.results)
+        runtime_env = {"working_dir": work, "env_vars": ENV_VARS}
+        return _call(address, lambda: jobs.submit_job(
+            entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+            metadata=metadata))
+
+
+def _call(address: str, request: Any) -> Any:
+    """Run one Jobs API request, turning Ray's failures into a :class:`ClusterError`."""
+    try:
+        return request()
+    except ClusterError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray raises several types here
+        raise cluster_error(address, err) from None
+
+
+def list_studies(address: str) -> list[dict[str, Any]]:
+    """Submitted studies, newest first: id, study, status, times, results location."""
+    jobs = _call(address, lambda: client(address).list_jobs())
+    rows = []
+    for job in jobs:
+        meta = job.metadata or {}
+        if METADATA_KEY not in meta:
+            continue
+        rows.append({"job_id": job.submission_id, "study": meta[METADATA_KEY],
+                     "status": str(job.status.value if hasattr(job.status, "value")
+                                   else job.status),
+                     "start_time": job.start_time, "results": meta.get("results")})
+    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+
+
+def logs(address: str, job_id: str) -> str:
+    """Everything the study's driver has printed so far."""
+    return _call(address, lambda: client(address).get_job_logs(job_id))
+
+
+def stop(address: str, job_id: str) -> bool:
+    """Ask Ray to stop a submitted study (``dpstudy resume`` can finish it later)."""
+    return bool(_call(address, lambda: client(address).stop_job(job_id)))
+
+
+def job_status(address: str, job_id: str) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    status = _call(address, lambda: client(address).get_job_status(job_id))
+    return str(status.value if hasattr(status, "value") else status)
