@@ -1,0 +1,84 @@
+"""Losing a worker node mid-trial: the trial resumes from its checkpoint elsewhere and
+spends exactly the privacy budget of an uninterrupted run; results stay complete."""
+
+from __future__ import annotations
+
+import glob
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from study.spec import StudySpec
+
+pytestmark = pytest.mark.slow
+
+FIXED: dict[str, Any] = {
+    "name": "nodeloss", "seed": 5, "device": "cpu",
+    "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},
+    "privacy": {"epsilon": 4.0, "delta": 1e-5, "accountant": "rdp"},
+    "pruning": {"criterion": "random"}, "dropping": {"criterion": "random"},
+    "search": {"prune_rate": 0.5, "drop_rate": 0.5, "clip_norm": 1.0,
+               "noise_multiplier": 1.2, "learning_rate": 2.0, "batch_size": 256,
+               "max_epochs": 4},
+    "trials": 1, "max_concurrent": 1, "max_failures": 3,
+    "resources_per_trial": {"cpu": 1, "gpu": 0}, "scheduler": "none",
+}
+
+
+def remove_trial_node(cluster: Any, nodes: list, experiment: Path, removed: list) -> None:
+    """Once the trial has checkpointed its first epoch, remove the node it runs on."""
+    import ray
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 300
+    while not glob.glob(str(experiment / "*" / "checkpoint_000000")):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+             if "dpstudy_trial" in a.class_name or "ImplicitFunc" in a.class_name]
+    node_id = alive[0].node_id
+    victim = next(n for n in nodes if n.node_id == node_id)
+    cluster.remove_node(victim, allow_graceful=False)
+    removed.append(node_id)
+    assert ray.is_initialized()
+
+
+def test_worker_loss_resumes_trial_without_extra_privacy(tmp_path: Path) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from study import runner
+    from trainables.train import train
+
+    spec = StudySpec.from_dict({**FIXED, "storage": str(tmp_path / "runs"),
+                                "results": str(tmp_path / "results")})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    cluster.wait_for_nodes()
+    removed: list[str] = []
+    try:
+        killer = threading.Thread(target=remove_trial_node, args=(
+            cluster, nodes, tmp_path / "runs" / "nodeloss", removed), daemon=True)
+        killer.start()
+        summary = runner.run(spec, None, address=cluster.address)
+        killer.join(timeout=10)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    assert removed, "the trial finished before its node could be removed"
+    assert summary.completed == 1 and summary.failed == 0
+    rows = pq.read_table(tmp_path / "results" / "trials.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "completed"
+    epochs = pq.read_table(tmp_path / "results" / "epochs.parquet").to_pylist()
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+
+    uninterrupted = train(spec.trial_config({}))
+    assert rows[0]["steps"] == uninterrupted["steps"]
+    assert rows[0]["epsilon_spent"] == uninterrupted["epsilon_spent"] <= 4.0
+    assert rows[0]["test_accuracy"] == pytest.approx(uninterrupted["test_accuracy"], abs=0.02)
