@@ -22,8 +22,8 @@ FIXED: dict[str, Any] = {
     "privacy": {"epsilon": 4.0, "delta": 1e-5, "accountant": "rdp"},
     "pruning": {"criterion": "random"}, "dropping": {"criterion": "random"},
     "search": {"prune_rate": 0.5, "drop_rate": 0.5, "clip_norm": 1.0,
-               "noise_multiplier": 1.2, "learning_rate": 2.0, "batch_size": 256,
-               "max_epochs": 4},
+               "noise_multiplier": 1.2, "learning_rate": 2.0, "batch_size": 500,
+               "max_epochs": 3},
     "trials": 1, "max_concurrent": 1, "max_failures": 3,
     "resources_per_trial": {"cpu": 1, "gpu": 0}, "scheduler": "none",
 }
@@ -57,7 +57,10 @@ def test_worker_loss_resumes_trial_without_extra_privacy(tmp_path: Path) -> None
 
     spec = StudySpec.from_dict({**FIXED, "storage": str(tmp_path / "runs"),
                                 "results": str(tmp_path / "results")})
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    fast_failure_detection = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                              "health_check_failure_threshold": 4}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": fast_failure_detection})
     nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
     cluster.wait_for_nodes()
     removed: list[str] = []
@@ -76,7 +79,7 @@ def test_worker_loss_resumes_trial_without_extra_privacy(tmp_path: Path) -> None
     rows = pq.read_table(tmp_path / "results" / "trials.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "completed"
     epochs = pq.read_table(tmp_path / "results" / "epochs.parquet").to_pylist()
-    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
 
     uninterrupted = train(spec.trial_config({}))
     assert rows[0]["steps"] == uninterrupted["steps"]
