@@ -46,7 +46,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if _is_jobs_address(args.address):  # the driver runs on the cluster, as a Ray Job
         from study import jobs
 
-        job_id = jobs.submit_resume(args.study, args.address)
+        job_id = jobs.submit_resume(args.study, args.address, python=args.python)
         print(f"submitted resume of {args.study} as job {job_id}")
         return EXIT_OK
     _ray_environment(args.address)
@@ -66,7 +66,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a study to a cluster as a Ray Job; returns at once with its id."""
     from study import jobs
 
-    job_id, spec = jobs.submit(args.spec, args.address)
+    job_id, spec = jobs.submit(args.spec, args.address, python=args.python)
     print(job_id)
     print(f"[{spec.name}] submitted to {args.address}; Tune state {spec.storage}/{spec.name}, "
           f"results {spec.results}. Follow with: dpstudy logs {job_id} --address "
@@ -194,11 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("submit", cmd_submit, "submit a study to a Ray cluster (returns its job id)")
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--address", required=True, help="Ray Jobs API, e.g. http://127.0.0.1:8265")
+    p.add_argument("--python", default="python", help="interpreter with dpstudy's "
+                   "dependencies on the head node (default: python on its PATH)")
     p = add("resume", cmd_resume, "finish an interrupted study")
     p.add_argument("study", help="experiment directory (STORAGE/NAME) or study NAME")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root for NAME")
     p.add_argument("--address", help="Ray cluster address; an http:// Jobs API address "
                    "submits the resume as a job (default: embedded local Ray)")
+    p.add_argument("--python", default="python", help="with an http:// address: the head "
+                   "node's interpreter with dpstudy's dependencies")
     p = add("status", cmd_status, "list studies (local storage root, or a cluster's jobs)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root")
     p.add_argument("--address", help="Ray Jobs API address: list submitted studies")

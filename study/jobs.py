@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import replace
@@ -79,20 +80,25 @@ def stage(directory: str, spec: StudySpec | None = None) -> None:
         (Path(directory) / JOB_SPEC).write_text(text, encoding="utf-8")
 
 
-def submit(spec_path: str, address: str) -> tuple[str, StudySpec]:
-    """Submit a study as a Ray Job; returns (job id, the spec as submitted)."""
+def submit(spec_path: str, address: str, *, python: str = "python") -> tuple[str, StudySpec]:
+    """Submit a study as a Ray Job; returns (job id, the spec as submitted).
+
+    The job runs ``PYTHON -m study.cli run ...`` on the head node: ``python`` must be the
+    interpreter that has dpstudy's dependencies there (as in ``cluster.yaml``), or name it.
+    """
     spec = cluster_spec(load_spec(spec_path))
     job_id = f"dpstudy-{spec.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
-    entrypoint = f"python -m study.cli run {JOB_SPEC} --address auto"
+    entrypoint = f"{shlex.quote(python)} -m study.cli run {JOB_SPEC} --address auto"
     return _submit(address, spec, job_id, entrypoint), spec
 
 
-def submit_resume(experiment: str, address: str) -> str:
+def submit_resume(experiment: str, address: str, *, python: str = "python") -> str:
     """Submit ``dpstudy resume EXPERIMENT`` as a Ray Job (the driver died on the head)."""
     name = experiment.rstrip("/").rsplit("/", 1)[-1]
     job_id = f"dpstudy-{name}-resume-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
-    return _submit(address, None, job_id,
-                   f"python -m study.cli resume {experiment} --address auto", name=name)
+    entrypoint = (f"{shlex.quote(python)} -m study.cli resume {shlex.quote(experiment)} "
+                  f"--address auto")
+    return _submit(address, None, job_id, entrypoint, name=name)
 
 
 def _submit(address: str, spec: StudySpec | None, job_id: str, entrypoint: str, *,
