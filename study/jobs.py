@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from study.spec import StudySpec, load_spec
 
 JOB_SPEC = "dpstudy-submitted-spec.yaml"
 METADATA_KEY = "dpstudy_study"
+AGENT_WAIT_S = 60.0
 ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
@@ -50,6 +52,9 @@ def cluster_error(address: str, err: Exception) -> ClusterError:
             f"({text.splitlines()[0]}). Set RAY_AUTH_MODE=token and put the cluster's token "
             f"in ~/.ray/auth_token (or RAY_AUTH_TOKEN); copy it from the head node's "
             f"~/.ray/auth_token.")
+    if "status code" in text:
+        return ClusterError(f"address: the Ray Jobs API at {address} refused the request "
+                            f"({text.splitlines()[0]})")
     return ClusterError(f"address: cannot reach the Ray Jobs API at {address} "
                         f"({text.splitlines()[0] if text else type(err).__name__}); is the "
                         f"cluster up and the dashboard port (8265) forwarded?")
@@ -110,9 +115,16 @@ def _submit(address: str, spec: StudySpec | None, job_id: str, entrypoint: str, 
         if spec is not None:
             metadata.update(storage=spec.storage, results=spec.results)
         runtime_env = {"working_dir": work, "env_vars": ENV_VARS}
-        return _call(address, lambda: jobs.submit_job(
-            entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
-            metadata=metadata))
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return jobs.submit_job(entrypoint=entrypoint, submission_id=job_id,
+                                       runtime_env=runtime_env, metadata=metadata)
+            except Exception as err:  # noqa: BLE001 - Ray raises several types here
+                # a head that just started has no job agent yet: Ray asks us to retry
+                if "try again later" not in str(err) or time.monotonic() > deadline:
+                    raise cluster_error(address, err) from None
+                time.sleep(2)
 
 
 def _call(address: str, request: Any) -> Any:

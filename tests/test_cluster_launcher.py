@@ -119,8 +119,8 @@ def study_spec(tmp_path: Path) -> Path:
     return path
 
 
-def test_ray_up_submit_query_ray_down(sshd: Path, ray_on_login_path: None,
-                                      tmp_path: Path) -> None:
+def test_ray_up_submit_query_ray_down(sshd: Path, ray_on_login_path: None, tmp_path: Path,
+                                      job_state) -> None:
     config = launcher_config(tmp_path, sshd)
     up = run(str(BIN / "ray"), "up", "-y", "--no-config-cache", str(config), cwd=ROOT)
     try:
@@ -131,11 +131,8 @@ def test_ray_up_submit_query_ray_down(sshd: Path, ray_on_login_path: None,
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         job_id = submitted.stdout.strip().splitlines()[-1]
 
-        from study.jobs import job_status
-
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         deadline = time.monotonic() + 400
-        while (status := job_status(address, job_id)) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        while (status := job_state(address, job_id)) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
             assert time.monotonic() < deadline, f"job still {status}"
             time.sleep(2)
         logs = run(sys.executable, "-m", "study.cli", "logs", job_id, "--address", address,

@@ -68,17 +68,17 @@ def small_spec(tmp_path: Path, name: str, trials: int = 2) -> Path:
     return path
 
 
-def wait_for(address: str, job_id: str, states: set[str], timeout: float = 300) -> str:
-    from study.jobs import job_status
-
+def wait_for(job_state, address: str, job_id: str, states: set[str],
+             timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
-    while (status := job_status(address, job_id)) not in states:
+    while (status := job_state(address, job_id)) not in states:
         assert time.monotonic() < deadline, f"{job_id} still {status}"
         time.sleep(1)
     return status
 
 
-def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: Path) -> None:
+def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: Path,
+                                                       job_state) -> None:
     started = time.monotonic()
     done = dpstudy("submit", str(small_spec(tmp_path, "remote")), "--address", cluster)
     assert done.returncode == 0, done.stderr
@@ -86,7 +86,7 @@ def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: 
     job_id = done.stdout.strip().splitlines()[-1]
     assert job_id.startswith("dpstudy-remote-")
 
-    assert wait_for(cluster, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
+    assert wait_for(job_state, cluster, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
     rows = pq.read_table(tmp_path / "results" / "remote" / "trials.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     assert all(r["epsilon_spent"] <= 3.0 for r in rows)
@@ -98,14 +98,14 @@ def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: 
     assert "[remote] finished: 2 completed" in logs.stdout
 
 
-def test_stop_a_running_study(cluster: str, tmp_path: Path) -> None:
+def test_stop_a_running_study(cluster: str, tmp_path: Path, job_state) -> None:
     done = dpstudy("submit", str(small_spec(tmp_path, "stopme", trials=20)), "--address",
                    cluster)
     job_id = done.stdout.strip().splitlines()[-1]
-    wait_for(cluster, job_id, {"RUNNING"})
+    wait_for(job_state, cluster, job_id, {"RUNNING"})
     stopped = dpstudy("stop", job_id, "--address", cluster)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout
-    assert wait_for(cluster, job_id, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    assert wait_for(job_state, cluster, job_id, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
 
 
 def test_wrong_token_and_unreachable_address_are_clear_errors(cluster: str) -> None:
