@@ -39,6 +39,8 @@ class MaskedDPOptimizer(DPOptimizer):
                              f"(got {len(self.trainable)} for {len(self.params)})")
         self.selector = selector
         self.keep: Masks = self.trainable
+        self.trainable_count = sum(p.numel() if t is None else int(t.sum())
+                                   for p, t in zip(self.params, self.trainable, strict=True))
         self.kept_fraction = 1.0  # of trainable coordinates, at the last step
 
     # -- the three changed steps of the DP pipeline -----------------------------------
@@ -87,11 +89,11 @@ class MaskedDPOptimizer(DPOptimizer):
     # -- helpers -----------------------------------------------------------------------
 
     def _kept_fraction(self) -> float:
-        kept = total = 0
-        for p, keep, train in zip(self.params, self.keep, self.trainable, strict=True):
-            total += p.numel() if train is None else int(train.sum())
-            kept += p.numel() if keep is None else int(keep.sum())
-        return kept / total if total else 1.0
+        if self.keep is self.trainable:
+            return 1.0
+        kept = sum(p.numel() if keep is None else int(keep.sum())
+                   for p, keep in zip(self.params, self.keep, strict=True))
+        return kept / self.trainable_count if self.trainable_count else 1.0
 
     def _snapshot_frozen(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None]:
         snaps: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = []
