@@ -59,6 +59,8 @@ def dpstudy(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def small_spec(tmp_path: Path, name: str, trials: int = 2) -> Path:
+    """The quickstart, shrunk. Jobs run ``--python sys.executable``: the cluster's
+    interpreter with dpstudy's dependencies (a bare ``python`` may be another one here)."""
     spec = yaml.safe_load(Path("examples/quickstart.yaml").read_text())
     spec.update(name=name, trials=trials, scheduler="none", storage=str(tmp_path / "runs"),
                 results=str(tmp_path / "results" / name))
@@ -80,7 +82,8 @@ def wait_for(job_state, address: str, job_id: str, states: set[str],
 def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: Path,
                                                        job_state) -> None:
     started = time.monotonic()
-    done = dpstudy("submit", str(small_spec(tmp_path, "remote")), "--address", cluster)
+    done = dpstudy("submit", str(small_spec(tmp_path, "remote")), "--address", cluster,
+                   "--python", sys.executable)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 60
     job_id = done.stdout.strip().splitlines()[-1]
@@ -100,12 +103,13 @@ def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: 
 
 def test_stop_a_running_study(cluster: str, tmp_path: Path, job_state) -> None:
     done = dpstudy("submit", str(small_spec(tmp_path, "stopme", trials=20)), "--address",
-                   cluster)
+                   cluster, "--python", sys.executable)
     job_id = done.stdout.strip().splitlines()[-1]
-    wait_for(job_state, cluster, job_id, {"RUNNING"})
+    terminal = {"STOPPED", "FAILED", "SUCCEEDED"}
+    assert wait_for(job_state, cluster, job_id, {"RUNNING"} | terminal) == "RUNNING"
     stopped = dpstudy("stop", job_id, "--address", cluster)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout
-    assert wait_for(job_state, cluster, job_id, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    assert wait_for(job_state, cluster, job_id, terminal) == "STOPPED"
 
 
 def test_wrong_token_and_unreachable_address_are_clear_errors(cluster: str) -> None:
