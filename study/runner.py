@@ -186,8 +186,9 @@ def _finish(spec: StudySpec, grid: Any, directory: str) -> Summary:
     callback.setup()
     known = callback.store.trial_ids()
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
-        if trial_id not in known:
+        trial_id = (result.metrics or {}).get("trial_id")
+        # a trial that never reported has no id here; on_trial_error recorded it already
+        if trial_id and trial_id not in known:
             error = str(result.error) if result.error else None
             callback.record(trial_id, result.config or {}, result.metrics, error=error)
     rows = callback.store.trials().to_pylist()
