@@ -135,7 +135,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """PNG plots and an HTML or Markdown page for one study."""
-    from study.report import build_report
+    from study.report import build_report, render_markdown_summary
+    from study.results import read_trials
 
     uri = _results_uri(args.results)
     out = args.out or (os.path.join(uri, "report") if "://" not in uri else "report")
@@ -145,6 +146,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         pareto = parse_pareto(args.pareto)
     files = build_report(uri, out, pareto=pareto, fmt=args.format)
+    print(render_markdown_summary(read_trials(uri)))
     print(f"report: {files.page}")
     for name, path in files.figures.items():
         print(f"  {name}: {path}")

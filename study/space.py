@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -108,12 +107,6 @@ def make_search(spec: StudySpec, floor: float | None) -> Searcher:
         mode=modes if spec.objective.multi else modes[0],
         sampler=make_sampler(spec), study_name=spec.name)
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
-
-
-def optuna_study(search: Any) -> optuna.Study:
-    """The Optuna study inside a (possibly wrapped) searcher."""
-    inner = getattr(search, "searcher", search)
-    return inner._ot_study
 
 
 class StudySearch(OptunaSearch):
