@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(studies.SCALES), default="full")
     p.add_argument("--widths", default="1,4", help="CNN width multipliers (default 1,4)")
-    p.add_argument("--storage", default="~/dpstudy-runs/tradeoff", help="Tune state root")
+    p.add_argument("--storage", help="Tune state root (default ~/dpstudy-runs/tradeoff, "
+                   "or ~/dpstudy-runs/tradeoff-smoke for --scale smoke)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--concurrent", type=int, default=2, help="trials at once per study")
@@ -81,6 +82,12 @@ def run_study(study: studies.Study, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     if not search_done(_trials(results, study.name), scale.trials):
         if (experiment / "dpstudy-spec.yaml").exists():
+            saved = runner.read_spec(str(experiment))
+            if (saved.trials, saved.search.max_epochs.value, saved.dataset.name) != (
+                    scale.trials, scale.max_epochs, spec_data["dataset"]["name"]):
+                raise SystemExit(f"error: {experiment} holds a study of another design "
+                                 f"({saved.trials} trials, {saved.dataset.name}); remove it or "
+                                 f"pass another --storage")
             print(f"[bench] resuming the search of {study.name}", flush=True)
             runner.resume(str(experiment), address=args.address)
         else:
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     smoke = args.scale == "smoke"
     RESULTS = Path(args.results or ("/tmp/dpstudy-tradeoff-smoke" if smoke else RESULTS))
+    args.storage = args.storage or f"~/dpstudy-runs/tradeoff{'-smoke' if smoke else ''}"
     out = Path(args.out or (RESULTS / "RESULTS.md" if smoke else
                             studies.REPO / "docs" / "RESULTS.md"))
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
