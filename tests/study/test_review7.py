@@ -152,3 +152,36 @@ def test_docs_selection_links_resolve() -> None:
     for target in ("docs/privacy.md",):
         if target in text:
             assert os.path.exists(REPO / target), f"docs/selection.md points to missing {target}"
+
+
+# --- F: `dpstudy confirm DIR` reads rows from the spec's (relative) results path ------
+
+def test_confirm_reads_the_results_directory_it_is_given(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """The default spec has ``results: results/quickstart`` (relative). ``dpstudy confirm
+    /abs/results/quickstart`` run from another directory must confirm the study in
+    /abs/results/quickstart; today it reads ``$CWD/results/quickstart`` (0 rows) and fails
+    with 'no completed search trial', or confirms whatever study lives there."""
+    from study import cli, runner
+    from study.callbacks import StudyCallback
+
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    spec = make_spec(results="results/review", storage=str(tmp_path / "runs"))
+    callback = StudyCallback(spec)
+    for i, acc in enumerate((0.9, 0.8)):
+        callback.record(f"t{i}", {"prune_rate": 0.5 * i, "noise_multiplier": 1.2}, {
+            "finished": True, "val_accuracy": acc, "test_accuracy": acc,
+            "epsilon_spent": 2.99, "budget_used": 0.997})
+    runner.save_spec(spec, spec.results_path, runner.results_spec_name(spec.name))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ran: list[Any] = []
+    monkeypatch.setattr(runner, "_run_confirmation", lambda spec, plan, todo, address:
+                        ran.append(todo))
+    monkeypatch.setattr(cli, "_ray_environment", lambda address: None)
+    code = cli.main(["confirm", str(project / "results" / "review"), "--top", "1",
+                     "--seeds", "2"])
+    assert ran, f"confirm did not find the study's rows (exit {code})"
