@@ -39,24 +39,41 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"delta={spec.privacy.delta:g}, selecting on {spec.objective.selection_split} "
           f"({', '.join(spec.objective.metrics)}); experiment {runner.experiment_dir(spec)}; "
           f"results {spec.results_path}", flush=True)
-    code = _summarise(runner.run(spec, budget, address=args.address), spec)
+    summary = runner.run(spec, budget, address=args.address)
+    return _then_confirm(runner, spec, summary, args.address)
+
+
+def _then_confirm(runner: object, spec: object, summary: object, address: str | None) -> int:
+    """Summarise a search; run the spec's ``confirm:`` once the search has every trial (an
+    interrupted search is not confirmed: resume it first)."""
+    code = _summarise(summary, spec)
+    finished = summary.completed + summary.stopped + summary.failed >= spec.trials
     if spec.confirm is not None and code == EXIT_OK:
-        return _confirm(runner, spec, spec.confirm.top, spec.confirm.seeds, None, args.address)
+        if not finished:
+            print(f"[{spec.name}] the search is unfinished; 'dpstudy resume "
+                  f"{summary.experiment}' finishes it and then confirms", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return _confirm(runner, spec, spec.confirm.top, spec.confirm.seeds, None, address)
     return code
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
     """Re-run the best configurations of a study with fresh seeds; print their intervals."""
-    if args.top < 1 or args.seeds < 2:
-        raise UsageError(f"--top must be >= 1 and --seeds >= 2 (got --top {args.top}, "
-                         f"--seeds {args.seeds})")
+    if not 1 <= args.top <= 100 or not 2 <= args.seeds <= 100:
+        raise UsageError(f"--top must be in [1, 100] and --seeds in [2, 100] (got --top "
+                         f"{args.top}, --seeds {args.seeds})")
     _ray_environment(args.address)
+    import dataclasses
+
     from study import runner
 
     location = os.path.expanduser(args.results)
     if "://" not in location and not os.path.exists(location):
         location = _results_uri(args.results)
     spec = runner.find_spec(location, args.study)
+    if not runner.is_experiment_dir(location):  # rows live where the user pointed
+        location = location if "://" in location else os.path.abspath(location)
+        spec = dataclasses.replace(spec, results=location)
     return _confirm(runner, spec, args.top, args.seeds, args.baseline, args.address)
 
 
@@ -95,7 +112,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                              f"(give DIR/NAME or NAME --storage DIR)")
     print(f"resuming {target}", flush=True)
     summary = runner.resume(target, address=args.address)
-    return _summarise(summary, runner.read_spec(target))
+    return _then_confirm(runner, runner.read_spec(target), summary, args.address)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -30,12 +30,12 @@ FIGURES = {  # file stem -> one-sentence caption, in page order
                               "(filled: completed, hollow: stopped early; failed excluded).",
     "accuracy_vs_drop_rate": "Final test accuracy against drop rate, coloured by prune rate "
                              "(filled: completed, hollow: stopped early; failed excluded).",
-    "prune_drop_heatmap": "Best completed test accuracy in each prune rate × drop rate bin "
-                          "(blank: no trial in that bin).",
+    "prune_drop_heatmap": "In each prune rate × drop rate bin, the test accuracy of the "
+                          "completed trial the selection metric prefers (blank: no trial).",
     "pareto_front": "Completed trials (grey) and their Pareto front (red) for the chosen "
                     "objectives.",
     "param_importances": "Optuna importances of the searched hyperparameters that vary, for "
-                         "final test accuracy of completed trials.",
+                         "the selection metric of completed trials.",
     "learning_curves": "Test accuracy after each epoch for every trial, against epochs and "
                        "against the epsilon spent so far; the best completed trials by the "
                        "selection metric highlighted.",
@@ -185,10 +185,10 @@ def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
                                                                    "drop_rate"),
         "accuracy_vs_drop_rate": lambda p: plots.plot_accuracy_vs(trials, p, "drop_rate",
                                                                   "prune_rate"),
-        "prune_drop_heatmap": lambda p: plots.plot_heatmap(trials, p),
+        "prune_drop_heatmap": lambda p: plots.plot_heatmap(trials, p, metric),
         "pareto_front": lambda p: plots.plot_pareto(trials, front, objectives, p),
         "param_importances": lambda p: plots.plot_importances(
-            *plots.param_importances(trials), p),
+            *plots.param_importances(trials, metric), p),
         "learning_curves": lambda p: plots.plot_learning_curves(trials, epochs, p, metric),
     }
     figures, skipped = {}, {}
@@ -209,8 +209,9 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
             confirmed: pd.DataFrame | None = None) -> list[tuple]:
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     metric, mode, _ = selection_of(trials)
-    top = trials.sort_values(metric, ascending=mode == "min", kind="mergesort",
-                             na_position="last").head(10)
+    ranked = trials.assign(_partial=trials["status"] != "completed")
+    top = ranked.sort_values(["_partial", metric], ascending=[True, mode == "min"],
+                             kind="mergesort", na_position="last").head(10)
     obj_cols = [c for c, _ in objectives]
     front_cols = list(dict.fromkeys(["trial_id", *obj_cols, "prune_rate", "drop_rate",
                                      "epsilon_spent"]))
@@ -219,7 +220,7 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
                            ("p", selection_banner(trials)),
                            ("p", f"Results: {uri} - generated {now}"),
                            ("h2", "Summary"), ("table", _table(summary_rows(trials))),
-                           ("h2", f"Top 10 trials by {metric}"),
+                           ("h2", f"Top 10 trials by {metric} (completed first)"),
                            ("table", top[[c for c in TOP_COLUMNS if c in top]]),
                            ("h2", "Pareto front (" + ", ".join(f"{c} {d}" for c, d in
                                                                objectives) + ")"),
@@ -308,7 +309,9 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
         raise ValueError(f"unknown report format {fmt!r}: expected one of {', '.join(FORMATS)}")
     everything, epochs, name = _load(results_uri, study)
     confirmed = confirm_table(everything)
-    trials = everything[[selection.is_search(r) for r in everything.to_dict("records")]]
+    search = pd.Series([selection.is_search(r) for r in everything.to_dict("records")],
+                       index=everything.index, dtype=bool)
+    trials = everything[search]
     epochs = epochs[epochs["trial_id"].isin(trials["trial_id"])]
     objectives = list(pareto) if pareto else parse_pareto("accuracy,density")
     if "val_accuracy" in trials and trials["val_accuracy"].isna().all():

@@ -14,7 +14,6 @@ restored rather than restarted when an interrupted confirmation is run again.
 
 from __future__ import annotations
 
-import math
 import os
 import posixpath
 from dataclasses import dataclass
@@ -59,8 +58,9 @@ def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseB
     trial's noise range to the values that spend the privacy budget."""
     spec = load_spec(spec_path)
     check_against_data(spec, cluster=cluster)
-    budget = noise_budget(spec, dataset_size(spec.dataset, seed=spec.seed))
-    check_space(spec, budget)
+    n = dataset_size(spec.dataset, seed=spec.seed)
+    budget = noise_budget(spec, n)
+    check_space(spec, budget, n)
     return spec, budget
 
 
@@ -95,12 +95,18 @@ def results_spec_name(study: str) -> str:
     return f"{study}.{SPEC_FILE}"
 
 
+def is_experiment_dir(location: str) -> bool:
+    """Whether ``location`` is an experiment directory (holds the saved spec)."""
+    fs, where = _filesystem(location)
+    return fs.get_file_info(posixpath.join(where, SPEC_FILE)).type == pafs.FileType.File
+
+
 def find_spec(location: str, study: str | None = None) -> StudySpec:
     """The spec of a study from its experiment directory (``STORAGE/NAME``) or its results
     directory (``study`` picks one when several studies share it)."""
-    fs, where = _filesystem(location)
-    if fs.get_file_info(posixpath.join(where, SPEC_FILE)).type == pafs.FileType.File:
+    if is_experiment_dir(location):
         return read_spec(location)
+    fs, where = _filesystem(location)
     suffix = "." + SPEC_FILE
     infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
     names = sorted(i.base_name.removesuffix(suffix) for i in infos
@@ -164,16 +170,15 @@ def make_trainable(spec: StudySpec) -> Any:
 
 
 def make_scheduler(spec: StudySpec) -> Any:
-    """ASHA on the primary objective (epochs as time), or None."""
+    """ASHA on the primary objective, its clock the fraction of the budget spent (trials are
+    compared at equal epsilon, whatever their noise and epochs), or None."""
     if spec.scheduler.name != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     metric, mode = spec.objective.primary
-    p = spec.search.max_epochs or spec.search.epochs
-    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
-                         max_t=max(1, math.ceil(p.max_value())),
-                         grace_period=spec.scheduler.grace_period,
+    return ASHAScheduler(time_attr="budget_used", metric=metric, mode=mode, max_t=1.0,
+                         grace_period=spec.scheduler.grace_budget,
                          reduction_factor=spec.scheduler.reduction_factor)
 
 
@@ -244,6 +249,9 @@ def _finish(spec: StudySpec, grid: Any, directory: str) -> Summary:
 def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = None,
             address: str | None = None) -> tuple[confirmation.Plan, list[dict[str, Any]]]:
     """Re-run the ``top`` configurations (and the baseline) with ``seeds`` fresh seeds.
+
+    ``spec.results`` is where rows are read and written (``dpstudy confirm DIR`` points it
+    at ``DIR``).
 
     Runs only what is not recorded yet; an interrupted confirmation of the same plan is
     restored from its Tune state (unfinished runs continue from their checkpoints).

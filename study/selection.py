@@ -19,8 +19,10 @@ Row = dict[str, Any]
 
 
 def is_search(row: Row) -> bool:
-    """Whether ``row`` is a search trial (rows written before stages existed are)."""
-    return row.get("stage") in (None, "search")
+    """Whether ``row`` is a search trial (rows written before stages existed, with a null
+    stage, are)."""
+    stage = row.get("stage")
+    return stage == "search" or stage is None or (isinstance(stage, float) and math.isnan(stage))
 
 
 def _value(row: Row, metric: str) -> float | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import optuna
@@ -87,12 +88,40 @@ def noise_budget(spec: StudySpec, n: int) -> NoiseBudget | None:
     return NoiseBudget(epsilon=p.epsilon, delta=p.delta, accountant=p.accountant, n=n)
 
 
-def check_space(spec: StudySpec, budget: NoiseBudget | None) -> None:
-    """Reject a noise range that misses the budget-spending interval at some extreme batch
-    size and epoch cap the spec allows (both ends of the interval grow with each)."""
+def check_space(spec: StudySpec, budget: NoiseBudget | None, n: int | None = None) -> None:
+    """Reject a budget no noise can meet, and a noise range that misses the
+    budget-spending interval at some extreme batch size and epoch cap the spec allows (both
+    ends of the interval grow with each). In ``epochs`` mode (``budget`` None) check that
+    the noise can be calibrated for every extreme batch size and number of epochs (``n``
+    private training examples)."""
     p = spec.search.noise_multiplier
-    if budget is None or p is None:
-        return
+    try:
+        if budget is None:
+            if n is not None and spec.search.epochs is not None:
+                _check_epochs(spec, n)
+            return
+        _check_noise(spec, p, budget)
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        if isinstance(err, SpecError):
+            raise
+        raise SpecError([f"privacy.epsilon: no noise multiplier meets epsilon="
+                         f"{spec.privacy.epsilon:g} at delta={spec.privacy.delta:g} with the "
+                         f"{spec.privacy.accountant} accountant ({err}); raise epsilon or "
+                         f"delta, or use accountant: prv (got {spec.privacy.epsilon!r})"]) from None
+
+
+def _check_epochs(spec: StudySpec, n: int) -> None:
+    from trainables.accounting import noise_for_steps
+
+    for batch, epochs in itertools.product(extremes(spec.search.batch_size),
+                                           extremes(spec.search.epochs)):
+        q = min(1.0, batch / n)
+        noise_for_steps(target_epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
+                        sample_rate=q, steps=max(1, round(epochs / q)),
+                        accountant=spec.privacy.accountant)
+
+
+def _check_noise(spec: StudySpec, p: Param, budget: NoiseBudget) -> None:
     problems = []
     if p.choices is not None:
         low, high = budget.common_interval(spec.search.batch_size, spec.search.max_epochs)
@@ -172,8 +201,12 @@ def _suggest_noise(trial: optuna.Trial, p: Param, low: float, high: float) -> No
     lo, hi = max(p.low, low), min(p.high, high)
     if lo > hi:
         lo = hi = min(max(p.low, low), p.high) if p.low > high else max(p.low, low)
-    step = p.step if (lo, hi) == (p.low, p.high) else None
-    trial.suggest_float(name, lo, hi, log=p.log, step=step)
+    if p.step:  # stay on the spec's grid p.low + k * step inside the cut range
+        first, last = math.ceil((lo - p.low) / p.step - 1e-9), math.floor(
+            (hi - p.low) / p.step + 1e-9)
+        k_lo, k_hi = (first, last) if first <= last else (last, last) if last >= 0 else (0, 0)
+        lo, hi = (round(p.low + k * p.step, 12) for k in (k_lo, k_hi))
+    trial.suggest_float(name, lo, hi, log=p.log, step=p.step)
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:

@@ -178,22 +178,41 @@ class Objective(_Spec):
 
 @dataclass(frozen=True, kw_only=True)
 class Scheduler(_Spec):
-    """Trial scheduler: ``none`` or ``asha`` (early stopping by epoch)."""
+    """Trial scheduler: ``none`` or ``asha`` (early stopping).
+
+    ASHA's clock is the fraction of the privacy budget a trial has spent
+    (``budget_used``), not its epochs: trials with different noise multipliers spend their
+    budget over different numbers of epochs, and are only comparable at equal epsilon
+    spent. A trial may be stopped once it has spent ``grace_budget`` of its epsilon; rungs
+    follow at ``grace_budget x reduction_factor^k`` up to the whole budget.
+    """
 
     name: str = "none"
-    grace_period: int = 1
+    grace_budget: float = 0.25
     reduction_factor: float = 3
 
     def __post_init__(self) -> None:
         c = _Checks("")
         c.choice("name", self.name, SCHEDULERS)
-        c.number("grace_period", self.grace_period, low=1, integer=True)
+        c.number("grace_budget", self.grace_budget, low=0.0, high=1.0, low_open=True,
+                 high_open=True)
         c.number("reduction_factor", self.reduction_factor, low=2)
         c.done()
 
     @classmethod
     def _normalize(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else super()._normalize(data)
+
+    @classmethod
+    def parse(cls, data: Any, prefix: str, problems: list[str]) -> Any:
+        """As :meth:`_Spec.parse`, with a pointed message for the retired ``grace_period``."""
+        if isinstance(data, dict) and "grace_period" in data:
+            data = dict(data)
+            problems.append(f"{prefix}grace_period: replaced by grace_budget, the fraction of "
+                            f"epsilon a trial spends before ASHA may stop it (trials are "
+                            f"compared at equal budget spent, e.g. grace_budget: 0.3) "
+                            f"(got {data.pop('grace_period')!r})")
+        return super().parse(data, prefix, problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,10 +315,6 @@ class StudySpec(_Spec):
         c.done()
 
     def _cross_check(self, c: _Checks) -> None:
-        max_epochs, grace = self.search.max_epochs, self.scheduler.grace_period
-        if self.scheduler.name == "asha" and max_epochs.is_fixed() and grace > max_epochs.value:
-            c.fail("scheduler.grace_period", f"must be <= search.max_epochs = {max_epochs.value}",
-                   grace)
         uses_validation = any(m in VALIDATION_METRICS for m in self.objective.metrics)
         if uses_validation and not self.dataset.has_validation:
             c.fail("objective.metrics", "selecting on a validation metric needs a validation "

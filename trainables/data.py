@@ -100,6 +100,8 @@ def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:
         validation = public
     elif config.validation is not None and config.validation.dataset is not None:
         validation = _validation_dataset(config.validation.dataset, train, num_classes)
+        _check_disjoint("dataset.validation.dataset", config.validation.dataset.name,
+                        validation, test, "test")
     return Datasets(
         name=config.name,
         train=_normalise(train, mean, std),
@@ -309,13 +311,17 @@ def _other_dataset(field: str, config: DataConfig, train: Split, num_classes: in
     if other_classes > num_classes:
         raise ValueError(f"{field}: may have at most the {num_classes} classes "
                          f"of the training data (got {other_classes} in {config.name!r})")
-    private = {hash(row.tobytes()) for row in train.images.flatten(1).numpy()}
-    shared = sum(hash(row.tobytes()) in private for row in other.images.flatten(1).numpy())
-    if shared:
-        raise ValueError(f"{field}: must be disjoint from the private training "
-                         f"data, but {shared} of its {len(other)} images ({config.name!r}) "
-                         f"are also training images")
+    _check_disjoint(field, config.name, other, train, "training")
     return other
+
+
+def _check_disjoint(field: str, name: str, other: Split, split: Split, what: str) -> None:
+    """Refuse ``other`` if any of its images is also one of ``split``'s."""
+    known = {hash(row.tobytes()) for row in split.images.flatten(1).numpy()}
+    shared = sum(hash(row.tobytes()) in known for row in other.images.flatten(1).numpy())
+    if shared:
+        raise ValueError(f"{field}: must be disjoint from the {what} data, but {shared} of "
+                         f"its {len(other)} images ({name!r}) are also {what} images")
 
 
 def _hold_out(train: Split, size: int, seed: int) -> tuple[Split, Split]:

@@ -98,6 +98,9 @@ def run_study(study: studies.Study, args: argparse.Namespace) -> None:
             path.write_text(yaml.safe_dump(spec_data, sort_keys=False))
             spec, budget = runner.prepare(str(path), cluster=bool(args.address))
             runner.run(spec, budget, address=args.address)
+    if not search_done(_trials(results, study.name), scale.trials):
+        raise SystemExit(f"[bench] the search of {study.name} was interrupted; run the "
+                         f"benchmark again to continue it")
     spec = runner.find_spec(str(results), study.name)
     print(f"[bench] confirming {study.name} over {scale.seeds} seeds", flush=True)
     runner.confirm(spec, top=1, seeds=scale.seeds, address=args.address)

@@ -43,12 +43,12 @@ class Scale:
     trials: int
     max_epochs: float
     seeds: int
-    grace_period: int
+    grace_budget: float  # ASHA's first rung, as a fraction of epsilon spent
     subset: bool  # smoke: mnist-5k instead of the shared 10k images
 
 
-SCALES = {"full": Scale(trials=8, max_epochs=10, seeds=3, grace_period=3, subset=False),
-          "smoke": Scale(trials=2, max_epochs=1, seeds=2, grace_period=1, subset=True)}
+SCALES = {"full": Scale(trials=8, max_epochs=10, seeds=3, grace_budget=0.3, subset=False),
+          "smoke": Scale(trials=2, max_epochs=1, seeds=2, grace_budget=0.5, subset=True)}
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,6 @@ def spec(study: Study, scale: Scale, *, storage: str, results: str,
         "trials": scale.trials, "max_concurrent": concurrent,
         "resources_per_trial": {"cpu": cpus_per_trial, "gpu": 0},
         "objective": {"metrics": ["val_accuracy"]}, "sampler": "tpe",
-        "scheduler": {"name": "asha", "grace_period": scale.grace_period},
+        "scheduler": {"name": "asha", "grace_budget": scale.grace_budget},
         "baseline_trial": False, "storage": storage, "results": results,
     }

@@ -139,7 +139,8 @@ def test_html_page_content(html_report: ReportFiles) -> None:
     assert "<td>Trials stopped</td><td>2</td>" in summary
     assert "<td>Trials failed</td><td>2</td>" in summary
     assert "<td>Epsilon target</td><td>3, 8</td>" in summary
-    assert f"0.962 (trial {BEST})" in summary and "prune_rate=0.5" in summary
+    assert f"trial {BEST}: test_accuracy 0.962" in summary and "prune_rate=0.5" in summary
+    assert "<td>Selected on</td><td>test_accuracy (test split)</td>" in summary  # legacy rows
     top = _section(page, "<h2>Top 10")
     assert top.count("<tr>") == 11  # header + 10 rows
     assert "<th>epsilon_spent</th>" in top and "<th>noise_multiplier</th>" in top

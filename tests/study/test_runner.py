@@ -54,7 +54,7 @@ def trials_table(results: Path) -> list[dict[str, Any]]:
 
 
 def test_four_trial_study_end_to_end(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, "e2e", scheduler={"name": "asha", "grace_period": 1})
+    spec = write_spec(tmp_path, "e2e", scheduler={"name": "asha", "grace_budget": 0.5})
     done = dpstudy("run", str(spec))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[e2e] 4/4 done" in done.stdout

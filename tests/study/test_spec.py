@@ -47,7 +47,7 @@ resources_per_trial: {cpu: 1, gpu: 0}
 max_failures: 2
 objective: {metrics: [val_accuracy], modes: [max]}
 sampler: tpe
-scheduler: {name: asha, grace_period: 1}
+scheduler: {name: asha, grace_budget: 0.3}
 storage: ~/dpstudy-runs
 results: results/quickstart
 """
@@ -100,10 +100,10 @@ def test_quickstart_parses() -> None:
     assert spec.search.noise_multiplier.distribution_kind() == "float"
     assert spec.search.prune_rate.choices == (0.0, 0.5, 0.8)
     assert spec.search.batch_size.distribution_kind() == "fixed"
-    assert spec.scheduler.name == "asha" and spec.scheduler.grace_period == 3
+    assert spec.scheduler.name == "asha" and spec.scheduler.grace_budget == 0.4
     assert spec.objective.primary == ("val_accuracy", "max") and not spec.objective.multi
     assert spec.objective.selection_split == "validation"
-    assert spec.confirm.top == 1 and spec.confirm.seeds == 3 and spec.baseline_trial
+    assert spec.confirm.top == 2 and spec.confirm.seeds == 3 and spec.baseline_trial
     assert spec.results == "results/quickstart"
     assert spec.storage_path == os.path.expanduser("~/dpstudy-runs")
 
@@ -159,7 +159,7 @@ def test_round_trip() -> None:
     ("pruning.criterion", 3, "pruning.criterion", "must be a string or a non-empty list"),
     ("objective.metrics", 7, "objective.metrics", "must be a list of strings"),
     ("scheduler", 5, "scheduler", "must be a mapping (got 5)"),
-    ("scheduler.grace_period", "1", "scheduler.grace_period", "must be an integer"),
+    ("scheduler.grace_budget", "1", "scheduler.grace_budget", "must be a number"),
     ("storage", 5, "storage", "must be a non-empty path or URI string"),
     ("dataset", [1], "dataset", "must be a mapping"),
     ("model.width", "wide", "model.width", "must be a number"),
@@ -210,8 +210,8 @@ def test_wrong_types(path: str, value: Any, field: str, rule: str) -> None:
     ("pruning.criterion", ["random", "lottery"], "pruning.criterion[1]",
      "must be one of random, magnitude, snip (got 'lottery')"),
     ("dropping.criterion", "top-k", "dropping.criterion", "must be one of random, magnitude"),
-    ("scheduler.grace_period", 5, "scheduler.grace_period",
-     "must be <= search.max_epochs = 3 (got 5)"),
+    ("scheduler.grace_budget", 1.0, "scheduler.grace_budget", "must be < 1.0 (got 1.0)"),
+    ("scheduler.grace_period", 3, "scheduler.grace_period", "replaced by grace_budget"),
     ("scheduler.reduction_factor", 1, "scheduler.reduction_factor", "must be >= 2"),
     ("device", "cuda", "device", "cuda needs resources_per_trial.gpu > 0"),
     ("pruning.criterion", "snip", "pruning.criterion", "snip needs dataset.public"),
@@ -257,7 +257,7 @@ def test_required_sections() -> None:
     ("search.clip_norm.hgih", "search.clip_norm.hgih", "high"),
     ("privacy.epsilom", "privacy.epsilom", "epsilon"),
     ("resources_per_trial.gpus", "resources_per_trial.gpus", "gpu"),
-    ("scheduler.grace_perod", "scheduler.grace_perod", "grace_period"),
+    ("scheduler.grace_budgte", "scheduler.grace_budgte", "grace_budget"),
     ("dataset.test_frac", "dataset.test_frac", "test_fraction"),
 ])
 def test_unknown_keys(path: str, field: str, hint: str) -> None:
@@ -291,10 +291,10 @@ def test_many_problems_reported_together() -> None:
 
 
 def test_cross_checks_reported_with_other_problems() -> None:
-    data = with_("scheduler.grace_period", 4, with_("trials", 0))
+    data = with_("scheduler.grace_budget", 4, with_("trials", 0))
     data["pruning"]["criterion"] = "snip"
     assert sorted(p.split(":")[0] for p in problems_of(data)) == [
-        "pruning.criterion", "scheduler.grace_period", "trials"]
+        "pruning.criterion", "scheduler.grace_budget", "trials"]
 
 
 def test_spec_error_single_header() -> None:
