@@ -11,9 +11,11 @@ the final ``ResultGrid`` so that no trial is ever missing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import posixpath
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +25,28 @@ import yaml
 from ray import tune
 
 from study.callbacks import StudyCallback
+from study.lock import StudyLock
+from study.paths import LocationError, check_writable, join_location, resolve_location
 from study.space import check_space, make_search, noise_floor
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
+from trainables.config import load_yaml
 from trainables.data import dataset_size
 from trainables.tune_trainable import run_trial
 
 
 class StudyExistsError(RuntimeError):
     """``run`` would overwrite an existing experiment."""
+
+
+class StudyInterruptedError(KeyboardInterrupt):
+    """The study was interrupted (Ctrl-C); ``directory`` is what ``dpstudy resume`` takes."""
+
+    def __init__(self, name: str, directory: str, unfinished: int) -> None:
+        super().__init__(f"[{name}] interrupted with {unfinished} trial(s) unfinished; "
+                         f"nothing was recorded for them. Continue with: "
+                         f"dpstudy resume {directory}")
+        self.directory = directory
 
 
 @dataclass(frozen=True)
@@ -50,24 +65,38 @@ class Summary:
 # --- preparation (nothing written) -----------------------------------------------------
 
 def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, float | None]:
-    """Load and fully validate a spec; returns it with the one-epoch noise floor."""
-    spec = load_spec(spec_path)
+    """Load and fully validate a spec (its locations resolved, see :func:`resolve_paths`);
+    returns it with the one-epoch noise floor."""
+    spec = resolve_paths(load_spec(spec_path))
     check_against_data(spec, cluster=cluster)
     floor = noise_floor(spec, dataset_size(spec.dataset, seed=spec.seed))
     check_space(spec, floor)
     return spec, floor
 
 
+def resolve_paths(spec: StudySpec) -> StudySpec:
+    """``spec`` with local ``storage`` and ``results`` made absolute (``~`` expanded), once,
+    at ``run``: the saved spec then names the same places whoever resumes, from wherever."""
+    return dataclasses.replace(spec, storage=resolve_location(spec.storage),
+                               results=resolve_location(spec.results))
+
+
+def check_locations(spec: StudySpec) -> None:
+    """Refuse, before any trial, ``results`` or ``storage`` that cannot be written (a
+    :class:`~study.paths.LocationError` naming the field); leaves nothing behind."""
+    check_writable(spec.results_path, "results")
+    check_writable(spec.storage_path, "storage")
+
+
 def experiment_dir(spec: StudySpec) -> str:
-    """``storage/NAME`` (a local path or a URI)."""
-    base = spec.storage_path
-    return posixpath.join(base, spec.name) if "://" in base else os.path.join(base, spec.name)
+    """``storage/NAME`` (a local path or a URI; joined before any query string)."""
+    return join_location(spec.storage_path, spec.name)
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    from study.paths import filesystem
+
+    return filesystem(path, "storage")
 
 
 def _exists(path: str) -> bool:
@@ -85,13 +114,16 @@ def save_spec(spec: StudySpec, directory: str) -> None:
 
 def read_spec(directory: str) -> StudySpec:
     """The spec saved by :func:`save_spec` in an experiment directory."""
-    fs, where = _filesystem(directory)
+    try:
+        fs, where = _filesystem(directory)
+    except LocationError as err:
+        raise SpecError([f"resume: {err}"]) from None
     path = posixpath.join(where, SPEC_FILE)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise SpecError([f"resume: {directory!r} is not a dpstudy experiment directory "
                          f"(no {SPEC_FILE})"])
     with fs.open_input_stream(path) as f:
-        return StudySpec.from_dict(yaml.safe_load(f.read().decode()))
+        return StudySpec.from_dict(load_yaml(f.read().decode(), path))
 
 
 # --- Ray ------------------------------------------------------------------------------
@@ -102,6 +134,11 @@ def init_ray(address: str | None = None) -> None:
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Snapshot Tune's experiment state at every controller step (default "auto": every
+    # 10 s or more). After a kill -9 a resume then knows every trial that started, finished
+    # or checkpointed before the kill, so it neither re-runs finished trials nor restarts
+    # running ones from scratch. Read when the Tuner is built, so setting it here suffices.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if ray.is_initialized():
         return
     if address:
@@ -150,38 +187,123 @@ def run_config(spec: StudySpec) -> tune.RunConfig:
 # --- run and resume -------------------------------------------------------------------
 
 def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> Summary:
-    """Run a new study to completion."""
+    """Run a new study to completion, holding its lock (:class:`study.lock.StudyLock`)."""
+    spec = resolve_paths(spec)
     directory = experiment_dir(spec)
+    _refuse_existing(spec, directory)
+    check_locations(spec)
+    created = not _exists(directory)
+    try:
+        lock = StudyLock(directory)
+        lock.acquire()
+    except BaseException:
+        if created:
+            _remove_tree(directory)
+        raise
+    with _released(lock):
+        try:
+            _refuse_existing(spec, directory)  # another driver may have won the race
+            init_ray(address)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            save_spec(spec, directory)
+        except BaseException:
+            if created:  # nothing ran: leave nothing behind
+                lock.release()
+                _remove_tree(directory)
+            raise
+        tuner = tune.Tuner(
+            make_trainable(spec),
+            tune_config=tune.TuneConfig(search_alg=make_search(spec, floor),
+                                        scheduler=make_scheduler(spec),
+                                        num_samples=spec.trials, reuse_actors=True),
+            run_config=run_config(spec))
+        return _finish(spec, *_fit(tuner), directory)
+
+
+def resume(directory: str, *, address: str | None = None) -> Summary:
+    """Finish an interrupted study from its experiment directory, holding its lock."""
+    spec = read_spec(directory)
+    with StudyLock(directory):
+        init_ray(address)
+        if not tune.Tuner.can_restore(directory):
+            raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
+                             f"was stopped before its first trial started; run it again)"])
+        tuner = tune.Tuner.restore(directory, trainable=make_trainable(spec),
+                                   resume_unfinished=True, resume_errored=True)
+        return _finish(spec, *_fit(tuner), directory)
+
+
+def _refuse_existing(spec: StudySpec, directory: str) -> None:
     if _exists(posixpath.join(directory, SPEC_FILE)) or _exists(
             posixpath.join(directory, "tuner.pkl")):
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
-    init_ray(address)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    save_spec(spec, directory)
-    tuner = tune.Tuner(
-        make_trainable(spec),
-        tune_config=tune.TuneConfig(search_alg=make_search(spec, floor),
-                                    scheduler=make_scheduler(spec), num_samples=spec.trials,
-                                    reuse_actors=True),
-        run_config=run_config(spec))
-    return _finish(spec, tuner.fit(), directory)
 
 
-def resume(directory: str, *, address: str | None = None) -> Summary:
-    """Finish an interrupted study from its experiment directory."""
-    spec = read_spec(directory)
-    init_ray(address)
-    if not tune.Tuner.can_restore(directory):
-        raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
-                         f"was stopped before its first trial started; run it again)"])
-    tuner = tune.Tuner.restore(directory, trainable=make_trainable(spec),
-                               resume_unfinished=True, resume_errored=True)
-    return _finish(spec, tuner.fit(), directory)
+class _released:
+    """Release ``lock`` on the way out (a context manager for an acquired lock)."""
+
+    def __init__(self, lock: StudyLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> StudyLock:
+        return self.lock
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
 
 
-def _finish(spec: StudySpec, grid: Any, directory: str) -> Summary:
-    """Record any trial the callback missed, then summarise the study."""
+def _remove_tree(directory: str) -> None:
+    fs, where = _filesystem(directory)
+    try:
+        fs.delete_dir(where)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def _fit(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, telling an interrupted fit (Ctrl-C) from a finished one.
+
+    Tune catches the first SIGINT itself: it saves the experiment state with the running
+    trials still RUNNING (so resume continues them), stops them and returns normally. Its
+    handler then puts back the handler that was installed before ``fit``; that is how we
+    know. Interrupted fits raise :class:`StudyInterruptedError` and record nothing for
+    trials that did not finish."""
+    sentinel = _Sentinel()
+    main = _in_main_thread()
+    previous = signal.signal(signal.SIGINT, sentinel) if main else None
+    try:
+        grid = tuner.fit()
+    finally:
+        tune_handles_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
+        interrupted = main and tune_handles_sigint and signal.getsignal(
+            signal.SIGINT) is sentinel
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    return grid, interrupted
+
+
+class _Sentinel:
+    """A SIGINT handler that behaves like Python's default one."""
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Summary:
+    """Record any trial the callback missed, then summarise the study. After Ctrl-C:
+    raise :class:`StudyInterruptedError` instead, recording nothing for unfinished trials."""
+    if interrupted:
+        recorded = StudyCallback(spec)
+        recorded.setup()
+        done = len(recorded.store.trial_ids())
+        raise StudyInterruptedError(spec.name, directory, max(spec.trials - done, 0))
     callback = StudyCallback(spec)
     callback.setup()
     known = callback.store.trial_ids()
