@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -279,3 +278,40 @@ def test_polars_reads_the_files(store: ResultsStore, tmp_path: Path) -> None:
     assert pl.read_parquet(str(tmp_path / "trials.parquet" / "*.parquet")).height == 2
     assert pl.read_parquet(str(tmp_path / "epochs.parquet" / "*.parquet")).height == 4
     assert pl.read_parquet(str(tmp_path / "trials.parquet")).height == 2  # a directory too
+
+
+WRITER = """
+import sys
+from study.results import ResultsStore
+store = ResultsStore(sys.argv[1], sys.argv[2])
+for i in range(int(sys.argv[3])):
+    store.add_trial({"trial_id": f"t{i}", "status": "completed", "test_accuracy": i / 100},
+                    [{"epoch": 1}, {"epoch": 2}])
+    store.flush()
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_studies_sharing_a_results_root_lose_nothing(where: str, tmp_path: Path,
+                                                                 request) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from study.paths import join_location
+
+    root = Path(__file__).resolve().parents[2]
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")
+    uri = join_location(base, "shared")
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, name, "25"], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)},
+                              stderr=subprocess.PIPE, text=True)
+             for name in ("one", "two", "three")]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    df = read_trials(uri).to_pandas()
+    assert len(df) == 75 and not df.duplicated(["study", "trial_id"]).any()
+    assert df.groupby("study").size().to_dict() == {"one": 25, "three": 25, "two": 25}
+    assert read_epochs(uri).num_rows == 150
+    for name in ("one", "two", "three"):  # each study's own view, as its resume sees it
+        assert len(ResultsStore(uri, name).trial_ids()) == 25
