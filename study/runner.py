@@ -145,8 +145,11 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
         return
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only) must be set before Ray is
-    # imported; the CLI does that for local runs.
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # imported; the CLI does that for local runs. address="local": always a new embedded
+    # Ray; with None, ray.init attaches to whatever cluster `ray start` last started on
+    # this machine (/tmp/ray/ray_current_cluster), someone else's included.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
 
 
 def dpstudy_trial(config: dict[str, Any], spec: StudySpec) -> None:
