@@ -196,16 +196,11 @@ def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> 
     _refuse_existing(spec, directory)
     check_locations(spec)
     created = not _exists(directory)
-    try:
-        lock = StudyLock(directory)
-        lock.acquire()
-    except BaseException:
-        if created:
-            _remove_tree(directory)
-        raise
+    lock = StudyLock(directory)
+    lock.acquire()  # refused: another driver has the study (never remove its directory)
     with _released(lock):
+        _refuse_existing(spec, directory)  # another driver may have won the race
         try:
-            _refuse_existing(spec, directory)  # another driver may have won the race
             init_ray(address)
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             save_spec(spec, directory)
