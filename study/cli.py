@@ -31,14 +31,15 @@ def _ray_environment(address: str | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate a spec, then run the study on the embedded Ray (or ``--address``)."""
+    from study.paths import check_locations, resolve_paths
     from study.spec import load_spec
 
-    load_spec(args.spec)  # structural checks first: a bad spec never imports Ray or torch
+    # structural checks and writable locations first: a bad spec never imports Ray or torch
+    check_locations(resolve_paths(load_spec(args.spec)))
     _ray_environment(args.address)
     from study import runner
 
     spec, floor = runner.prepare(args.spec, cluster=bool(args.address))
-    runner.check_locations(spec)
     print(f"[{spec.name}] {spec.trials} trials at epsilon={spec.privacy.epsilon:g}, "
           f"delta={spec.privacy.delta:g}; experiment {runner.experiment_dir(spec)}; "
           f"results {spec.results_path}", flush=True)

@@ -4,26 +4,32 @@ A location is a local path or a pyarrow.fs URI (``s3://bucket/prefix``, ``gs://.
 ``file:///abs``), possibly with query parameters that configure the filesystem
 (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
 
-- :func:`resolve_location` makes a local path absolute once, at ``run``, so a study resumed
-  from another working directory writes to the same place.
+- :func:`resolve_location` makes a local path absolute once, at ``run`` (for a whole spec:
+  :func:`resolve_paths`), so a study resumed from another working directory writes to the
+  same place.
 - :func:`join_location` appends path components to the URI's *path*, before its query.
 - :func:`filesystem` opens a location, turning pyarrow's errors (an unknown scheme, HDFS
   without Hadoop) into one :class:`LocationError` line naming the field.
 - :func:`check_writable` writes and deletes a probe before any trial runs, and leaves
-  behind no directory it had to create.
+  behind no directory it had to create (for a whole spec: :func:`check_locations`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import posixpath
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from study.spec import StudySpec
 
 CHECK_TIMEOUT_S = 30.0
 
@@ -42,6 +48,20 @@ def resolve_location(location: str) -> str:
     if is_uri(location):
         return location
     return os.path.abspath(os.path.expanduser(location))
+
+
+def resolve_paths(spec: StudySpec) -> StudySpec:
+    """``spec`` with local ``storage`` and ``results`` made absolute (``~`` expanded), once,
+    at ``run``: the saved spec then names the same places whoever resumes, from wherever."""
+    return dataclasses.replace(spec, storage=resolve_location(spec.storage),
+                               results=resolve_location(spec.results))
+
+
+def check_locations(spec: StudySpec) -> None:
+    """Refuse, before any trial, ``results`` or ``storage`` that cannot be written (a
+    :class:`LocationError` naming the field); leaves nothing behind."""
+    check_writable(spec.results_path, "results")
+    check_writable(spec.storage_path, "storage")
 
 
 def join_location(base: str, *parts: str) -> str:

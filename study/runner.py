@@ -11,7 +11,6 @@ the final ``ResultGrid`` so that no trial is ever missing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import posixpath
@@ -26,7 +25,7 @@ from ray import tune
 
 from study.callbacks import StudyCallback
 from study.lock import StudyLock
-from study.paths import LocationError, check_writable, join_location, resolve_location
+from study.paths import LocationError, check_locations, join_location, resolve_paths
 from study.space import check_space, make_search, noise_floor
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
@@ -72,20 +71,6 @@ def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, float 
     floor = noise_floor(spec, dataset_size(spec.dataset, seed=spec.seed))
     check_space(spec, floor)
     return spec, floor
-
-
-def resolve_paths(spec: StudySpec) -> StudySpec:
-    """``spec`` with local ``storage`` and ``results`` made absolute (``~`` expanded), once,
-    at ``run``: the saved spec then names the same places whoever resumes, from wherever."""
-    return dataclasses.replace(spec, storage=resolve_location(spec.storage),
-                               results=resolve_location(spec.results))
-
-
-def check_locations(spec: StudySpec) -> None:
-    """Refuse, before any trial, ``results`` or ``storage`` that cannot be written (a
-    :class:`~study.paths.LocationError` naming the field); leaves nothing behind."""
-    check_writable(spec.results_path, "results")
-    check_writable(spec.storage_path, "storage")
 
 
 def experiment_dir(spec: StudySpec) -> str:
