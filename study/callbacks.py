@@ -1,11 +1,13 @@
 """Driver-side Tune callback: record each finished trial in Parquet and show progress.
 
 Rows are written as trials finish (``on_trial_complete`` / ``on_trial_error``), each
-followed by an atomic flush, so a killed driver keeps every trial that finished before
-it died. Rows are upserted by trial id, so a trial recorded again after a resume is
-replaced, never duplicated. The callback is pickled into Tune's experiment state and
-restored by ``dpstudy resume``; it therefore holds only plain settings and opens the
-results store lazily in :meth:`StudyCallback.setup`.
+as its own part file, so a killed driver keeps every trial that finished before it died.
+The write waits for the end of the controller step (``on_step_end``), which comes after
+Tune's experiment-state snapshot of that step: a trial is in Parquet only once Tune's
+state says it ended, so a resume does not run it again. Rows are upserted by trial id,
+so a trial recorded again after a resume is replaced, never duplicated. The callback is
+pickled into Tune's experiment state and restored by ``dpstudy resume``; it therefore
+holds only plain settings and opens the results store lazily in :meth:`StudyCallback.setup`.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class StudyCallback(Callback):
 
     def _transient(self) -> None:
         self.store: ResultsStore | None = None
+        self._finished: list[tuple[str, dict, dict | None, str | None]] = []
         self.stream: TextIO = sys.stdout
         self._last_line, self._last_time = "", 0.0
 
@@ -127,7 +130,8 @@ class StudyCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if not self.interrupted(trial):
-            self.record(trial.trial_id, trial.config, trial.last_result)
+            self._finished.append((trial.trial_id, dict(trial.config),
+                                   dict(trial.last_result or {}), None))
 
     @staticmethod
     def interrupted(trial: Any) -> bool:
@@ -137,12 +141,24 @@ class StudyCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         message = _error_text(trial)
-        self.record(trial.trial_id, trial.config, trial.last_result, error=message)
+        self._finished.append((trial.trial_id, dict(trial.config), dict(trial.last_result or {}),
+                               message))
         print(f"[{self.spec.name}] trial {trial.trial_id} failed: "
               f"{message.strip().splitlines()[-1] if message.strip() else 'unknown error'}",
               file=self.stream, flush=True)
 
+    def write_finished(self) -> None:
+        """Record the trials that ended in this step (after Tune's snapshot of it)."""
+        while self._finished:
+            trial_id, params, result, error = self._finished[0]
+            self.record(trial_id, params, result or None, error=error)
+            self._finished.pop(0)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.write_finished()
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.write_finished()
         line = self.progress_line(trials)
         now = time.monotonic()
         if line != self._last_line or now - self._last_time > self.interval_s:

@@ -31,6 +31,11 @@ def _ray_environment(address: str | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate a spec, then run the study on the embedded Ray (or ``--address``)."""
+    from study.paths import check_locations, resolve_paths
+    from study.spec import load_spec
+
+    # structural checks and writable locations first: a bad spec never imports Ray or torch
+    check_locations(resolve_paths(load_spec(args.spec)))
     _ray_environment(args.address)
     from study import runner
 
@@ -172,6 +177,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     from study import query
     from study.results import read_epochs, read_trials
 
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit: must be a positive number of rows (got {args.limit})")
     uri = _results_uri(args.results)
     table = read_epochs(uri) if args.epochs else read_trials(uri)
     df = query.apply_filters(table, [query.parse_filter(w) for w in args.where])
@@ -179,7 +186,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         df = query.pareto_front(df, query.parse_pareto(args.pareto))
     if args.sort:
         df = query.sort(df, args.sort.split(","), descending=args.desc)
-    if args.limit:
+    if args.limit is not None:
         df = df.head(args.limit)
     df = query.select_columns(df, args.columns.split(",") if args.columns else None)
     print(query.format_table(df, args.format))
@@ -193,6 +200,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     uri = _results_uri(args.results)
     out = args.out or (os.path.join(uri, "report") if "://" not in uri else "report")
+    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out: must be a directory, but {out!r} is a file")
     pareto = None
     if args.pareto:
         from study.query import parse_pareto
@@ -305,8 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
-        print("interrupted; continue with 'dpstudy resume'", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # a StudyInterruptedError says which directory to resume; a bare Ctrl-C (before
+        # any trial started) has nothing to resume
+        print(str(err) or "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - map known error types to exit codes
         return _report_error(err)
@@ -319,7 +330,7 @@ def _report_error(err: Exception) -> int:
         print(f"error: {err}" if not isinstance(err, ConfigError) else str(err),
               file=sys.stderr)
         return EXIT_USAGE
-    if type(err).__name__ == "StudyExistsError":
+    if type(err).__name__ in ("StudyExistsError", "StudyLockedError"):
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if type(err).__name__ == "ClusterError":

@@ -1,12 +1,19 @@
 """The results store: the one module that owns the Parquet schema of a study's results.
 
-A study directory holds ``trials.parquet`` (one row per trial, key ``study`` + ``trial_id``)
-and ``epochs.parquet`` (one row per trial per epoch, key ``study`` + ``trial_id`` +
-``epoch``); every column is documented in ``docs/results-schema.md``.
-:class:`ResultsStore` keeps the rows in memory keyed by trial, upserts whole trials (a
-retried or resumed trial never duplicates) and rewrites both files atomically on
-:meth:`ResultsStore.flush`: each file is written to ``<name>.tmp-<uuid>`` and then moved
-over the final name, so a reader never sees a partial file.
+A results directory holds two tables, each a directory of Parquet part files (the layout
+Spark, pandas, DuckDB and polars read as one dataset)::
+
+    RESULTS/trials.parquet/part-<UTC stamp>-<uuid>.parquet   one row: one trial
+    RESULTS/epochs.parquet/part-<same name>.parquet          that trial's epoch rows
+
+Keys: ``study`` + ``trial_id`` (trials), plus ``epoch`` (epochs); every column is documented
+in ``docs/results-schema.md``. A part is written once and never modified: a trial recorded
+again (a retried or resumed trial) gets a new part, with a later name, and its older parts
+are deleted after the new one is published. Readers keep, per ``(study, trial_id)``, the
+trial part with the greatest name and the epochs part of the same name, so a reader that
+runs between the two steps still sees each trial once. Nothing is ever rewritten in place,
+so any number of studies (and their drivers) can share one results directory, on a local
+disk or on an object store without atomic rename.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import importlib.metadata
 import math
 import numbers
 import os
+import posixpath
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +38,7 @@ SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, sele
 SCHEMA_VERSION_KEY = "dpstudy.schema_version"
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
+PART_PREFIX = "part-"
 STATUSES = ("completed", "stopped", "failed")
 STAGES = ("search", "confirm")
 SELECTION_SPLITS = ("validation", "test", "none")
@@ -170,7 +179,8 @@ def _coerce(schema: pa.Schema, row: dict[str, Any], what: str) -> dict[str, Any]
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and path for a plain local path (``~`` expanded) or a pyarrow.fs URI."""
+    """Filesystem and path for a plain local path (``~`` expanded) or a pyarrow.fs URI
+    (query parameters such as ``?endpoint_override=...`` configure the filesystem)."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -186,74 +196,169 @@ def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     extra = sorted(set(table.column_names) - set(schema.names))
     if extra:
         raise ValueError(f"{where}: unexpected column(s) {extra}; is this a dpstudy file?")
-    columns = [table[f.name].cast(f.type) if f.name in table.column_names
-               else pa.nulls(len(table), f.type) for f in schema]
+    missing = [f.name for f in schema if not f.nullable and f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"{where}: required column(s) {missing} missing; "
+                         f"not a dpstudy {schema.metadata[b'dpstudy.table'].decode()} table")
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(len(table), f.type))
+            continue
+        try:
+            columns.append(table[f.name].cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise ValueError(f"{where}: column {f.name!r} must be {f.type}, found "
+                             f"{table.schema.field(f.name).type} ({err})") from None
+    if any(table[f.name].null_count for f in schema
+           if not f.nullable and f.name in table.column_names):
+        raise ValueError(f"{where}: key columns {[f.name for f in schema if not f.nullable]} "
+                         f"must not be null")
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _read(uri: str, name: str, schema: pa.Schema) -> pa.Table:
+def _read_file(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    return _conform(table, schema, path)
+
+
+def _parts(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Visible part files of a table directory, oldest name first."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                  and i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(".parquet"))
+
+
+def _newest_parts(fs: pafs.FileSystem, base: str) -> tuple[dict[tuple[str, str], str],
+                                                            dict[str, pa.Table]]:
+    """For a results directory: ``(study, trial_id) -> newest trial part`` and the trial rows
+    of every part (older parts of a trial are superseded, see module doc)."""
+    newest: dict[tuple[str, str], str] = {}
+    tables: dict[str, pa.Table] = {}
+    for path in _parts(fs, f"{base}/{TRIALS_FILE}"):
+        table = _read_file(fs, path, TRIALS_SCHEMA)
+        tables[path] = table
+        for key in zip(table["study"].to_pylist(), table["trial_id"].to_pylist(), strict=True):
+            if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
+                newest[key] = path
+    return newest, tables
+
+
+def _read_layout(uri: str, which: str) -> pa.Table:
+    """Trials or epochs of a results directory (part files, newest per trial) or of one
+    ``.parquet`` file."""
+    schema = TRIALS_SCHEMA if which == TRIALS_FILE else EPOCHS_SCHEMA
     fs, path = _resolve(uri)
-    if not path.endswith(".parquet"):
-        path = f"{path.rstrip('/')}/{name}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
-    return _conform(pq.read_table(path, filesystem=fs), schema, path)
+    path = path.rstrip("/")
+    info = fs.get_file_info(path)
+    if path.endswith(".parquet") and info.type == pafs.FileType.File:
+        return _read_file(fs, path, schema)
+    if path.endswith(".parquet") and info.type == pafs.FileType.Directory:
+        path = posixpath.dirname(path)  # RESULTS/trials.parquet given for RESULTS
+    table_path = f"{path}/{which}"
+    kind = fs.get_file_info(table_path).type
+    if kind == pafs.FileType.File:  # a single-file table (dpstudy < 0.2 wrote these)
+        return _read_file(fs, table_path, schema)
+    if kind != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no results table at {uri!r} (looked for {table_path})")
+    newest, tables = _newest_parts(fs, path)
+    chosen = set(newest.values())
+    pieces = []
+    for part, table in tables.items():
+        keep = pc.is_in(_keys(table), value_set=pa.array(
+            [f"{s}/{t}" for (s, t), p in newest.items() if p == part], pa.string()))
+        if which == TRIALS_FILE:
+            pieces.append(table.filter(keep))
+        elif part in chosen:
+            epoch_part = f"{path}/{EPOCHS_FILE}/{posixpath.basename(part)}"
+            if fs.get_file_info(epoch_part).type == pafs.FileType.File:
+                epochs = _read_file(fs, epoch_part, schema)
+                pieces.append(epochs.filter(pc.is_in(_keys(epochs), value_set=pa.array(
+                    [f"{s}/{t}" for (s, t), p in newest.items() if p == part], pa.string()))))
+    return pa.concat_tables([schema.empty_table(), *pieces])
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    return pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
 
 
 def read_trials(uri: str) -> pa.Table:
-    """Read ``trials.parquet`` from a results directory/URI, or from a ``.parquet`` path."""
-    return _read(uri, TRIALS_FILE, TRIALS_SCHEMA)
+    """This results directory's trials (every study in it, newest part per trial), or one
+    ``.parquet`` file's."""
+    return _read_layout(uri, TRIALS_FILE)
 
 
 def read_epochs(uri: str) -> pa.Table:
-    """Read ``epochs.parquet`` from a results directory/URI, or from a ``.parquet`` path."""
-    return _read(uri, EPOCHS_FILE, EPOCHS_SCHEMA)
+    """This results directory's epochs (those of each trial's newest part), or one
+    ``.parquet`` file's."""
+    return _read_layout(uri, EPOCHS_FILE)
 
 
 class ResultsStore:
-    """In-memory trials and epochs of one study, flushed atomically to Parquet.
+    """One study's trials and epochs, written as immutable per-trial part files.
 
-    ``uri`` is the directory holding ``trials.parquet`` and ``epochs.parquet``: a local
-    path (``~`` expanded) or a pyarrow.fs URI (``file:///abs``, ``s3://bucket/prefix``).
-    Existing files are loaded on construction, so a resumed study merges with them; rows
-    of other studies found there are kept as they are. One writer per directory.
+    ``uri`` is the results directory: a local path (``~`` expanded) or a pyarrow.fs URI
+    (``file:///abs``, ``s3://bucket/prefix?endpoint_override=...``). Existing parts of this
+    study are loaded on construction, so a resumed study merges with them. Parts of other
+    studies are never read back into this store, rewritten or deleted, so any number of
+    studies may share one results directory. At most one writer per study (the study
+    lock, :mod:`study.lock`, ensures it).
     """
 
     def __init__(self, uri: str, study: str) -> None:
         self.uri, self.study = uri, study
         fs, path = _resolve(uri)
         self._fs, self._dir = fs, path.rstrip("/")
+        self._local = isinstance(fs, pafs.LocalFileSystem)
         self._trials: dict[tuple[str, str], dict[str, Any]] = {}
         self._epochs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
+        self._pending: list[tuple[str, str]] = []
         self._remove_leftovers()
         self._load()
 
     def _path(self, name: str) -> str:
         return f"{self._dir}/{name}"
 
-    def _remove_leftovers(self) -> None:
-        """Delete the ``*.parquet.tmp-*`` files of a killed writer."""
-        for info in self._fs.get_file_info(pafs.FileSelector(self._dir, allow_not_found=True)):
-            if info.type == pafs.FileType.File and ".parquet.tmp-" in info.base_name:
-                self._fs.delete_file(info.path)
+    def _staging(self, table: str) -> str:
+        return self._path(f"{table}/.staging-{self.study}")
 
-    def _existing(self, name: str, schema: pa.Schema) -> list[dict[str, Any]]:
-        path = self._path(name)
-        if self._fs.get_file_info(path).type != pafs.FileType.File:
-            return []
-        return _conform(pq.read_table(path, filesystem=self._fs), schema, path).to_pylist()
+    def _remove_leftovers(self) -> None:
+        """Delete this study's staged files of a killed writer (never another study's)."""
+        for table in (TRIALS_FILE, EPOCHS_FILE):
+            if self._local and self._fs.get_file_info(self._path(table)).type == \
+                    pafs.FileType.Directory:
+                self._fs.delete_dir_contents(self._staging(table), missing_dir_ok=True)
 
     def _load(self) -> None:
-        for row in self._existing(TRIALS_FILE, TRIALS_SCHEMA):
-            key = (row["study"], row["trial_id"])
-            self._trials[key], self._epochs[key] = row, []
-        for row in self._existing(EPOCHS_FILE, EPOCHS_SCHEMA):
-            key = (row["study"], row["trial_id"])
-            if key in self._trials:  # epochs of a trial whose row never landed are dropped
-                self._epochs[key].append(row)
+        for table in (TRIALS_FILE, EPOCHS_FILE):
+            if self._fs.get_file_info(self._path(table)).type == pafs.FileType.File:
+                raise ValueError(f"{self._path(table)}: a single-file results table (written by "
+                                 f"dpstudy < 0.2); dpstudy now writes a directory of part files "
+                                 f"there: move the file away or choose another results "
+                                 f"directory")
+        newest, tables = _newest_parts(self._fs, self._dir)
+        for path, table in tables.items():
+            for row in table.to_pylist():
+                key = (row["study"], row["trial_id"])
+                if row["study"] != self.study:
+                    continue
+                self._files.setdefault(key, []).append(path)
+                if newest[key] == path:
+                    self._trials[key], self._epochs[key] = row, []
+        for key, path in newest.items():
+            epoch_part = self._path(f"{EPOCHS_FILE}/{posixpath.basename(path)}")
+            if key in self._trials and self._fs.get_file_info(epoch_part).type == \
+                    pafs.FileType.File:
+                rows = _read_file(self._fs, epoch_part, EPOCHS_SCHEMA).to_pylist()
+                self._epochs[key] = [r for r in rows if (r["study"], r["trial_id"]) == key]
 
     def add_trial(self, row: dict, epochs: list[dict]) -> None:
-        """Insert or replace (by ``trial_id``) one trial's row and all its epoch rows.
+        """Insert or replace (by ``trial_id``) one trial's row and all its epoch rows; written
+        by the next :meth:`flush`.
 
         ``study`` defaults to the store's study and ``version`` to the package version;
         other missing columns become null. Unknown keys raise ``ValueError``.
@@ -271,6 +376,8 @@ class ResultsStore:
             raise ValueError(f"trial {trial['trial_id']!r}: duplicate epoch numbers {numbers}")
         key = (self.study, trial["trial_id"])
         self._trials[key], self._epochs[key] = trial, sorted(rows, key=lambda r: r["epoch"])
+        if key not in self._pending:
+            self._pending.append(key)
 
     def _epoch_row(self, trial_id: str, epoch: dict) -> dict[str, Any]:
         what = f"epoch row of trial {trial_id!r}"
@@ -287,23 +394,44 @@ class ResultsStore:
         return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
 
     def flush(self) -> None:
-        """Rewrite both files atomically (temporary file, then move over the final name)."""
-        self._fs.create_dir(self._dir, recursive=True)
-        staged = []
+        """Write each trial added since the last flush as a new part (its epochs part first,
+        then its trial part, each published whole), then delete its superseded parts."""
+        for table in (TRIALS_FILE, EPOCHS_FILE):
+            self._fs.create_dir(self._path(table), recursive=True)
+        while self._pending:
+            key = self._pending[0]
+            name = (f"{PART_PREFIX}{dt.datetime.now(_UTC).strftime('%Y%m%dT%H%M%S%fZ')}-"
+                    f"{uuid.uuid4().hex[:12]}.parquet")
+            epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
+            self._publish(EPOCHS_FILE, name, epochs)
+            self._publish(TRIALS_FILE, name, pa.Table.from_pylist([self._trials[key]],
+                                                                  schema=TRIALS_SCHEMA))
+            self._pending.pop(0)
+            older, self._files[key] = self._files.get(key, []), [self._path(
+                f"{TRIALS_FILE}/{name}")]
+            for path in older:
+                self._delete(path)
+                self._delete(self._path(f"{EPOCHS_FILE}/{posixpath.basename(path)}"))
+
+    def _publish(self, table: str, name: str, data: pa.Table) -> None:
+        """Make ``table/name`` appear whole: staged and renamed locally; on object stores an
+        upload is published atomically when it completes (there is no rename there)."""
+        final = self._path(f"{table}/{name}")
+        if not self._local:
+            pq.write_table(data, where=final, filesystem=self._fs)
+            return
+        staging = self._staging(table)
+        self._fs.create_dir(staging, recursive=True)
+        tmp = f"{staging}/{name}"
         try:
-            for name, table in ((EPOCHS_FILE, self._all_epochs()),
-                                (TRIALS_FILE, self._all_trials())):
-                tmp = self._path(f"{name}.tmp-{uuid.uuid4().hex}")
-                staged.append((tmp, self._path(name)))
-                pq.write_table(table, where=tmp, filesystem=self._fs)
-            # epochs first: a crash in between leaves trials.parquet at the old state
-            for tmp, final in list(staged):
-                self._fs.move(tmp, final)
-                staged.remove((tmp, final))
+            pq.write_table(data, where=tmp, filesystem=self._fs)
+            self._fs.move(tmp, final)
         finally:
-            for tmp, _ in staged:
-                if self._fs.get_file_info(tmp).type == pafs.FileType.File:
-                    self._fs.delete_file(tmp)
+            self._delete(tmp)
+
+    def _delete(self, path: str) -> None:
+        if self._fs.get_file_info(path).type == pafs.FileType.File:
+            self._fs.delete_file(path)
 
     def trials(self) -> pa.Table:
         """This study's trial rows (``TRIALS_SCHEMA``)."""

@@ -14,8 +14,10 @@ restored rather than restarted when an interrupted confirmation is run again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +29,35 @@ from ray import tune
 from study import confirm as confirmation
 from study import selection
 from study.callbacks import CONFIRM_KEY, StudyCallback
+from study.lock import StudyLock
+from study.paths import LocationError, check_locations, join_location, resolve_paths
 from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
+from trainables.config import load_yaml
 from trainables.data import dataset_size
 from trainables.tune_trainable import run_trial
 
 
 class StudyExistsError(RuntimeError):
     """``run`` would overwrite an existing experiment."""
+
+
+class StudyInterruptedError(KeyboardInterrupt):
+    """The study was interrupted (Ctrl-C); ``directory`` is what ``dpstudy resume`` takes."""
+
+    def __init__(self, name: str, directory: str, unfinished: int) -> None:
+        super().__init__(f"[{name}] interrupted with {unfinished} trial(s) unfinished; "
+                         f"nothing was recorded for them. Continue with: "
+                         f"dpstudy resume {directory}")
+        self.directory = directory
+        self.name, self.unfinished = name, unfinished
+
+    def with_command(self, command: str) -> StudyInterruptedError:
+        """The same interruption, continued with ``command`` instead of ``resume``."""
+        self.args = (f"[{self.name}] interrupted with {self.unfinished} run(s) unfinished; "
+                     f"nothing was recorded for them. Continue with: {command}",)
+        return self
 
 
 @dataclass(frozen=True)
@@ -54,9 +76,10 @@ class Summary:
 # --- preparation (nothing written) -----------------------------------------------------
 
 def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseBudget | None]:
-    """Load and fully validate a spec; returns it with the noise budget that cuts each
-    trial's noise range to the values that spend the privacy budget."""
-    spec = load_spec(spec_path)
+    """Load and fully validate a spec (its locations resolved, see :func:`resolve_paths`);
+    returns it with the noise budget that cuts each trial's noise range to the values that
+    spend the privacy budget."""
+    spec = resolve_paths(load_spec(spec_path))
     check_against_data(spec, cluster=cluster)
     n = dataset_size(spec.dataset, seed=spec.seed)
     budget = noise_budget(spec, n)
@@ -65,15 +88,14 @@ def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseB
 
 
 def experiment_dir(spec: StudySpec) -> str:
-    """``storage/NAME`` (a local path or a URI)."""
-    base = spec.storage_path
-    return posixpath.join(base, spec.name) if "://" in base else os.path.join(base, spec.name)
+    """``storage/NAME`` (a local path or a URI; joined before any query string)."""
+    return join_location(spec.storage_path, spec.name)
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    from study.paths import filesystem
+
+    return filesystem(path, "storage")
 
 
 def _exists(path: str) -> bool:
@@ -124,13 +146,16 @@ def find_spec(location: str, study: str | None = None) -> StudySpec:
 
 def read_spec(directory: str) -> StudySpec:
     """The spec saved by :func:`save_spec` in an experiment directory."""
-    fs, where = _filesystem(directory)
+    try:
+        fs, where = _filesystem(directory)
+    except LocationError as err:
+        raise SpecError([f"resume: {err}"]) from None
     path = posixpath.join(where, SPEC_FILE)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise SpecError([f"resume: {directory!r} is not a dpstudy experiment directory "
                          f"(no {SPEC_FILE})"])
     with fs.open_input_stream(path) as f:
-        return StudySpec.from_dict(yaml.safe_load(f.read().decode()))
+        return StudySpec.from_dict(load_yaml(f.read().decode(), path))
 
 
 # --- Ray ------------------------------------------------------------------------------
@@ -141,14 +166,22 @@ def init_ray(address: str | None = None) -> None:
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Snapshot Tune's experiment state at every controller step (default "auto": every
+    # 10 s or more). After a kill -9 a resume then knows every trial that started, finished
+    # or checkpointed before the kill, so it neither re-runs finished trials nor restarts
+    # running ones from scratch. Read when the Tuner is built, so setting it here suffices.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
         return
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only) must be set before Ray is
-    # imported; the CLI does that for local runs.
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # imported; the CLI does that for local runs. address="local": always a new embedded
+    # Ray; with None, ray.init attaches to whatever cluster `ray start` last started on
+    # this machine (/tmp/ray/ray_current_cluster), someone else's included.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
 
 
 def dpstudy_trial(config: dict[str, Any], spec: StudySpec) -> None:
@@ -195,39 +228,119 @@ def run_config(spec: StudySpec) -> tune.RunConfig:
 
 def run(spec: StudySpec, budget: NoiseBudget | None, *,
         address: str | None = None) -> Summary:
-    """Run a new study to completion."""
+    """Run a new study to completion, holding its lock (:class:`study.lock.StudyLock`)."""
+    spec = resolve_paths(spec)
     directory = experiment_dir(spec)
+    _refuse_existing(spec, directory)
+    check_locations(spec)
+    created = not _exists(directory)
+    lock = StudyLock(directory)
+    lock.acquire()  # refused: another driver has the study (never remove its directory)
+    with _released(lock):
+        _refuse_existing(spec, directory)  # another driver may have won the race
+        try:
+            init_ray(address)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            save_spec(spec, directory)
+            save_spec(spec, spec.results_path, results_spec_name(spec.name))
+        except BaseException:
+            if created:  # nothing ran: leave nothing behind
+                lock.release()
+                _remove_tree(directory)
+            raise
+        tuner = tune.Tuner(
+            make_trainable(spec),
+            tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
+                                        scheduler=make_scheduler(spec),
+                                        num_samples=spec.trials, reuse_actors=True),
+            run_config=run_config(spec))
+        return _finish(spec, *_fit(tuner), directory)
+
+
+def resume(directory: str, *, address: str | None = None) -> Summary:
+    """Finish an interrupted study from its experiment directory, holding its lock."""
+    spec = read_spec(directory)
+    with StudyLock(directory):
+        init_ray(address)
+        if not tune.Tuner.can_restore(directory):
+            raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
+                             f"was stopped before its first trial started; run it again)"])
+        tuner = tune.Tuner.restore(directory, trainable=make_trainable(spec),
+                                   resume_unfinished=True, resume_errored=True)
+        return _finish(spec, *_fit(tuner), directory)
+
+
+def _refuse_existing(spec: StudySpec, directory: str) -> None:
     if _exists(posixpath.join(directory, SPEC_FILE)) or _exists(
             posixpath.join(directory, "tuner.pkl")):
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
-    init_ray(address)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    save_spec(spec, directory)
-    save_spec(spec, spec.results_path, results_spec_name(spec.name))
-    tuner = tune.Tuner(
-        make_trainable(spec),
-        tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
-                                    scheduler=make_scheduler(spec), num_samples=spec.trials,
-                                    reuse_actors=True),
-        run_config=run_config(spec))
-    return _finish(spec, tuner.fit(), directory)
 
 
-def resume(directory: str, *, address: str | None = None) -> Summary:
-    """Finish an interrupted study from its experiment directory."""
-    spec = read_spec(directory)
-    init_ray(address)
-    if not tune.Tuner.can_restore(directory):
-        raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
-                         f"was stopped before its first trial started; run it again)"])
-    tuner = tune.Tuner.restore(directory, trainable=make_trainable(spec),
-                               resume_unfinished=True, resume_errored=True)
-    return _finish(spec, tuner.fit(), directory)
+class _released:
+    """Release ``lock`` on the way out (a context manager for an acquired lock)."""
+
+    def __init__(self, lock: StudyLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> StudyLock:
+        return self.lock
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
 
 
-def _finish(spec: StudySpec, grid: Any, directory: str) -> Summary:
-    """Record any trial the callback missed, then summarise the study."""
+def _remove_tree(directory: str) -> None:
+    fs, where = _filesystem(directory)
+    try:
+        fs.delete_dir(where)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def _fit(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, telling an interrupted fit (Ctrl-C) from a finished one.
+
+    Tune catches the first SIGINT itself: it saves the experiment state with the running
+    trials still RUNNING (so resume continues them), stops them and returns normally. Its
+    handler then puts back the handler that was installed before ``fit``; that is how we
+    know. Interrupted fits raise :class:`StudyInterruptedError` and record nothing for
+    trials that did not finish."""
+    sentinel = _Sentinel()
+    main = _in_main_thread()
+    previous = signal.signal(signal.SIGINT, sentinel) if main else None
+    try:
+        grid = tuner.fit()
+    finally:
+        tune_handles_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
+        interrupted = main and tune_handles_sigint and signal.getsignal(
+            signal.SIGINT) is sentinel
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    return grid, interrupted
+
+
+class _Sentinel:
+    """A SIGINT handler that behaves like Python's default one."""
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Summary:
+    """Record any trial the callback missed, then summarise the study. After Ctrl-C:
+    raise :class:`StudyInterruptedError` instead, recording nothing for unfinished trials."""
+    if interrupted:
+        recorded = StudyCallback(spec)
+        recorded.setup()
+        done = len(recorded.store.trial_ids())
+        raise StudyInterruptedError(spec.name, directory, max(spec.trials - done, 0))
     callback = StudyCallback(spec)
     callback.setup()
     known = callback.store.trial_ids()
@@ -272,26 +385,27 @@ def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = Non
 
 def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[str, Any]],
                       address: str | None) -> None:
-    init_ray(address)
+    """Train the pending runs as a Tune experiment of their own (restored if it exists),
+    holding its lock; Ctrl-C raises :class:`StudyInterruptedError` and records nothing
+    for unfinished runs."""
     name = f"{spec.name}-confirm-{plan.key}"
-    directory = posixpath.join(spec.storage_path, name) if "://" in spec.storage_path else (
-        os.path.join(spec.storage_path, name))
+    directory = join_location(spec.storage_path, name)
     trainable = make_trainable(spec)
-    if tune.Tuner.can_restore(directory):
-        tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        config = tune.RunConfig(
-            name=name, storage_path=spec.storage_path, verbose=0,
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[StudyCallback(spec, total=len(todo), label=" confirm")])
-        tuner = tune.Tuner(
-            trainable, param_space={CONFIRM_KEY: tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
-                                        reuse_actors=True),
-            run_config=config)
-    grid = tuner.fit()
+    with StudyLock(directory):
+        init_ray(address)
+        if tune.Tuner.can_restore(directory):
+            tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            config = dataclasses.replace(
+                run_config(spec), name=name,
+                callbacks=[StudyCallback(spec, total=len(todo), label=" confirm")])
+            tuner = tune.Tuner(
+                trainable, param_space={CONFIRM_KEY: tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
+                                            reuse_actors=True),
+                run_config=config)
+        grid, interrupted = _fit(tuner)
     callback = StudyCallback(spec)
     callback.setup()
     for result in grid:  # record any run the callback missed (a killed driver)
@@ -300,4 +414,7 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
             error = str(result.error) if result.error else None
             callback.record(result.config[CONFIRM_KEY]["run_id"], result.config,
                             result.metrics, error=error)
-
+    if interrupted:
+        left = len(confirmation.pending(plan, callback.store.trials().to_pylist()))
+        raise StudyInterruptedError(f"{spec.name} confirm", directory, left).with_command(
+            f"dpstudy confirm {spec.results_path} (the same --top/--seeds)")

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from study.params import (
     DroppingSpec,
     Param,
@@ -39,6 +37,8 @@ from trainables.config import (
     DataConfig,
     ModelConfig,
     _Checks,
+    check_epsilon,
+    read_yaml_file,
 )
 
 VALIDATION_METRICS = ("val_accuracy", "best_val_accuracy", "val_loss")
@@ -74,7 +74,7 @@ class PrivacySpec(_Spec):
         if self.epsilon is None:
             c.fail("epsilon", "is required", None)
         else:
-            c.number("epsilon", self.epsilon, low=0.0, low_open=True)
+            check_epsilon(c, self.epsilon)
         c.number("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
         c.choice("accountant", self.accountant, ACCOUNTANTS)
         c.done()
@@ -391,30 +391,14 @@ class StudySpec(_Spec):
         }
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-5`` (no dot) as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
 def load_spec(path: str | os.PathLike[str]) -> StudySpec:
-    """Read and validate a study spec YAML file; raises :class:`SpecError`."""
+    """Read and validate a study spec YAML file (UTF-8, no anchors or aliases); raises
+    :class:`SpecError` naming the file, or the fields, at fault."""
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([f"{path}: study spec file not found (got {str(path)!r})"]) from None
-    except OSError as err:
-        raise SpecError([f"{path}: cannot read the study spec ({err.strerror})"]) from None
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "unknown line"
-        what = getattr(err, "problem", None) or str(err)
-        raise SpecError([f"{path}: invalid YAML at {where}: {what}"]) from None
+        data = read_yaml_file(str(Path(path).expanduser()), "study spec")
+    except ConfigError as err:
+        raise SpecError([p.replace(str(Path(path).expanduser()), str(path), 1)
+                         for p in err.problems]) from None
     if not isinstance(data, dict):
         raise SpecError([f"{path}: the top level must be a mapping of keys to values "
                          f"(got {type(data).__name__})"])

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 
-import yaml
-
 from study.spec import StudySpec
+from trainables.config import read_yaml_file
 
 SPEC_FILE = "dpstudy-spec.yaml"
 
@@ -25,8 +24,7 @@ def find_studies(root: str) -> list[str]:
 
 def study_status(directory: str) -> str:
     """``NAME  done/total (stopped, failed), remaining, best METRIC VALUE``."""
-    with open(os.path.join(directory, SPEC_FILE), encoding="utf-8") as f:
-        spec = StudySpec.from_dict(yaml.safe_load(f))
+    spec = StudySpec.from_dict(read_yaml_file(os.path.join(directory, SPEC_FILE), "saved spec"))
     from study import selection
 
     metric, mode = spec.objective.primary

@@ -108,10 +108,17 @@ def noise_for_steps(*, target_epsilon: float, delta: float, sample_rate: float,
     tolerance = SPEND_TOLERANCE * min(1.0, target_epsilon)
     with warnings.catch_warnings():  # the search probes tiny sigmas; RDP warns about them
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant,
-                                          epsilon_tolerance=tolerance))
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=steps,
+                                              accountant=accountant,
+                                              epsilon_tolerance=tolerance))
+        except ValueError as err:  # Opacus: "The privacy budget is too low."
+            raise BudgetError(
+                f"privacy.epsilon: the {accountant} accountant cannot reach "
+                f"epsilon={target_epsilon:g} at delta={delta:g} for {steps} steps at sample "
+                f"rate {sample_rate:.4g} with any noise multiplier ({err}); use a larger "
+                f"epsilon or the prv accountant (got {target_epsilon!r})") from None
 
 
 def cap_steps(sample_rate: float, max_epochs: float) -> int:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
+
+import yaml
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-5k", "idx")
 MODELS = ("cnn-mnist", "cnn-cifar10", "resnet18")
@@ -26,6 +29,9 @@ ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_VALIDATION_FRACTION = 0.1
+# Epsilons the accountants calibrate reliably and quickly: below, RDP cannot reach the
+# budget at any noise; above, PRV calibration takes tens of seconds and then overflows.
+EPSILON_RANGE = (0.1, 20.0)
 
 
 class ConfigError(ValueError):
@@ -34,6 +40,64 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(f"  - {p}" for p in self.problems))
+
+
+class SafeYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases (an alias "bomb" expands a few
+    hundred bytes into gigabytes) and reads ``1e-5`` (no dot) as a float."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML anchors and aliases (&name, *name) are not allowed; write "
+                "the values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+SafeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML with :class:`SafeYamlLoader`; a :class:`ConfigError` naming ``source`` and
+    the line on bad input."""
+    try:
+        return yaml.load(text, Loader=SafeYamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "unknown line"
+        what = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"{source}: invalid YAML at {where}: {what}"]) from None
+
+
+def read_yaml_file(path: str, what: str) -> Any:
+    """Read and parse a YAML file; a :class:`ConfigError` naming the file if it is missing,
+    unreadable, not UTF-8 or not valid YAML."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: {what} file not found (got {path!r})"]) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read the {what} ({err.strerror})"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{path}: the {what} must be UTF-8 text (byte {err.start} is "
+                           f"{raw[err.start:err.start + 1]!r})"]) from None
+    return load_yaml(text, path)
+
+
+def check_epsilon(c: _Checks, value: Any) -> None:
+    """``epsilon`` must be a number within :data:`EPSILON_RANGE`."""
+    low, high = EPSILON_RANGE
+    c.number("epsilon", value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+            value) and not low <= value <= high:
+        c.fail("epsilon", f"must be within the range the accountants support, "
+                          f"[{low:g}, {high:g}]", value)
 
 
 class _Checks:
@@ -98,6 +162,9 @@ class _Section:
                 except ConfigError as err:
                     problems.extend(err.problems)
                     data.pop(name)
+            elif name in data and data[name] is not None and not isinstance(data[name], sub):
+                problems.append(f"{prefix}{name}: must be a mapping of keys to values "
+                                f"(got {data.pop(name)!r})")
         try:
             obj = cls(**data)
         except ConfigError as err:
@@ -289,7 +356,7 @@ class PrivacyConfig(_Section):
 
     def __post_init__(self) -> None:
         c = _Checks("")
-        c.number("epsilon", self.epsilon, low=0.0, low_open=True)
+        check_epsilon(c, self.epsilon)
         c.number("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
         c.choice("accountant", self.accountant, ACCOUNTANTS)
         if (self.noise_multiplier is None) == (self.epochs is None):

@@ -46,7 +46,7 @@ CASES = {
         "train_labels": "/nonexistent/train-labels.gz", "test": {"name": "mnist-5k"}}),
         ["dataset", "/nonexistent/train-labels.gz"]),
     "negative epsilon": (lambda s: s["privacy"].update(epsilon=-1.0),
-                         ["privacy.epsilon", "> 0", "-1.0"]),
+                         ["privacy.epsilon", "[0.1, 20]", "-1.0"]),
     "gpu without a gpu": (lambda s: s.update(resources_per_trial={"cpu": 1, "gpu": 1}),
                           ["resources_per_trial.gpu", "no GPU"]),
     "noise too small for one epoch": (

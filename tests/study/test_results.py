@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -62,7 +61,9 @@ def test_roundtrip_pyarrow_and_pandas(store: ResultsStore, tmp_path: Path) -> No
 
 def test_schema_exact(store: ResultsStore, tmp_path: Path) -> None:
     for name, schema in (("trials", TRIALS_SCHEMA), ("epochs", EPOCHS_SCHEMA)):
-        on_disk = pq.read_schema(tmp_path / f"{name}.parquet")
+        parts = sorted((tmp_path / f"{name}.parquet").glob("part-*.parquet"))
+        assert len(parts) == 2  # one part per trial
+        on_disk = pq.read_schema(parts[0])
         assert on_disk.names == schema.names
         assert on_disk.types == schema.types
         assert on_disk.metadata[b"dpstudy.schema_version"] == str(SCHEMA_VERSION).encode()
@@ -136,18 +137,24 @@ def test_types_are_coerced(tmp_path: Path) -> None:
     assert s.epochs().to_pylist()[0]["steps"] == 5
 
 
-def test_leftover_tmp_files_are_removed(store: ResultsStore, tmp_path: Path) -> None:
-    leftover = tmp_path / "trials.parquet.tmp-deadbeef"
+def test_leftover_staged_files_are_removed(store: ResultsStore, tmp_path: Path) -> None:
+    staging = tmp_path / "trials.parquet" / ".staging-quick"
+    staging.mkdir(exist_ok=True)
+    leftover = staging / "part-x.parquet"
     leftover.write_bytes(b"PAR1 partial garbage")
+    other = tmp_path / "trials.parquet" / ".staging-other"  # another study's, in flight
+    other.mkdir()
+    (other / "part-y.parquet").write_bytes(b"PAR1 being written")
     resumed = ResultsStore(str(tmp_path), "quick")
-    assert not leftover.exists()
+    assert not leftover.exists() and (other / "part-y.parquet").exists()
     assert resumed.trial_ids() == {"a", "b"}
     assert len(read_trials(str(tmp_path))) == 2
+    assert len(pd.read_parquet(tmp_path / "trials.parquet")) == 2  # hidden dirs ignored
 
 
-def test_failed_flush_keeps_previous_file(store: ResultsStore, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    before = (tmp_path / "trials.parquet").read_bytes()
+def test_failed_flush_keeps_previous_parts(store: ResultsStore, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    before = sorted(p.name for p in (tmp_path / "trials.parquet").iterdir())
     real_write = pq.write_table
 
     def broken_write(table: pa.Table, where: str, **kwargs: object) -> None:
@@ -157,13 +164,42 @@ def test_failed_flush_keeps_previous_file(store: ResultsStore, tmp_path: Path,
         real_write(table, where, **kwargs)
 
     monkeypatch.setattr(results.pq, "write_table", broken_write)
-    store.add_trial(trial("c"), epochs(2))
+    store.add_trial(trial("a", test_accuracy=0.1), epochs(2))
     with pytest.raises(OSError, match="disk full"):
         store.flush()
-    assert (tmp_path / "trials.parquet").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "trials.parquet").iterdir()) == before
     assert sorted(pd.read_parquet(tmp_path / "trials.parquet").trial_id) == ["a", "b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epochs.parquet", "trials.parquet"]
+    assert read_trials(str(tmp_path)).to_pandas().set_index("trial_id").loc[
+        "a", "test_accuracy"] == 0.91
     assert read_epochs(str(tmp_path)).num_rows == 4
+
+
+def test_superseded_parts_are_deleted_and_never_win(store: ResultsStore, tmp_path: Path) -> None:
+    store.add_trial(trial("a", test_accuracy=0.2), epochs(2, acc=0.1))
+    store.flush()
+    parts = sorted((tmp_path / "trials.parquet").glob("part-*.parquet"))
+    assert len(parts) == 2  # a's old part is gone
+    df = pd.read_parquet(tmp_path / "trials.parquet")
+    assert not df.duplicated(["study", "trial_id"]).any()
+    # a reader that runs between publish and delete still sees a's newest row only
+    old = tmp_path / "trials.parquet" / "part-00000000T000000000000Z-000000000000.parquet"
+    pq.write_table(pa.Table.from_pylist([{**trial("a"), "study": "quick"}]), old)
+    got = read_trials(str(tmp_path)).to_pandas().set_index("trial_id")
+    assert got.loc["a", "test_accuracy"] == 0.2 and len(got) == 2
+    ep = read_epochs(str(tmp_path)).to_pandas()
+    assert list(ep.loc[ep.trial_id == "a", "epoch"]) == [1, 2]
+
+
+def test_foreign_parquet_files_are_named(tmp_path: Path) -> None:
+    wrong_type = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"study": ["s"], "trial_id": ["t"], "status": ["completed"],
+                             "prune_rate": ["high"]}), wrong_type)
+    with pytest.raises(ValueError, match=r"wrong.parquet: column 'prune_rate' must be double"):
+        read_trials(str(wrong_type))
+    no_status = tmp_path / "nostatus.parquet"
+    pq.write_table(pa.table({"study": ["s"], "trial_id": ["t"]}), no_status)
+    with pytest.raises(ValueError, match=r"nostatus.parquet: required column\(s\) \['status'\]"):
+        read_trials(str(no_status))
 
 
 def test_file_uri_and_plain_path(tmp_path: Path) -> None:
@@ -202,25 +238,80 @@ def test_other_studies_in_same_dir_are_kept(store: ResultsStore, tmp_path: Path)
         other.add_trial(trial("z", study="quick"), [])
 
 
-def test_flush_1000_trials_is_fast(tmp_path: Path) -> None:
+def test_flush_writes_only_the_new_trial(tmp_path: Path) -> None:
     s = ResultsStore(str(tmp_path), "big")
-    for i in range(1000):
+    for i in range(300):
         s.add_trial(trial(f"t{i:04d}", seed=i), epochs(5))
-    start = time.perf_counter()
     s.flush()
-    assert time.perf_counter() - start < 1.0
-    assert read_trials(str(tmp_path)).num_rows == 1000
-    assert read_epochs(str(tmp_path)).num_rows == 5000
+    assert read_trials(str(tmp_path)).num_rows == 300
+    assert read_epochs(str(tmp_path)).num_rows == 1500
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials.parquet").iterdir()
+              if p.is_file()}
+    s.add_trial(trial("t9999"), epochs(1))
+    s.flush()  # per-completion flush cost does not grow with the study: one new part
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials.parquet").iterdir()
+             if p.is_file()}
+    assert len(set(after) - set(before)) == 1 and all(after[k] == v for k, v in before.items())
 
 
 def test_duckdb_reads_the_files(store: ResultsStore, tmp_path: Path) -> None:
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb
+
     path = str(tmp_path / "trials.parquet")
-    count = duckdb.sql(f"SELECT count(*) FROM '{path}' WHERE status = 'completed'").fetchone()
-    assert count == (1,)
+    count = duckdb.sql(f"SELECT count(*) FROM '{path}/*.parquet' "
+                       f"WHERE status = 'completed'").fetchall()
+    assert count == [(1,)]
+    # the documented de-duplicating query, with a superseded part present
+    old = tmp_path / "trials.parquet" / "part-00000000T000000000000Z-000000000000.parquet"
+    pq.write_table(pa.Table.from_pylist([{**trial("a", test_accuracy=0.0), "study": "quick"}]),
+                   old)
+    rows = duckdb.sql(f"""
+        SELECT trial_id, test_accuracy FROM read_parquet('{path}/*.parquet', filename = true)
+        QUALIFY row_number() OVER (PARTITION BY study, trial_id ORDER BY filename DESC) = 1
+        ORDER BY trial_id""").fetchall()
+    assert rows == [("a", 0.91), ("b", 0.4)]
 
 
 def test_polars_reads_the_files(store: ResultsStore, tmp_path: Path) -> None:
-    pl = pytest.importorskip("polars")
-    assert pl.read_parquet(str(tmp_path / "trials.parquet")).height == 2
-    assert pl.read_parquet(str(tmp_path / "epochs.parquet")).height == 4
+    import polars as pl
+
+    assert pl.read_parquet(str(tmp_path / "trials.parquet" / "*.parquet")).height == 2
+    assert pl.read_parquet(str(tmp_path / "epochs.parquet" / "*.parquet")).height == 4
+    assert pl.read_parquet(str(tmp_path / "trials.parquet")).height == 2  # a directory too
+
+
+WRITER = """
+import sys
+from study.results import ResultsStore
+store = ResultsStore(sys.argv[1], sys.argv[2])
+for i in range(int(sys.argv[3])):
+    store.add_trial({"trial_id": f"t{i}", "status": "completed", "test_accuracy": i / 100},
+                    [{"epoch": 1}, {"epoch": 2}])
+    store.flush()
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_studies_sharing_a_results_root_lose_nothing(where: str, tmp_path: Path,
+                                                                 request) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from study.paths import join_location
+
+    root = Path(__file__).resolve().parents[2]
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")
+    uri = join_location(base, "shared")
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, name, "25"], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)},
+                              stderr=subprocess.PIPE, text=True)
+             for name in ("one", "two", "three")]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    df = read_trials(uri).to_pandas()
+    assert len(df) == 75 and not df.duplicated(["study", "trial_id"]).any()
+    assert df.groupby("study").size().to_dict() == {"one": 25, "three": 25, "two": 25}
+    assert read_epochs(uri).num_rows == 150
+    for name in ("one", "two", "three"):  # each study's own view, as its resume sees it
+        assert len(ResultsStore(uri, name).trial_ids()) == 25

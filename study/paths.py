@@ -1,0 +1,171 @@
+"""Locations of a study (``storage`` and ``results``): resolve once, join safely, check early.
+
+A location is a local path or a pyarrow.fs URI (``s3://bucket/prefix``, ``gs://...``,
+``file:///abs``), possibly with query parameters that configure the filesystem
+(``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
+
+- :func:`resolve_location` makes a local path absolute once, at ``run`` (for a whole spec:
+  :func:`resolve_paths`), so a study resumed from another working directory writes to the
+  same place.
+- :func:`join_location` appends path components to the URI's *path*, before its query.
+- :func:`filesystem` opens a location, turning pyarrow's errors (an unknown scheme, HDFS
+  without Hadoop) into one :class:`LocationError` line naming the field.
+- :func:`check_writable` writes and deletes a probe before any trial runs, and leaves
+  behind no directory it had to create (for a whole spec: :func:`check_locations`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import posixpath
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from study.spec import StudySpec
+
+CHECK_TIMEOUT_S = 30.0
+
+
+class LocationError(ValueError):
+    """A location that cannot be opened or written; the message names the field."""
+
+
+def is_uri(location: str) -> bool:
+    """Whether ``location`` is a URI (``scheme://...``) rather than a local path."""
+    return "://" in location
+
+
+def resolve_location(location: str) -> str:
+    """A URI as given; a local path with ``~`` expanded, made absolute."""
+    if is_uri(location):
+        return location
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def resolve_paths(spec: StudySpec) -> StudySpec:
+    """``spec`` with local ``storage`` and ``results`` made absolute (``~`` expanded), once,
+    at ``run``: the saved spec then names the same places whoever resumes, from wherever."""
+    return dataclasses.replace(spec, storage=resolve_location(spec.storage),
+                               results=resolve_location(spec.results))
+
+
+def check_locations(spec: StudySpec) -> None:
+    """Refuse, before any trial, ``results`` or ``storage`` that cannot be written (a
+    :class:`LocationError` naming the field); leaves nothing behind."""
+    check_writable(spec.results_path, "results")
+    check_writable(spec.storage_path, "storage")
+
+
+def join_location(base: str, *parts: str) -> str:
+    """``base`` joined with ``parts`` on its path (a URI's query string stays last)."""
+    if not is_uri(base):
+        return os.path.join(os.path.expanduser(base), *parts)
+    split = urlsplit(base)
+    path = posixpath.join(split.path or "/", *parts)
+    return urlunsplit(split._replace(path=path))
+
+
+def filesystem(location: str, field: str = "location") -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of ``location``; :class:`LocationError` names
+    ``field`` when the scheme is unknown or its driver (e.g. Hadoop for hdfs://) is missing."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), resolve_location(location)
+    try:
+        with _native_stderr_silenced(location.startswith(("hdfs://", "viewfs://"))):
+            return pafs.FileSystem.from_uri(location)
+    except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LocationError(f"{field}: cannot open {location!r}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(silence: bool) -> Iterator[None]:
+    """libhdfs prints dozens of dlopen lines to fd 2 when Java is missing; the error we raise
+    says it in one."""
+    if not silence:
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def check_writable(location: str, field: str, *, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Write and delete a probe file under ``location``; raise :class:`LocationError`
+    naming ``field`` if that fails or takes longer than ``timeout_s`` (an object store that
+    does not answer). Directories created for the probe are removed again."""
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            _probe(location, field)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(err)
+
+    worker = threading.Thread(target=probe, daemon=True, name=f"check-{field}")
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        raise LocationError(f"{field}: no answer from {location!r} within {timeout_s:g} s "
+                            f"(is the storage endpoint reachable?)")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _probe(location: str, field: str) -> None:
+    fs, path = filesystem(location, field)
+    path = path.rstrip("/") or "/"
+    created = _missing_ancestors(fs, path, field)
+    try:
+        fs.create_dir(path, recursive=True)
+        probe = f"{path}/.dpstudy-write-check-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LocationError(f"{field}: cannot write to {location!r}: {reason}") from None
+    finally:
+        for directory in created:  # deepest first; only those this check made
+            try:
+                fs.delete_dir(directory)
+            except OSError:
+                pass
+
+
+def _missing_ancestors(fs: pafs.FileSystem, path: str, field: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first. A regular file on
+    the way is an error."""
+    missing = []
+    current = path
+    while current and current not in ("/", "."):
+        try:
+            kind = fs.get_file_info(current).type
+        except (OSError, ValueError) as err:
+            raise LocationError(f"{field}: cannot access {current!r}: "
+                                f"{str(err).strip().splitlines()[0]}") from None
+        if kind == pafs.FileType.File:
+            raise LocationError(f"{field}: {current!r} is a file, not a directory "
+                                f"(got {path!r})")
+        if kind == pafs.FileType.Directory:
+            break
+        missing.append(current)
+        parent = posixpath.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return missing
