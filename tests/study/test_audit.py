@@ -150,3 +150,20 @@ def test_audit_a_recorded_trial_on_ray(tmp_path: Path, capsys: pytest.CaptureFix
     assert row["epsilon_claimed"] == pytest.approx(rec["row"]["epsilon_spent"])
     assert 0 <= row["epsilon_audited"] <= row["epsilon_claimed"] and row["violation"] == 0
     assert row["node"] and row["wall_time_s"] > 0
+
+
+def test_report_shows_claimed_vs_audited(tmp_path: Path) -> None:
+    from study.report import audit_blocks
+
+    results = str(tmp_path / "results")
+    assert audit_blocks(results, "aud") == []  # no audits yet: no section
+    append_audit(results, {"study": "aud", "audit_id": "a1", "trial_id": "t1",
+                           "mode": "white-box", "canaries": 1000, "included": 500,
+                           "confidence": 0.95, "delta": 1e-5, "epsilon_claimed": 1.996,
+                           "epsilon_audited": 0.5, "violation": 0})
+    blocks = audit_blocks(results, "aud")
+    assert blocks[0] == ("h2", "Privacy audits: claimed vs audited epsilon")
+    table = blocks[-1][1]
+    assert table[["trial_id", "epsilon_claimed", "epsilon_audited"]].values.tolist() == [
+        ["t1", 1.996, 0.5]]
+    assert audit_blocks(results, "other-study") == []
