@@ -162,8 +162,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UsageError("audit: give at most one of --trial ID and --best")
     settings = AuditConfig(canaries=args.canaries, confidence=args.confidence,
                            mode=args.mode, seed=args.seed)
-    target = audit.resolve(args.target, trial=args.trial, best=args.best,
-                           storage=args.storage)
+    where = args.target
+    if not where.endswith((".yaml", ".yml")):
+        where = _results_uri(where)  # a results directory, URI or study name
+    target = audit.resolve(where, trial=args.trial, best=args.best, storage=args.storage)
     audit.prepare(target)
     _ray_environment(args.address)
     row = audit.record(target, settings, audit.run_remote(target, settings,
@@ -252,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pareto", help="Pareto objectives (default accuracy,density)")
     p = add("audit", cmd_audit, "empirical privacy audit of a trial (one training run with "
             "canaries): claimed vs audited epsilon, stored in audits.parquet")
-    p.add_argument("target", help="study spec (YAML) or results directory")
+    p.add_argument("target", help="study spec (YAML), or results directory/URI or study "
+                   "name (its spec is read from STORAGE/NAME)")
     p.add_argument("--trial", help="trial id to audit (from the study's results)")
     p.add_argument("--best", action="store_true", help="audit the best completed trial")
     p.add_argument("--canaries", type=int, default=1000, help="number of canaries m "
