@@ -49,7 +49,7 @@ def resolve(target: str, *, trial: str | None = None, best: bool = False,
             storage: str = "~/dpstudy-runs") -> Target:
     """A spec path or results directory, plus ``--trial``/``--best``, as a :class:`Target`."""
     path = os.path.expanduser(target)
-    if os.path.isfile(path) and path.endswith((".yaml", ".yml")):
+    if path.endswith((".yaml", ".yml")):
         spec, results = load_spec(path), None
     else:
         spec, results = _spec_of_results(path, storage), path
@@ -150,9 +150,7 @@ def record(target: Target, settings: AuditConfig, result: dict[str, Any]) -> dic
         "trial_id": target.trial_id, "epsilon_target": cfg.privacy.epsilon,
         "violation": int(result["epsilon_audited"] > result["epsilon_claimed"]),
         "clip_norm": cfg.optim.clip_norm, "prune_rate": cfg.pruning.rate,
-        "drop_rate": cfg.dropping.rate, "seed": settings.seed,
-        **{k: v for k, v in result.items() if k != "noise_multiplier"},
-        "noise_multiplier": result["noise_multiplier"],
+        "drop_rate": cfg.dropping.rate, "seed": settings.seed, **result,
     }
     return append_audit(target.results, row)
 
