@@ -121,7 +121,7 @@ def _append_rows(p: torch.Tensor, rows: torch.Tensor, isolated: list[int]) -> No
     if last is None:
         last = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     if isolated:
-        last = last.clone()
+        last = last.clone(memory_format=torch.contiguous_format)
         last.view(len(last), -1)[:, isolated] = 0
     merged = torch.cat([last, rows.to(last.dtype)], dim=0)
     if isinstance(gs, list):

@@ -160,3 +160,14 @@ def test_black_box_audit_stays_under_the_claim() -> None:
     result = run_audit(trial(8.0), AuditConfig(canaries=500, mode="black-box"))
     assert result.mode == "black-box" and result.canaries == 500
     assert 0 <= result.epsilon_audited <= result.epsilon_claimed <= 8.0 + 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_white_box_audit_on_cuda() -> None:
+    """Canary rows are built on the parameters' device; generators stay on the CPU."""
+    config = {**trial(2.0, drop_rate=0.5), "device": "cuda"}
+    result = run_audit(config, AuditConfig(canaries=CANARIES))
+    assert 0 <= result.epsilon_audited <= result.epsilon_claimed
+    caught = run_audit(config, AuditConfig(canaries=CANARIES),
+                       optimizer_cls=SABOTAGES["no-noise"])
+    assert caught.epsilon_audited > caught.epsilon_claimed
