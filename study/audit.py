@@ -2,10 +2,11 @@
 
 ``audit(target, ...)`` reads top to bottom:
 
-1. resolve the target to a trial configuration: a study spec (YAML) or a results
-   directory (its spec is read from the experiment directory ``STORAGE/NAME``); with
-   ``--trial ID`` or ``--best`` the trial's recorded hyperparameters, else the spec's fixed
-   configuration (only when it searches nothing);
+1. resolve the target to a trial configuration: a study spec (YAML), a results directory
+   or an experiment directory (the spec copy there, as ``dpstudy confirm`` finds it); with
+   ``--trial ID`` or ``--best`` (the study's selection, :mod:`study.selection`) the trial's
+   recorded hyperparameters and seed, else the spec's fixed configuration (only when it
+   searches nothing);
 2. check everything (the ``dpstudy[audit]`` extra, the audit settings, the trial config)
    before anything runs;
 3. run :func:`trainables.audit.run_audit` as a Ray task with the spec's per-trial
@@ -13,22 +14,25 @@
 4. append one row to ``audits.parquet`` next to the study's results, and print claimed
    vs audited epsilon.
 
-The audited run reproduces the recorded trial's mechanism: its noise multiplier, sampling
-rate, clipping norm, pruning, dropping and number of steps (``max_epochs`` is set to the
-epochs it trained, so a trial stopped early is audited for the steps it took).
+The audited run reproduces the recorded trial's configuration from its ``params`` column
+(noise multiplier or epochs, sampling rate, clipping norm, pruning, dropping, learning rate)
+and its seed, through the same calibrator, so it plans the same steps and noise; a trial
+stopped early is audited for its full plan. Rows written before ``params`` existed are
+rebuilt from their recorded noise multiplier and steps instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from study import selection
 from study.results import append_audit, read_trials
 from study.spec import StudySpec, check_against_data, load_spec
-from study.status import SPEC_FILE
 from trainables.audit import AuditConfig, AuditUnavailableError, require_auditing
 from trainables.config import TrialConfig
 
@@ -46,13 +50,17 @@ class Target:
 # --- 1: resolve -----------------------------------------------------------------------
 
 def resolve(target: str, *, trial: str | None = None, best: bool = False,
-            storage: str = "~/dpstudy-runs") -> Target:
-    """A spec path or results directory, plus ``--trial``/``--best``, as a :class:`Target`."""
-    path = os.path.expanduser(target)
-    if path.endswith((".yaml", ".yml")):
-        spec, results = load_spec(path), None
+            study: str | None = None) -> Target:
+    """A spec path, results directory or experiment directory, plus ``--trial``/``--best``,
+    as a :class:`Target`."""
+    from study.runner import find_spec
+
+    location = os.path.expanduser(target)
+    if location.endswith((".yaml", ".yml")):
+        spec, results = load_spec(location), None
     else:
-        spec, results = _spec_of_results(path, storage), path
+        spec = find_spec(location, study)
+        results = location if _has_trials(location) else None
     results = results or spec.results_path
     if trial is None and not best:
         try:
@@ -64,17 +72,12 @@ def resolve(target: str, *, trial: str | None = None, best: bool = False,
     return Target(spec, results, row["trial_id"], trial_config_of(spec, row))
 
 
-def _spec_of_results(results: str, storage: str) -> StudySpec:
-    """The spec saved in ``STORAGE/NAME`` for the study whose results are in ``results``."""
-    names = sorted(set(read_trials(results).column("study").to_pylist()))
-    if len(names) != 1:
-        raise ValueError(f"audit: {results!r} holds trials of {len(names)} studies "
-                         f"({names}); audit its spec instead")
-    spec_path = os.path.join(os.path.expanduser(storage), names[0], SPEC_FILE)
-    if not os.path.isfile(spec_path):
-        raise FileNotFoundError(f"audit: no spec for study {names[0]!r} at {spec_path} "
-                                f"(give the spec YAML, or --storage DIR)")
-    return load_spec(spec_path)
+def _has_trials(location: str) -> bool:
+    try:
+        read_trials(location)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _pick_row(results: str, spec: StudySpec, trial: str | None) -> dict[str, Any]:
@@ -87,19 +90,24 @@ def _pick_row(results: str, spec: StudySpec, trial: str | None) -> dict[str, Any
                              f"(known: {known})")
         return found[0]
     metric, mode = spec.objective.primary
-    done = [r for r in rows if r["status"] == "completed" and r.get(metric) is not None]
-    if not done:
-        raise ValueError(f"audit: --best: no completed trial with {metric} in {results}")
-    return (max if mode == "max" else min)(done, key=lambda r: r[metric])
+    chosen = selection.best(rows, metric, mode)
+    if chosen is None:
+        raise ValueError(f"audit: --best: no completed search trial with {metric} in "
+                         f"{results}")
+    return chosen
 
 
 def trial_config_of(spec: StudySpec, row: dict[str, Any]) -> dict[str, Any]:
-    """The trial config that reproduces a recorded trial's mechanism (see module doc)."""
+    """The trial config of a recorded trial: its sampled ``params`` and seed through the
+    spec, as a confirmation re-trains it; for rows written before ``params`` existed, the
+    recorded noise multiplier, hyperparameters and steps (see module doc)."""
+    seed = row["seed"] if row.get("seed") is not None else spec.seed
+    if row.get("params"):
+        return spec.trial_config(json.loads(row["params"]), seed=seed)
     epochs = row["steps"] * row["sample_rate"]
     recorded = {**row, "max_epochs": epochs, "epochs": epochs}
     params = {k: recorded[k] for k in spec.parameters() if recorded.get(k) is not None}
-    config = spec.trial_config(params)
-    config["seed"] = row["seed"] if row.get("seed") is not None else spec.seed
+    config = spec.trial_config(params, seed=seed)
     config["privacy"] = {**config["privacy"], "noise_multiplier": row["noise_multiplier"],
                          "epochs": None}
     config["optim"] = {**config["optim"], "max_epochs": epochs}

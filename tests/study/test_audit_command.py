@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import yaml
 from study import audit
 from study.cli import main
 from study.results import AUDITS_FILE, ResultsStore, append_audit, read_audits
-from study.runner import save_spec
+from study.runner import results_spec_name, save_spec
 from study.spec import load_spec
 from trainables.accounting import plan_budget
 from trainables.config import TrialConfig
@@ -40,9 +41,11 @@ def write_spec(tmp_path: Path, change=None) -> Path:
     return path
 
 
-def recorded_trial(tmp_path: Path, spec_path: Path) -> dict[str, Any]:
-    """A trial as a study records it: its plan from the accountant, its row in Parquet,
-    the spec saved next to Tune's state."""
+def recorded_trial(tmp_path: Path, spec_path: Path, *, with_params: bool = True
+                   ) -> dict[str, Any]:
+    """A trial as a study records it: its plan from the accountant, its row in Parquet
+    (with its sampled ``params``, or without as in schema-1 files), the spec saved next
+    to Tune's state and in the results directory."""
     spec = load_spec(spec_path)
     params = {"drop_rate": 0.5, "noise_multiplier": 3.1, "max_epochs": 3.3}
     cfg = TrialConfig.from_dict(spec.trial_config(params))
@@ -54,20 +57,24 @@ def recorded_trial(tmp_path: Path, spec_path: Path) -> dict[str, Any]:
            "batch_size": 1000, "sample_rate": plan.sample_rate, "epsilon_target": 2.0,
            "epsilon_spent": plan.epsilon, "delta": 1e-5, "steps": plan.steps,
            "epochs": plan.steps * plan.sample_rate, "test_accuracy": 0.5, "seed": 0,
+           "val_accuracy": 0.5,
            "pruning_criterion": "random", "pruning_scope": "global",
-           "pruning_granularity": "unstructured", "dropping_criterion": "random"}
+           "pruning_granularity": "unstructured", "dropping_criterion": "random",
+           "stage": "search", "params": json.dumps(params) if with_params else None}
     store = ResultsStore(spec.results_path, spec.name)
     store.add_trial(row, [])
     store.flush()
     save_spec(spec, str(tmp_path / "runs" / spec.name))
+    save_spec(spec, spec.results_path, results_spec_name(spec.name))
     return {"row": row, "plan": plan}
 
 
-def test_recorded_trial_is_reproduced_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_params", [True, False])
+def test_recorded_trial_is_reproduced_exactly(tmp_path: Path, with_params: bool) -> None:
     spec_path = write_spec(tmp_path)
-    rec = recorded_trial(tmp_path, spec_path)
-    for target in (str(spec_path), str(tmp_path / "results")):  # SPEC or RESULTS
-        t = audit.resolve(target, trial="t1", storage=str(tmp_path / "runs"))
+    rec = recorded_trial(tmp_path, spec_path, with_params=with_params)
+    for target in (str(spec_path), str(tmp_path / "results"), str(tmp_path / "runs" / "aud")):
+        t = audit.resolve(target, trial="t1")
         cfg = TrialConfig.from_dict(t.config)
         plan = plan_budget(cfg.privacy, sample_rate=rec["plan"].sample_rate,
                            max_epochs=cfg.optim.max_epochs)
@@ -138,8 +145,7 @@ def test_audit_a_recorded_trial_on_ray(tmp_path: Path, capsys: pytest.CaptureFix
     pytest.importorskip("jax_privacy")
     spec_path = write_spec(tmp_path)
     rec = recorded_trial(tmp_path, spec_path)
-    assert main(["audit", str(tmp_path / "results"), "--trial", "t1", "--canaries", "300",
-                 "--storage", str(tmp_path / "runs")]) == 0
+    assert main(["audit", str(tmp_path / "results"), "--trial", "t1", "--canaries", "300"]) == 0
     out = capsys.readouterr().out
     assert "white-box audit of trial t1: claimed epsilon" in out
     rows = read_audits(str(tmp_path / "results")).to_pylist()
