@@ -207,7 +207,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     row = audit.record(target, settings, audit.run_remote(target, settings,
                                                           address=args.address))
     print(audit.format_row(row))
-    return EXIT_OK
+    return EXIT_FAILED if row["violation"] else EXIT_OK  # a broken mechanism fails a CI job
 
 
 def _results_uri(results: str) -> str:
