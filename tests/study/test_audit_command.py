@@ -173,3 +173,24 @@ def test_report_shows_claimed_vs_audited(tmp_path: Path) -> None:
     assert table[["trial_id", "epsilon_claimed", "epsilon_audited"]].values.tolist() == [
         ["t1", 1.996, 0.5]]
     assert audit_blocks(results, "other-study") == []
+
+
+@pytest.mark.parametrize("audited, code", [(0.4, 0), (3.5, 1)])
+def test_violation_is_recorded_and_fails_the_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        audited: float, code: int) -> None:
+    """The CLI's wiring after the run (row, printed line, exit code), with the Ray task
+    replaced by a result such as a sabotaged mechanism gives (real runs: tests/trainables)."""
+    pytest.importorskip("jax_privacy")
+    spec_path = write_spec(tmp_path)
+    recorded_trial(tmp_path, spec_path)
+    result = {"mode": "white-box", "canaries": 100, "included": 52, "confidence": 0.95,
+              "delta": 1e-5, "epsilon_claimed": 1.996, "epsilon_audited": audited,
+              "noise_multiplier": 2.5, "sample_rate": 0.25, "steps": 16,
+              "test_accuracy": 0.5, "wall_time_s": 2.0, "node": "here"}
+    monkeypatch.setattr(audit, "run_remote", lambda *a, **k: result)
+    assert main(["audit", str(spec_path), "--best", "--canaries", "100"]) == code
+    out = capsys.readouterr().out
+    assert ("VIOLATION" in out) == bool(code)
+    row = read_audits(str(tmp_path / "results")).to_pylist()[0]
+    assert (row["trial_id"], row["violation"], row["epsilon_audited"]) == ("t1", code, audited)
