@@ -215,6 +215,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Empirical privacy audit of one trial's mechanism: claimed vs audited epsilon."""
+    from study import audit
+    from trainables.audit import AuditConfig
+
+    if args.trial and args.best:
+        raise UsageError("audit: give at most one of --trial ID and --best")
+    settings = AuditConfig(canaries=args.canaries, confidence=args.confidence,
+                           mode=args.mode, seed=args.seed)
+    where = args.target
+    if not where.endswith((".yaml", ".yml")):
+        where = _results_uri(where)  # a results directory, URI or study name
+    target = audit.resolve(where, trial=args.trial, best=args.best, study=args.study)
+    audit.prepare(target)
+    _ray_environment(args.address)
+    row = audit.record(target, settings, audit.run_remote(target, settings,
+                                                          address=args.address))
+    print(audit.format_row(row))
+    return EXIT_FAILED if row["violation"] else EXIT_OK  # a broken mechanism fails a CI job
+
+
 def _results_uri(results: str) -> str:
     """A results directory/URI as given, or ``results/NAME`` for a bare study name."""
     if "://" in results or os.path.exists(os.path.expanduser(results)):
@@ -306,6 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: RESULTS/report)")
     p.add_argument("--format", choices=("html", "md"), default="html")
     p.add_argument("--pareto", help="Pareto objectives (default accuracy,density)")
+    p = add("audit", cmd_audit, "empirical privacy audit of a trial (one training run with "
+            "canaries): claimed vs audited epsilon, stored in audits.parquet")
+    p.add_argument("target", help="study spec (YAML), or results directory/URI, study name "
+                   "or experiment directory (STORAGE/NAME)")
+    p.add_argument("--trial", help="trial id to audit (from the study's results)")
+    p.add_argument("--best", action="store_true", help="audit the best completed trial")
+    p.add_argument("--canaries", type=int, default=1000, help="number of canaries m "
+                   "(default 1000)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the "
+                   "lower bound (default 0.95)")
+    p.add_argument("--mode", choices=("white-box", "black-box"), default="white-box")
+    p.add_argument("--seed", type=int, default=0, help="seed of the canary draw")
+    p.add_argument("--study", help="study name, when several share the results directory")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     return parser
 
 
@@ -333,6 +368,9 @@ def _report_error(err: Exception) -> int:
     if type(err).__name__ in ("StudyExistsError", "StudyLockedError"):
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if type(err).__name__ == "AuditUnavailableError":  # the dpstudy[audit] extra is missing
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     if type(err).__name__ == "ClusterError":
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED

@@ -18,7 +18,7 @@ import pandas as pd
 
 from study import confirm, selection
 from study.query import pareto_front, parse_pareto, to_frame
-from study.results import EPOCHS_SCHEMA, read_epochs, read_trials
+from study.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
 
 FORMATS = ("html", "md")
 HYPERPARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
@@ -247,6 +247,26 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
     return blocks
 
 
+AUDIT_COLUMNS = ("audit_id", "trial_id", "mode", "canaries", "confidence", "epsilon_claimed",
+                 "epsilon_audited", "violation", "finished_at")
+
+
+def audit_blocks(uri: str, study: str) -> list[tuple]:
+    """Claimed vs audited epsilon of the study's audits (``audits.parquet``), if any."""
+    directory = uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
+    try:
+        audits = to_frame(read_audits(directory))
+    except FileNotFoundError:
+        return []
+    audits = audits[audits["study"] == study]
+    if not len(audits):
+        return []
+    return [("h2", "Privacy audits: claimed vs audited epsilon"),
+            ("p", "Audited epsilon is an empirical lower bound at the stated confidence "
+                  "(one-run audit, dpstudy audit); violation = 1 when it exceeds the claim."),
+            ("table", audits[list(AUDIT_COLUMNS)])]
+
+
 def _html_table(df: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
@@ -323,6 +343,7 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
     page = os.path.join(out_dir, f"report.{fmt}")
     files = ReportFiles(page=page, figures=figures, skipped=skipped)
     blocks = _blocks(name, results_uri, trials, front, objectives, files, confirmed)
+    blocks += audit_blocks(results_uri, name)
     render = _render_html if fmt == "html" else _render_md
     _write_atomic(page, render(blocks, f"Study report: {name}"))
     return files

@@ -447,3 +447,80 @@ class ResultsStore:
     def trial_ids(self) -> set[str]:
         """The trial ids of this study present in the store."""
         return {tid for study, tid in self._trials if study == self.study}
+
+
+# --- audits.parquet: one row per empirical privacy audit (``dpstudy audit``) -----------
+
+AUDITS_FILE = "audits.parquet"
+AUDIT_MODES = ("white-box", "black-box")
+
+AUDITS_SCHEMA = _schema("audits", [
+    _field("study", _S, "study name", key=True),
+    _field("audit_id", _S, "audit id, unique within the study", key=True),
+    _field("trial_id", _S, "audited trial; null when the spec's fixed configuration was "
+           "audited"),
+    _field("mode", _S, "white-box (gradient canaries) | black-box (mislabeled images)",
+           key=True),
+    _field("canaries", _I, "canaries drawn (m); each included with probability 1/2",
+           "canaries"),
+    _field("included", _I, "canaries included in training", "canaries"),
+    _field("confidence", _F, "confidence of the lower bound (1 - significance)",
+           "probability"),
+    _field("delta", _F, "delta of the claim and of the bound", "probability"),
+    _field("epsilon_target", _F, "privacy budget of the audited configuration", "epsilon"),
+    _field("epsilon_claimed", _F, "epsilon the accountant reports for the audited run",
+           "epsilon"),
+    _field("epsilon_audited", _F, "empirical lower bound on epsilon at `confidence`",
+           "epsilon"),
+    _field("violation", _I, "1 if epsilon_audited > epsilon_claimed (mechanism broken)",
+           "flag"),
+    _field("noise_multiplier", _F, "Gaussian noise std divided by clip_norm", "ratio"),
+    _field("clip_norm", _F, "per-sample gradient clipping bound C", "L2 norm"),
+    _field("sample_rate", _F, "Poisson sampling probability q", "probability"),
+    _field("steps", _I, "optimizer steps of the audited run", "steps"),
+    _field("prune_rate", _F, "fraction of weights removed before training", "fraction"),
+    _field("drop_rate", _F, "fraction of gradient coordinates dropped per step", "fraction"),
+    _field("test_accuracy", _F, "test accuracy of the model trained with canaries",
+           "fraction"),
+    _field("wall_time_s", _F, "wall-clock time of the audit (build, train, score)",
+           "seconds"),
+    _field("node", _S, "host name of the Ray node that ran the audit"),
+    _field("seed", _I, "audit seed (canary draw and inclusion)"),
+    _field("version", _S, "dpstudy package version that produced the row"),
+    _field("finished_at", _TS, "when the audit finished", "UTC timestamp"),
+])
+
+
+def read_audits(uri: str) -> pa.Table:
+    """Read ``audits.parquet`` from a results directory/URI, or from a ``.parquet`` path."""
+    return _read(uri, AUDITS_FILE, AUDITS_SCHEMA)
+
+
+def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Add one audit row to ``audits.parquet`` in ``uri`` (atomic rewrite); returns it typed.
+
+    The row is checked against :data:`AUDITS_SCHEMA` before anything is written; an
+    ``audit_id`` already present for the study is refused rather than duplicated."""
+    row = {"version": package_version(), "finished_at": dt.datetime.now(_UTC), **row}
+    typed = _coerce(AUDITS_SCHEMA, row, "audit row")
+    if typed["mode"] not in AUDIT_MODES:
+        raise ValueError(f"audit row: mode must be one of {AUDIT_MODES}, got {typed['mode']!r}")
+    fs, path = _resolve(uri)
+    directory = path.rstrip("/")
+    final = f"{directory}/{AUDITS_FILE}"
+    rows = []
+    if fs.get_file_info(final).type == pafs.FileType.File:
+        rows = _conform(pq.read_table(final, filesystem=fs), AUDITS_SCHEMA, final).to_pylist()
+    if any((r["study"], r["audit_id"]) == (typed["study"], typed["audit_id"]) for r in rows):
+        raise ValueError(f"audit row: audit_id {typed['audit_id']!r} already recorded for "
+                         f"study {typed['study']!r} in {final}")
+    fs.create_dir(directory, recursive=True)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    try:
+        pq.write_table(pa.Table.from_pylist(rows + [typed], schema=AUDITS_SCHEMA), where=tmp,
+                       filesystem=fs)
+        fs.move(tmp, final)
+    finally:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
+    return typed

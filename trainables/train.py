@@ -94,8 +94,12 @@ def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = Non
 
 # --- 1-4: build ---------------------------------------------------------------------
 
-def build_run(cfg: TrialConfig) -> Run:
-    """Seed, load data, calibrate the budget, build, prune and wrap the model."""
+def build_run(cfg: TrialConfig, *,
+              optimizer_cls: type[MaskedDPOptimizer] = MaskedDPOptimizer) -> Run:
+    """Seed, load data, calibrate the budget, build, prune and wrap the model.
+
+    ``optimizer_cls`` is a :class:`MaskedDPOptimizer` subclass (the audit's canary optimizer,
+    or a test's sabotaged one); training itself always uses the default."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = load_datasets(cfg.dataset, seed=cfg.seed)
@@ -110,7 +114,8 @@ def build_run(cfg: TrialConfig) -> Run:
     gsm = GradSampleModule(pruned.model.to(device), batch_first=True, loss_reduction="mean")
     selector = make_selector(cfg.dropping, model=gsm, public=data.public,
                              generator=generators["selector"])
-    optimizer = make_optimizer(cfg, gsm, pruned, plan, selector, generators["noise"])
+    optimizer = make_optimizer(cfg, gsm, pruned, plan, selector, generators["noise"],
+                               cls=optimizer_cls)
     accountant = create_accountant(mechanism=plan.accountant)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return Run(config=cfg, device=device, data=data, plan=plan, pruned=pruned, model=gsm,
@@ -120,13 +125,14 @@ def build_run(cfg: TrialConfig) -> Run:
 
 def make_optimizer(cfg: TrialConfig, model: GradSampleModule, pruned: PruneResult,
                    plan: PrivacyPlan, selector: Selector | None,
-                   noise_generator: torch.Generator) -> MaskedDPOptimizer:
-    """The masked DP optimizer over the model's parameters."""
+                   noise_generator: torch.Generator, *,
+                   cls: type[MaskedDPOptimizer] = MaskedDPOptimizer) -> MaskedDPOptimizer:
+    """The masked DP optimizer (``cls``) over the model's parameters."""
     names = [n.removeprefix("_module.") for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     device = params[0].device
     trainable = [pruned.masks[n].to(device) if n in pruned.masks else None for n in names]
-    return MaskedDPOptimizer(
+    return cls(
         base_optimizer(cfg.optim, params),
         trainable=trainable if any(t is not None for t in trainable) else None,
         selector=selector, noise_multiplier=plan.noise_multiplier,
