@@ -85,7 +85,7 @@ def test_selection_equals_repeat_and_select(name, shape, reference):
 def test_selection_grows_with_the_mean(shape):
     values = [selection_epsilon([TRIAL], mean=m, shape=shape, delta=DELTA)
               for m in (1.5, 3, 10, 30, 100)]
-    assert all(a < b for a, b in zip(values, values[1:]))
+    assert all(a < b for a, b in zip(values, values[1:], strict=False))
     assert values[0] > epsilon_of(TRIAL.event(), DELTA)
 
 
@@ -107,7 +107,8 @@ def test_worst_of_is_the_pointwise_maximum_of_rdp_curves():
         acc = RdpAccountant(orders=list(orders))
         acc.compose(m.event())
         curves.append(acc._rdp)
-    eps_max = min(r - math.log(DELTA) / (o - 1) for o, r in zip(orders, np.max(curves, 0)))
+    worst = np.max(curves, 0)
+    eps_max = min(r - math.log(DELTA) / (o - 1) for o, r in zip(orders, worst, strict=True))
     assert max(epsilon_of(m.event(), DELTA) for m in (a, b)) <= epsilon_of(
         worst_of([a, b]), DELTA) <= eps_max + 1e-9
 
