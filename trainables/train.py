@@ -39,6 +39,7 @@ from trainables import checkpoint
 from trainables.accounting import PrivacyPlan, plan_budget, steps_per_epoch
 from trainables.config import OptimConfig, TrialConfig
 from trainables.data import Datasets, Split, load_datasets
+from trainables.dp_score import dp_accuracy
 from trainables.dropping import Selector, make_selector
 from trainables.models import build_model
 from trainables.optimizer import MaskedDPOptimizer
@@ -81,9 +82,10 @@ def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = Non
         test_loss, test_acc = evaluate(run.model, run.data.test, run.config.eval_batch_size,
                                        run.device)
         progress.elapsed_s += time.perf_counter() - started
+        released = release_dp_score(run) if progress.step >= run.plan.steps else {}
         metrics = epoch_metrics(run, progress, train_loss=train_loss, test_loss=test_loss,
                                 test_acc=test_acc, samples_per_s=samples / train_s,
-                                kept=kept)
+                                kept=kept) | released
         progress.history.append(metrics)
         save_checkpoint(run, progress, ckpt_dir)
         if report is not None:
@@ -231,6 +233,20 @@ def evaluate(model: nn.Module, split: Split, batch_size: int,
         correct += int((logits.argmax(1) == y).sum())
     model.train()
     return loss_sum / len(split), correct / len(split)
+
+
+def release_dp_score(run: Run) -> dict[str, Any]:
+    """At the end of training, the DP validation score (Gaussian noise on the count of
+    correct validation predictions, charged to the accountant), when the plan has one."""
+    noise = run.plan.validation_noise
+    if not noise:
+        return {}
+    split = run.data.validation
+    _, accuracy = evaluate(run.model, split, run.config.eval_batch_size, run.device)
+    correct = round(accuracy * len(split))
+    score = dp_accuracy(correct, len(split), noise, run.accountant)
+    return {"val_accuracy_dp": score, "val_noise": noise, "val_releases": 1,
+            "epsilon_spent": float(run.accountant.get_epsilon(delta=run.plan.delta))}
 
 
 def epoch_metrics(run: Run, progress: checkpoint.Progress, *, train_loss: float,

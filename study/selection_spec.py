@@ -1,0 +1,150 @@
+"""Spec sections of study-level privacy: private selection and DP validation scores.
+
+In YAML::
+
+    search:
+      mode: private-selection          # default: optimize (adaptive search, fixed trials)
+      trials: {distribution: geometric, mean: 10}   # poisson | geometric | logarithmic |
+                                                     # truncated-negative-binomial (+ shape)
+      ...the searched parameters...
+    validation: {noise: 20.0}          # std of the Gaussian noise on the count of correct
+                                       # validation predictions (the DP score)
+    privacy: {scope: study, epsilon: 3, delta: 1e-5}   # budget of the whole selection
+
+:func:`selection_problems` holds the cross-section rules (private selection needs random
+search, no ASHA, a DP score; ``scope: study`` needs private selection and a finite worst
+case for noise, batch size and epochs), each ``"<field>: <rule> (got <value>)"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from study.params import _Spec
+from trainables.config import _Checks
+
+MODES = ("optimize", "private-selection")
+TRIAL_DISTRIBUTIONS = ("poisson", "geometric", "logarithmic", "truncated-negative-binomial")
+SELECTION_METRIC = "val_accuracy_dp"
+_BOUNDED = ("noise_multiplier", "batch_size", "epochs", "max_epochs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialCount(_Spec):
+    """The declared distribution of the number of trials (a ``RepeatAndSelectDpEvent``)."""
+
+    distribution: str | None = None
+    mean: float | None = None
+    shape: float | None = None
+
+    def __post_init__(self) -> None:
+        c = _Checks("")
+        c.choice("distribution", self.distribution, TRIAL_DISTRIBUTIONS)
+        if self.mean is None:
+            c.fail("mean", "is required", None)
+        else:
+            c.number("mean", self.mean, low=1.0)
+        if self.distribution == "truncated-negative-binomial":
+            if self.shape is None:
+                c.fail("shape", "is required for truncated-negative-binomial", None)
+            else:
+                c.number("shape", self.shape, low=0.0, low_open=True)
+        elif self.shape is not None:
+            c.fail("shape", f"only applies to truncated-negative-binomial (the shape of "
+                   f"{self.distribution} is fixed)", self.shape)
+        c.done()
+
+    @property
+    def event_shape(self) -> float:
+        """The ``RepeatAndSelectDpEvent`` shape."""
+        return {"poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0}.get(
+            self.distribution, self.shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionSpec(_Spec):
+    """``search.mode`` and ``search.trials``."""
+
+    mode: str = "optimize"
+    trials: TrialCount | None = None
+
+    def __post_init__(self) -> None:
+        c = _Checks("")
+        c.choice("mode", self.mode, MODES)
+        if self.mode == "private-selection" and not isinstance(self.trials, TrialCount):
+            c.fail("trials", "private-selection needs the distribution of the number of "
+                   "trials, e.g. {distribution: geometric, mean: 10}", self.trials)
+        elif self.mode == "optimize" and self.trials is not None:
+            c.fail("trials", "only applies to mode: private-selection (give the top-level "
+                   "trials count instead)", self.trials.to_dict())
+        c.done()
+
+    @classmethod
+    def _values(cls, data: dict[str, Any], prefix: str,
+                problems: list[str]) -> tuple[dict[str, Any], set[str]]:
+        out, failed = dict(data), set()
+        if data.get("trials") is not None:
+            out["trials"] = TrialCount.parse(data["trials"], f"{prefix}trials.", problems)
+            if out["trials"] is None:
+                failed.add("trials")
+                out.pop("trials")
+        return out, failed
+
+    @property
+    def private(self) -> bool:
+        """Whether this is a private-selection study."""
+        return self.mode == "private-selection"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationSpec(_Spec):
+    """The DP validation score: Gaussian noise of std ``noise`` on the count of correct
+    predictions, released once at the end of each trial (None: no DP score)."""
+
+    noise: float | None = None
+
+    def __post_init__(self) -> None:
+        c = _Checks("")
+        if self.noise is not None:
+            c.number("noise", self.noise, low=0.0, low_open=True)
+        c.done()
+
+
+def selection_problems(spec: Any) -> list[str]:
+    """Rules that tie ``search.mode``, ``privacy.scope``, ``validation``, the sampler, the
+    scheduler and the objective together."""
+    out: list[str] = []
+    private = spec.selection.private
+    if private:
+        if spec.sampler != "random":
+            out.append(f"sampler: private-selection needs random (independent trials; "
+                       f"adaptive samplers void the selection bound) (got {spec.sampler!r})")
+        if spec.scheduler.name != "none":
+            out.append(f"scheduler: private-selection needs none (ASHA compares trials "
+                       f"with each other) (got {spec.scheduler.name!r})")
+        if spec.validation.noise is None:
+            out.append("validation.noise: private-selection selects by a DP validation "
+                       "score; give the noise std on the count of correct predictions "
+                       "(got None)")
+        metric = spec.objective.metrics
+        if spec.objective.multi or metric[0] not in (SELECTION_METRIC, "test_accuracy"):
+            out.append(f"objective.metrics: private-selection selects by {SELECTION_METRIC} "
+                       f"(got {list(metric)!r})")
+    if spec.privacy.scope == "study":
+        if not private:
+            out.append("privacy.scope: study needs search.mode: private-selection (the "
+                       "selection bound is what makes a study budget) (got 'study')")
+        for name in _BOUNDED:
+            p = getattr(spec.search, name)
+            if p is not None and not p.is_fixed() and p.choices is None:
+                out.append(f"search.{name}: with privacy.scope: study must be a fixed value "
+                           f"or a list of choices (a continuous range has no finite worst "
+                           f"case to bound) (got {p.to_dict()!r})")
+    return out
+
+
+def selection_metric(spec: Any) -> tuple[str, str]:
+    """The metric (and mode) that picks the study's best trial."""
+    return (SELECTION_METRIC, "max") if spec.selection.private else spec.objective.primary
