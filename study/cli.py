@@ -34,11 +34,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     _ray_environment(args.address)
     from study import runner
 
-    spec, floor = runner.prepare(args.spec, cluster=bool(args.address))
+    spec, budget = runner.prepare(args.spec, cluster=bool(args.address))
     print(f"[{spec.name}] {spec.trials} trials at epsilon={spec.privacy.epsilon:g}, "
-          f"delta={spec.privacy.delta:g}; experiment {runner.experiment_dir(spec)}; "
+          f"delta={spec.privacy.delta:g}, selecting on {spec.objective.selection_split} "
+          f"({', '.join(spec.objective.metrics)}); experiment {runner.experiment_dir(spec)}; "
           f"results {spec.results_path}", flush=True)
-    return _summarise(runner.run(spec, floor, address=args.address))
+    code = _summarise(runner.run(spec, budget, address=args.address), spec)
+    if spec.confirm is not None and code == EXIT_OK:
+        return _confirm(runner, spec, spec.confirm.top, spec.confirm.seeds, None, args.address)
+    return code
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    """Re-run the best configurations of a study with fresh seeds; print their intervals."""
+    if args.top < 1 or args.seeds < 2:
+        raise UsageError(f"--top must be >= 1 and --seeds >= 2 (got --top {args.top}, "
+                         f"--seeds {args.seeds})")
+    _ray_environment(args.address)
+    from study import runner
+
+    location = os.path.expanduser(args.results)
+    if "://" not in location and not os.path.exists(location):
+        location = _results_uri(args.results)
+    spec = runner.find_spec(location, args.study)
+    return _confirm(runner, spec, args.top, args.seeds, args.baseline, args.address)
+
+
+def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str | None,
+             address: str | None) -> int:
+    from study.confirm import format_summary
+
+    print(f"[{spec.name}] confirming the top {top} configuration(s) by "
+          f"{spec.objective.primary[0]} with {seeds} fresh seeds each", flush=True)
+    plan, summary = runner.confirm(spec, top=top, seeds=seeds, baseline=baseline,
+                                   address=address)
+    print(f"[{spec.name}] test accuracy over seeds {list(plan.seeds)} (95% t-intervals"
+          + (f"; differences paired with baseline {plan.baseline['trial_id']})"
+             if plan.baseline is not None else "; no baseline with prune 0, drop 0)"))
+    print(format_summary(summary))
+    missing = sum(row["seeds"] < len(plan.seeds) for row in summary)
+    return EXIT_OK if not missing else EXIT_FAILED
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -59,7 +94,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise UsageError(f"study: no experiment directory {args.study!r} nor {target!r} "
                              f"(give DIR/NAME or NAME --storage DIR)")
     print(f"resuming {target}", flush=True)
-    return _summarise(runner.resume(target, address=args.address))
+    summary = runner.resume(target, address=args.address)
+    return _summarise(summary, runner.read_spec(target))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -163,14 +199,17 @@ def _results_uri(results: str) -> str:
     raise UsageError(f"results: no results directory {results!r} (nor {named!r})")
 
 
-def _summarise(summary: object) -> int:
+def _summarise(summary: object, spec: object) -> int:
     s = summary
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:
-        keys = ("trial_id", "test_accuracy", "epsilon_spent", "prune_rate", "drop_rate",
-                "clip_norm", "noise_multiplier", "learning_rate", "density")
-        print("  best: " + ", ".join(f"{k}={_fmt(s.best.get(k))}" for k in keys))
+        metric = spec.objective.primary[0]
+        keys = dict.fromkeys(("trial_id", metric, "val_accuracy", "test_accuracy",
+                              "epsilon_spent", "budget_used", "prune_rate", "drop_rate",
+                              "clip_norm", "noise_multiplier", "learning_rate", "density"))
+        print(f"  best by {metric} (selected on {spec.objective.selection_split}): "
+              + ", ".join(f"{k}={_fmt(s.best.get(k))}" for k in keys))
     return EXIT_OK if s.completed + s.stopped > 0 or s.failed == 0 else EXIT_FAILED
 
 
@@ -226,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pareto", help="objectives of a Pareto front, e.g. accuracy,density")
     p.add_argument("--epochs", action="store_true", help="query epochs.parquet instead")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p = add("confirm", cmd_confirm, "re-run the best configurations with fresh seeds and "
+            "print test accuracy with 95% intervals")
+    p.add_argument("results", help="results directory or URI, study name, or experiment "
+                   "directory (STORAGE/NAME)")
+    p.add_argument("--top", type=int, default=1, help="how many configurations (default 1)")
+    p.add_argument("--seeds", type=int, default=3, help="fresh seeds each (default 3)")
+    p.add_argument("--baseline", metavar="TRIAL_ID", help="search trial to compare with "
+                   "(default: the best one with prune rate 0 and drop rate 0, if any)")
+    p.add_argument("--study", help="study name, when several share the results directory")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p = add("report", cmd_report, "write PNG plots and an HTML/Markdown report")
     p.add_argument("results", help="results directory or URI, or a study name")
     p.add_argument("--out", help="output directory (default: RESULTS/report)")

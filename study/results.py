@@ -26,11 +26,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection
 SCHEMA_VERSION_KEY = "dpstudy.schema_version"
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 STATUSES = ("completed", "stopped", "failed")
+STAGES = ("search", "confirm")
+SELECTION_SPLITS = ("validation", "test", "none")
 
 _F, _I, _S, _TS = pa.float64(), pa.int64(), pa.string(), pa.timestamp("us", tz="UTC")
 _UTC = dt.timezone.utc
@@ -49,6 +51,10 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("study", _S, "study name", key=True),
     _field("trial_id", _S, "trial id, unique within the study", key=True),
     _field("status", _S, "completed | stopped (early, by the scheduler) | failed", key=True),
+    _field("stage", _S, "search (a trial of the search) | confirm (a re-run of a chosen "
+           "configuration with a fresh seed)"),
+    _field("config_id", _S, "the configuration a row trains: the search trial id it comes "
+           "from; the seeds of one configuration share it"),
     _field("prune_rate", _F, "fraction of weights removed before training", "fraction"),
     _field("drop_rate", _F, "fraction of gradient coordinates dropped per step", "fraction"),
     _field("clip_norm", _F, "per-sample gradient clipping bound C", "L2 norm"),
@@ -62,7 +68,12 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("accountant", _S, "privacy accountant (prv | rdp)"),
     _field("steps", _I, "optimizer steps taken", "steps"),
     _field("epochs", _F, "epochs trained (steps * sample_rate)", "epochs"),
+    _field("budget_used", _F, "epsilon_spent / epsilon_target", "fraction"),
     _field("density", _F, "fraction of weights trainable after pruning", "fraction"),
+    _field("val_accuracy", _F, "validation accuracy after the last epoch (what the search "
+           "selects on)", "fraction"),
+    _field("best_val_accuracy", _F, "best validation accuracy over all epochs", "fraction"),
+    _field("val_loss", _F, "validation loss after the last epoch", "nats"),
     _field("test_accuracy", _F, "test accuracy after the last epoch", "fraction"),
     _field("best_test_accuracy", _F, "best test accuracy over all epochs", "fraction"),
     _field("test_loss", _F, "test loss after the last epoch", "nats"),
@@ -71,6 +82,8 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("device", _S, "torch device the trial ran on (cpu, cuda:0, ...)"),
     _field("node", _S, "host name of the Ray node"),
     _field("seed", _I, "random seed"),
+    _field("params", _S, "the sampled hyperparameters of the configuration, as JSON (what "
+           "a confirmation run re-trains)"),
     _field("version", _S, "dpstudy package version that produced the row"),
     _field("error", _S, "error message; null unless status is failed"),
     _field("pruning_criterion", _S, "pruning criterion (random | magnitude | snip)"),
@@ -82,16 +95,23 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("num_params", _I, "total number of weights", "parameters"),
     _field("trainable_params", _I, "weights left trainable after pruning", "parameters"),
     _field("finished_at", _TS, "when the trial finished", "UTC timestamp"),
+    _field("selection_metric", _S, "the study's objective metric(s) the search selected on, "
+           "comma-separated"),
+    _field("selection_split", _S, "the split the selection metric is computed on: "
+           "validation | test (explicitly allowed by the spec) | none"),
 ])
 
 EPOCHS_SCHEMA = _schema("epochs", [
     _field("study", _S, "study name", key=True),
     _field("trial_id", _S, "trial id, unique within the study", key=True),
     _field("epoch", _I, "epoch number, starting at 1", key=True),
+    _field("val_accuracy", _F, "validation accuracy after this epoch", "fraction"),
+    _field("val_loss", _F, "validation loss after this epoch", "nats"),
     _field("test_accuracy", _F, "test accuracy after this epoch", "fraction"),
     _field("test_loss", _F, "test loss after this epoch", "nats"),
     _field("train_loss", _F, "mean training loss over this epoch", "nats"),
     _field("epsilon_spent", _F, "cumulative epsilon spent after this epoch", "epsilon"),
+    _field("budget_used", _F, "epsilon_spent / epsilon_target after this epoch", "fraction"),
     _field("steps", _I, "cumulative optimizer steps after this epoch", "steps"),
     _field("wall_time_s", _F, "cumulative wall-clock time after this epoch", "seconds"),
     _field("samples_per_s", _F, "training throughput during this epoch", "examples/second"),

@@ -1,12 +1,15 @@
 """Run and resume studies: a spec becomes a Ray Tune experiment.
 
-``run`` validates everything first (spec, data, noise floor) and writes nothing on a bad
-spec. It then builds a ``Tuner``: ``OptunaSearch`` (define-by-run, seeded) behind a
-``ConcurrencyLimiter``, an optional ``ASHAScheduler``, ``tune.with_resources``,
-``FailureConfig(max_failures)`` and ``CheckpointConfig``; experiment state lives under
-``storage/NAME``, next to the resolved spec (``dpstudy-spec.yaml``) that ``resume`` reads.
-Results go to Parquet through :class:`study.callbacks.StudyCallback`, and once more from
-the final ``ResultGrid`` so that no trial is ever missing.
+``run`` validates everything first (spec, data, the noise range that spends the budget)
+and writes nothing on a bad spec. It then builds a ``Tuner``: ``OptunaSearch``
+(define-by-run, seeded) behind a ``ConcurrencyLimiter``, an optional ``ASHAScheduler``,
+``tune.with_resources``, ``FailureConfig(max_failures)`` and ``CheckpointConfig``.
+Experiment state lives under ``storage/NAME``, next to the resolved spec
+(``dpstudy-spec.yaml``) that ``resume`` reads. Results go to Parquet through
+:class:`study.callbacks.StudyCallback`, and once more from the final ``ResultGrid`` so that
+no trial is ever missing. ``confirm`` re-runs the chosen configurations over fresh seeds
+(:mod:`study.confirm`) as a second Tune experiment, ``storage/NAME-confirm-<digest>``,
+restored rather than restarted when an interrupted confirmation is run again.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import pyarrow.fs as pafs
 import yaml
 from ray import tune
 
-from study.callbacks import StudyCallback
-from study.space import check_space, make_search, noise_floor
+from study import confirm as confirmation
+from study import selection
+from study.callbacks import CONFIRM_KEY, StudyCallback
+from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
 from trainables.data import dataset_size
@@ -49,13 +54,14 @@ class Summary:
 
 # --- preparation (nothing written) -----------------------------------------------------
 
-def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, float | None]:
-    """Load and fully validate a spec; returns it with the one-epoch noise floor."""
+def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseBudget | None]:
+    """Load and fully validate a spec; returns it with the noise budget that cuts each
+    trial's noise range to the values that spend the privacy budget."""
     spec = load_spec(spec_path)
     check_against_data(spec, cluster=cluster)
-    floor = noise_floor(spec, dataset_size(spec.dataset, seed=spec.seed))
-    check_space(spec, floor)
-    return spec, floor
+    budget = noise_budget(spec, dataset_size(spec.dataset, seed=spec.seed))
+    check_space(spec, budget)
+    return spec, budget
 
 
 def experiment_dir(spec: StudySpec) -> str:
@@ -75,12 +81,39 @@ def _exists(path: str) -> bool:
     return fs.get_file_info(where).type != pafs.FileType.NotFound
 
 
-def save_spec(spec: StudySpec, directory: str) -> None:
-    """Write the resolved spec next to Tune's experiment state."""
+def save_spec(spec: StudySpec, directory: str, name: str = SPEC_FILE) -> None:
+    """Write the resolved spec next to Tune's experiment state (or, named after the study,
+    into its results directory, where ``dpstudy confirm RESULTS`` finds it)."""
     fs, where = _filesystem(directory)
     fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(posixpath.join(where, SPEC_FILE)) as out:
+    with fs.open_output_stream(posixpath.join(where, name)) as out:
         out.write(yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+
+
+def results_spec_name(study: str) -> str:
+    """File name of a study's spec copy in its results directory."""
+    return f"{study}.{SPEC_FILE}"
+
+
+def find_spec(location: str, study: str | None = None) -> StudySpec:
+    """The spec of a study from its experiment directory (``STORAGE/NAME``) or its results
+    directory (``study`` picks one when several studies share it)."""
+    fs, where = _filesystem(location)
+    if fs.get_file_info(posixpath.join(where, SPEC_FILE)).type == pafs.FileType.File:
+        return read_spec(location)
+    suffix = "." + SPEC_FILE
+    infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+    names = sorted(i.base_name.removesuffix(suffix) for i in infos
+                   if i.base_name.endswith(suffix))
+    if study is not None and study not in names:
+        raise SpecError([f"study: no spec of study {study!r} in {location!r} (found: "
+                         f"{', '.join(names) or 'none'})"])
+    if study is None and len(names) != 1:
+        found = "no study spec" if not names else f"several studies ({', '.join(names)}); " \
+            "pass --study"
+        raise SpecError([f"results: {location!r} holds {found} (got {location!r})"])
+    with fs.open_input_stream(posixpath.join(where, results_spec_name(study or names[0]))) as f:
+        return StudySpec.from_dict(yaml.safe_load(f.read().decode()))
 
 
 def read_spec(directory: str) -> StudySpec:
@@ -113,9 +146,15 @@ def init_ray(address: str | None = None) -> None:
 
 
 def dpstudy_trial(config: dict[str, Any], spec: StudySpec) -> None:
-    """The Tune function trainable: sampled params -> trial config -> one DP trial."""
+    """The Tune function trainable: sampled params (or a confirmation run: params and a
+    seed) -> trial config -> one DP trial."""
     resources = spec.resources_per_trial
-    run_trial(spec.trial_config(config), cost_per_second=resources.cpu + resources.gpu)
+    if CONFIRM_KEY in config:
+        run = config[CONFIRM_KEY]
+        trial = spec.trial_config(run["params"], seed=run["seed"])
+    else:
+        trial = spec.trial_config(config)
+    run_trial(trial, cost_per_second=resources.cpu + resources.gpu)
 
 
 def make_trainable(spec: StudySpec) -> Any:
@@ -149,7 +188,8 @@ def run_config(spec: StudySpec) -> tune.RunConfig:
 
 # --- run and resume -------------------------------------------------------------------
 
-def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> Summary:
+def run(spec: StudySpec, budget: NoiseBudget | None, *,
+        address: str | None = None) -> Summary:
     """Run a new study to completion."""
     directory = experiment_dir(spec)
     if _exists(posixpath.join(directory, SPEC_FILE)) or _exists(
@@ -159,9 +199,10 @@ def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> 
     init_ray(address)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     save_spec(spec, directory)
+    save_spec(spec, spec.results_path, results_spec_name(spec.name))
     tuner = tune.Tuner(
         make_trainable(spec),
-        tune_config=tune.TuneConfig(search_alg=make_search(spec, floor),
+        tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
                                     scheduler=make_scheduler(spec), num_samples=spec.trials,
                                     reuse_actors=True),
         run_config=run_config(spec))
@@ -191,11 +232,64 @@ def _finish(spec: StudySpec, grid: Any, directory: str) -> Summary:
         if trial_id and trial_id not in known:
             error = str(result.error) if result.error else None
             callback.record(trial_id, result.config or {}, result.metrics, error=error)
-    rows = callback.store.trials().to_pylist()
-    metric, mode = spec.objective.primary
-    done = [r for r in rows if r["status"] == "completed" and r.get(metric) is not None]
-    best = (max if mode == "max" else min)(done, key=lambda r: r[metric]) if done else None
+    rows = [r for r in callback.store.trials().to_pylist() if selection.is_search(r)]
+    best = selection.best(rows, *spec.objective.primary)
     count = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "failed")}
     return Summary(name=spec.name, experiment=directory, results=spec.results_path,
                    best=best, **count)
+
+
+# --- confirmation across seeds --------------------------------------------------------
+
+def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = None,
+            address: str | None = None) -> tuple[confirmation.Plan, list[dict[str, Any]]]:
+    """Re-run the ``top`` configurations (and the baseline) with ``seeds`` fresh seeds.
+
+    Runs only what is not recorded yet; an interrupted confirmation of the same plan is
+    restored from its Tune state (unfinished runs continue from their checkpoints).
+    Returns the plan and its summary rows (:func:`study.confirm.summarise`).
+    """
+    from study.results import ResultsStore
+
+    metric, mode = spec.objective.primary
+    rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
+    plan = confirmation.plan(rows, metric=metric, mode=mode, top=top, seeds=seeds,
+                             base_seed=spec.seed, baseline_id=baseline)
+    todo = confirmation.pending(plan, rows)
+    if todo:
+        _run_confirmation(spec, plan, todo, address)
+        rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
+    return plan, confirmation.summarise(plan, rows)
+
+
+def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[str, Any]],
+                      address: str | None) -> None:
+    init_ray(address)
+    name = f"{spec.name}-confirm-{plan.key}"
+    directory = posixpath.join(spec.storage_path, name) if "://" in spec.storage_path else (
+        os.path.join(spec.storage_path, name))
+    trainable = make_trainable(spec)
+    if tune.Tuner.can_restore(directory):
+        tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        config = tune.RunConfig(
+            name=name, storage_path=spec.storage_path, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[StudyCallback(spec, total=len(todo), label=" confirm")])
+        tuner = tune.Tuner(
+            trainable, param_space={CONFIRM_KEY: tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
+                                        reuse_actors=True),
+            run_config=config)
+    grid = tuner.fit()
+    callback = StudyCallback(spec)
+    callback.setup()
+    for result in grid:  # record any run the callback missed (a killed driver)
+        finished = (result.metrics or {}).get("finished")
+        if result.config and CONFIRM_KEY in result.config and (finished or result.error):
+            error = str(result.error) if result.error else None
+            callback.record(result.config[CONFIRM_KEY]["run_id"], result.config,
+                            result.metrics, error=error)
 

@@ -124,14 +124,17 @@ def selection_problems(spec: Any) -> list[str]:
         if spec.scheduler.name != "none":
             out.append(f"scheduler: private-selection needs none (ASHA compares trials "
                        f"with each other) (got {spec.scheduler.name!r})")
-        if spec.validation.noise is None:
-            out.append("validation.noise: private-selection selects by a DP validation "
-                       "score; give the noise std on the count of correct predictions "
-                       "(got None)")
+        if spec.validation.noise is None and not validation_public(spec):
+            out.append("validation.noise: private-selection on a private validation split "
+                       "selects by a DP score; give the noise std on the count of correct "
+                       "predictions, or use dataset.validation: {public: true} (got None)")
         metric = spec.objective.metrics
-        if spec.objective.multi or metric[0] not in (SELECTION_METRIC, "test_accuracy"):
-            out.append(f"objective.metrics: private-selection selects by {SELECTION_METRIC} "
-                       f"(got {list(metric)!r})")
+        if spec.objective.multi or metric[0] not in (SELECTION_METRIC, "val_accuracy"):
+            out.append(f"objective.metrics: private-selection selects by "
+                       f"{selection_metric(spec)[0]} (got {list(metric)!r})")
+    if spec.validation.noise is not None and not spec.dataset.has_validation:
+        out.append(f"validation.noise: a DP validation score needs a validation split (set "
+                   f"dataset.validation_fraction > 0) (got {spec.validation.noise!r})")
     if spec.privacy.scope == "study":
         if not private:
             out.append("privacy.scope: study needs search.mode: private-selection (the "
@@ -145,6 +148,17 @@ def selection_problems(spec: Any) -> list[str]:
     return out
 
 
+def validation_public(spec: Any) -> bool:
+    """Whether trials select on the public split (whose scores cost no privacy)."""
+    validation = spec.dataset.validation
+    return validation is not None and bool(validation.public)
+
+
 def selection_metric(spec: Any) -> tuple[str, str]:
-    """The metric (and mode) that picks the study's best trial."""
-    return (SELECTION_METRIC, "max") if spec.selection.private else spec.objective.primary
+    """The metric (and mode) that picks the study's best trial: the DP score when there is
+    one, plain validation accuracy on a public split, else the objective."""
+    if spec.validation.noise is not None:
+        return SELECTION_METRIC, "max"
+    if spec.selection.private:
+        return "val_accuracy", "max"
+    return spec.objective.primary

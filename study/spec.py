@@ -42,13 +42,16 @@ from trainables.config import (
     _Checks,
 )
 
-METRICS = ("test_accuracy", "best_test_accuracy", "test_loss", "density", "epsilon_spent",
-           "wall_time_s", "trial_cost", "val_accuracy_dp")
+VALIDATION_METRICS = ("val_accuracy", "best_val_accuracy", "val_loss")
+TEST_METRICS = ("test_accuracy", "best_test_accuracy", "test_loss")
+METRICS = (*VALIDATION_METRICS, *TEST_METRICS, "density", "epsilon_spent", "wall_time_s",
+           "trial_cost", "val_accuracy_dp")
 MODES = ("max", "min")
 SAMPLERS = ("tpe", "random", "nsgaii", "gp")
 SCHEDULERS = ("none", "asha")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_MAXIMISED = ("test_accuracy", "best_test_accuracy", "val_accuracy_dp")
+_MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
+              "val_accuracy_dp")
 SCOPES = ("trial", "study")
 
 
@@ -116,10 +119,16 @@ class Resources(_Spec):
 
 @dataclass(frozen=True, kw_only=True)
 class Objective(_Spec):
-    """One or two metrics to optimise; modes default to max for accuracies, min otherwise."""
+    """One or two metrics to optimise; modes default to max for accuracies, min otherwise.
 
-    metrics: tuple[str, ...] = ("test_accuracy",)
+    The search selects on the validation split (``val_accuracy`` by default). Selecting on a
+    test metric biases the reported test accuracy upwards, so it needs
+    ``allow_test_selection: true``, and the study then says so wherever it reports.
+    """
+
+    metrics: tuple[str, ...] = ("val_accuracy",)
     modes: tuple[str, ...] | None = None
+    allow_test_selection: bool = False
 
     def __post_init__(self) -> None:
         c = _Checks("")
@@ -140,7 +149,22 @@ class Objective(_Spec):
                    list(self.modes))
         if not c.problems and len(set(self.metrics)) != len(self.metrics):
             c.fail("metrics", "must not repeat a metric", list(self.metrics))
+        if not isinstance(self.allow_test_selection, bool):
+            c.fail("allow_test_selection", "must be true or false", self.allow_test_selection)
+        elif not c.problems and self.selection_split == "test" and not self.allow_test_selection:
+            c.fail("metrics", "selecting on a test metric biases the reported test accuracy; "
+                   "select on a validation metric (e.g. val_accuracy), or set "
+                   "objective.allow_test_selection: true to do it knowingly",
+                   list(self.metrics))
         c.done()
+
+    @property
+    def selection_split(self) -> str:
+        """``test`` if any metric is a test metric, ``validation`` if any is a validation
+        metric, else ``none`` (e.g. density alone)."""
+        if any(m in TEST_METRICS for m in self.metrics):
+            return "test"
+        return "validation" if any(m in VALIDATION_METRICS for m in self.metrics) else "none"
 
     @classmethod
     def _coerce(cls, key: str, value: Any) -> Any:
@@ -175,6 +199,21 @@ class Scheduler(_Spec):
     @classmethod
     def _normalize(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else super()._normalize(data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmSpec(_Spec):
+    """Re-run the ``top`` configurations (by the objective on validation) with ``seeds``
+    fresh seeds each when the search ends (``dpstudy confirm`` does the same on demand)."""
+
+    top: int = 1
+    seeds: int = 3
+
+    def __post_init__(self) -> None:
+        c = _Checks("")
+        c.number("top", self.top, low=1, high=100, integer=True)
+        c.number("seeds", self.seeds, low=2, high=100, integer=True)
+        c.done()
 
 
 _SECTIONS: dict[str, type[_Spec]] = {
@@ -227,6 +266,8 @@ class StudySpec(_Spec):
     scheduler: Scheduler = field(default_factory=Scheduler)
     storage: str = "~/dpstudy-runs"
     results: str | None = None
+    confirm: ConfirmSpec | None = None
+    baseline_trial: bool = True
 
     def __post_init__(self) -> None:
         c = _Checks("")
@@ -248,6 +289,8 @@ class StudySpec(_Spec):
         c.number("max_concurrent", self.max_concurrent, low=1, integer=True)
         c.number("max_failures", self.max_failures, low=0, integer=True)
         c.choice("sampler", self.sampler, SAMPLERS)
+        if not isinstance(self.baseline_trial, bool):
+            c.fail("baseline_trial", "must be true or false", self.baseline_trial)
         for key in ("storage", "results") if self.results is not None else ("storage",):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 c.fail(key, "must be a non-empty path or URI string", getattr(self, key))
@@ -256,6 +299,8 @@ class StudySpec(_Spec):
             if not isinstance(getattr(self, key), typ):
                 value, sections_ok = getattr(self, key), False
                 c.fail(key, "is required" if value is None else f"must be a {typ.__name__}", value)
+        if self.confirm is not None and not isinstance(self.confirm, ConfirmSpec):
+            c.fail("confirm", "must be a mapping with top and seeds", self.confirm)
         if sections_ok:
             self._cross_check(c)
         c.done()
@@ -265,6 +310,11 @@ class StudySpec(_Spec):
         if self.scheduler.name == "asha" and max_epochs.is_fixed() and grace > max_epochs.value:
             c.fail("scheduler.grace_period", f"must be <= search.max_epochs = {max_epochs.value}",
                    grace)
+        uses_validation = any(m in VALIDATION_METRICS for m in self.objective.metrics)
+        if uses_validation and not self.dataset.has_validation:
+            c.fail("objective.metrics", "selecting on a validation metric needs a validation "
+                   "split: set dataset.validation_fraction > 0 or dataset.validation",
+                   list(self.objective.metrics))
         if self.device == "cuda" and self.resources_per_trial.gpu == 0:
             c.fail("device", "cuda needs resources_per_trial.gpu > 0", self.device)
         needs_public = (("pruning.criterion", "snip", self.pruning.criterion, "prune_rate"),
@@ -300,6 +350,10 @@ class StudySpec(_Spec):
             raw = kwargs.pop(key, None)
             if raw is not None:
                 kwargs[key] = _parse_config(config, raw, key, problems)
+        if kwargs.get("confirm") is not None:
+            kwargs["confirm"] = ConfirmSpec.parse(kwargs["confirm"], "confirm.", problems)
+            if kwargs["confirm"] is None:
+                kwargs.pop("confirm")
         failed = {k for k, v in kwargs.items()
                   if v is None and k in {**_SECTIONS, **_CONFIGS, "selection": None}}
         kwargs = {k: v for k, v in kwargs.items() if k not in failed}
@@ -331,12 +385,14 @@ class StudySpec(_Spec):
         numbers, a tuple of allowed strings for criteria (length 1 = fixed)."""
         return trial_space(self.search, self.pruning, self.dropping)
 
-    def trial_config(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def trial_config(self, params: dict[str, Any] | None = None, *,
+                     seed: int | None = None) -> dict[str, Any]:
         """The :class:`~trainables.config.TrialConfig` dict of one trial: sampled ``params``
-        (keys of :meth:`parameters`), fixed values from the spec for absent keys."""
+        (keys of :meth:`parameters`), fixed values from the spec for absent keys; ``seed``
+        replaces the spec's seed (a confirmation run)."""
         v = trial_values(self.parameters(), params)
         return {
-            "seed": self.seed, "device": self.device,
+            "seed": self.seed if seed is None else seed, "device": self.device,
             "dataset": self.dataset.to_dict(), "model": self.model.to_dict(),
             "pruning": {"rate": v["prune_rate"], "criterion": v["pruning_criterion"],
                         "scope": v["pruning_scope"], "granularity": v["pruning_granularity"]},

@@ -27,26 +27,31 @@ def study_status(directory: str) -> str:
     """``NAME  done/total (stopped, failed), remaining, best METRIC VALUE``."""
     with open(os.path.join(directory, SPEC_FILE), encoding="utf-8") as f:
         spec = StudySpec.from_dict(yaml.safe_load(f))
+    from study import selection
+
     metric, mode = spec.objective.primary
     counts = {"completed": 0, "stopped": 0, "failed": 0}
-    best = None
+    rows: list[dict] = []
     try:
         from study.results import read_trials
 
-        for row in read_trials(spec.results_path).to_pylist():
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-            value = row.get(metric)
-            if row["status"] == "completed" and value is not None:
-                better = best is None or (value > best if mode == "max" else value < best)
-                best = value if better else best
+        rows = [r for r in read_trials(spec.results_path).to_pylist()
+                if r.get("study") == spec.name and selection.is_search(r)]
     except FileNotFoundError:
         pass
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    best = selection.best(rows, metric, mode)
     finished = sum(counts.values())
-    best_text = f"{best:.4f}" if best is not None else "-"
+    best_text = "-" if best is None else f"{best[metric]:.4f} (test_accuracy " + (
+        f"{best['test_accuracy']:.4f})" if best.get("test_accuracy") is not None else "-)")
+    split = spec.objective.selection_split
+    warning = " (SELECTED ON TEST: optimistic)" if split == "test" else ""
     return (f"{spec.name:<24} {finished}/{spec.trials} finished "
             f"({counts['completed']} completed, {counts['stopped']} stopped early, "
             f"{counts['failed']} failed), {max(spec.trials - finished, 0)} remaining | "
-            f"best {metric} {best_text} | epsilon {spec.privacy.epsilon:g} | {directory}")
+            f"best {metric} on {split}{warning} {best_text} | epsilon "
+            f"{spec.privacy.epsilon:g} | {directory}")
 
 
 def results_counts(results: str | None) -> str:

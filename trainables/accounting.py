@@ -5,8 +5,14 @@ DP-SGD with Poisson sampling rate ``q`` and noise multiplier ``sigma`` spends a 
 ``(epsilon, delta)`` and one of:
 
 - ``sigma``: it may take the largest ``T`` with ``epsilon(T) <= target``
-  (:func:`max_steps`), capped by ``max_epochs``;
+  (:func:`max_steps`), capped by ``max_epochs``; the noise is then lowered to the smallest
+  that still fits those ``T`` steps, so the trial spends its whole budget (to the
+  accountant's resolution) instead of leaving a rounding remainder unspent;
 - a number of epochs: it gets the smallest ``sigma`` that fits (:func:`noise_for_steps`).
+
+A sigma above :func:`noise_interval`'s upper end reaches the ``max_epochs`` cap before the
+budget is spent; the study searches sigma inside that interval only, so every trial that is
+not stopped early spends its target epsilon and trials are compared at the same budget.
 
 :func:`plan_budget` is the one calibrator the train loop calls; the other functions are
 pure (they build a throw-away accountant) so they can be tested and reused alone.
@@ -27,6 +33,10 @@ from trainables.config import PrivacyConfig
 
 class BudgetError(ValueError):
     """The requested configuration cannot train even one epoch within the budget."""
+
+
+#: Relative shortfall of the spent epsilon below the target that calibration tolerates.
+SPEND_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,12 +119,36 @@ def max_steps(*, target_epsilon: float, delta: float, sample_rate: float,
 
 def noise_for_steps(*, target_epsilon: float, delta: float, sample_rate: float,
                     steps: int, accountant: str = "prv") -> float:
-    """Smallest noise multiplier (to Opacus' tolerance) that fits ``steps`` steps."""
+    """Smallest noise multiplier that fits ``steps`` steps: Opacus' bisection, stopped once
+    ``epsilon`` is within ``SPEND_TOLERANCE`` (relative) below the target."""
+    tolerance = SPEND_TOLERANCE * min(1.0, target_epsilon)
     with warnings.catch_warnings():  # the search probes tiny sigmas; RDP warns about them
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant, epsilon_tolerance=0.005))
+                                          accountant=accountant,
+                                          epsilon_tolerance=tolerance))
+
+
+def cap_steps(sample_rate: float, max_epochs: float) -> int:
+    """Most steps ``max_epochs`` allows at ``sample_rate`` (at least one)."""
+    return max(1, math.floor(max_epochs / sample_rate + 1e-9))
+
+
+def noise_interval(*, target_epsilon: float, delta: float, sample_rate: float,
+                   max_epochs: float, accountant: str = "prv") -> tuple[float, float]:
+    """The noise multipliers that spend the whole budget: ``(low, high)``.
+
+    ``low`` is the smallest sigma that still trains one epoch (or ``max_epochs``, if
+    less) within the budget; ``high`` is the smallest sigma that trains ``max_epochs``.
+    Any sigma in between spends the budget in at most ``max_epochs``; a larger one hits the
+    cap first and leaves budget unspent.
+    """
+    cap = cap_steps(sample_rate, max_epochs)
+    common = {"target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate,
+              "accountant": accountant}
+    low = noise_for_steps(steps=min(steps_per_epoch(sample_rate), cap), **common)
+    return low, max(low, noise_for_steps(steps=cap, **common))
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -141,12 +175,18 @@ def plan_budget(config: PrivacyConfig, *, sample_rate: float,
             sigma = _noise_leaving_room(config, sigma, steps, sample_rate, releases)
     else:
         sigma = float(config.noise_multiplier)
-        cap = max(1, math.floor(max_epochs / sample_rate + 1e-9))
+        cap = cap_steps(sample_rate, max_epochs)
         steps = max_steps(target_epsilon=config.epsilon, noise_multiplier=sigma, cap=cap,
                           releases=releases, **common)
         if steps < min(one_epoch, cap):
             _raise_too_little_noise(config, sigma, steps, one_epoch, sample_rate)
     spent = epsilon_after(steps, noise_multiplier=sigma, releases=releases, **common)
+    if spent < (1 - SPEND_TOLERANCE) * config.epsilon:  # spend the rounding remainder too
+        exact = noise_for_steps(target_epsilon=config.epsilon, steps=steps, **common)
+        if releases:
+            exact = _noise_leaving_room(config, exact, steps, sample_rate, releases)
+        sigma = min(sigma, exact)
+        spent = epsilon_after(steps, noise_multiplier=sigma, releases=releases, **common)
     return PrivacyPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
                        epsilon=spent, epsilon_target=config.epsilon, delta=config.delta,
                        accountant=config.accountant, validation_noise=config.validation_noise)

@@ -25,6 +25,7 @@ DROPPING_CRITERIA = ("random", "magnitude", "public-grad")
 ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_VALIDATION_FRACTION = 0.1
 
 
 class ConfigError(ValueError):
@@ -113,7 +114,8 @@ class _Section:
 
 
 def _nested_sections(cls: type) -> dict[str, type[_Section]]:
-    hints = {"DataConfig": DataConfig, "PublicConfig": PublicConfig, "ModelConfig": ModelConfig,
+    hints = {"DataConfig": DataConfig, "PublicConfig": PublicConfig,
+             "ValidationConfig": ValidationConfig, "ModelConfig": ModelConfig,
              "PruningConfig": PruningConfig, "DroppingConfig": DroppingConfig,
              "PrivacyConfig": PrivacyConfig, "OptimConfig": OptimConfig}
     out = {}
@@ -145,6 +147,26 @@ class PublicConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationConfig(_Section):
+    """Where the validation split (used to select hyperparameters) comes from, other than a
+    fraction of the training set: another ``dataset`` (its training split; private data,
+    disjoint from the training data), or the ``public`` split (``public: true``), which
+    then serves both public-data criteria and selection.
+    """
+
+    dataset: DataConfig | None = None
+    public: bool = False
+
+    def __post_init__(self) -> None:
+        c = _Checks("")
+        if not isinstance(self.public, bool):
+            c.fail("public", "must be true or false", self.public)
+        elif (self.dataset is None) == (not self.public):
+            c.fail("dataset", "give exactly one of dataset or public: true", self.dataset)
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig(_Section):
     """Which dataset to train on; see :mod:`trainables.data` for the registry."""
 
@@ -159,12 +181,23 @@ class DataConfig(_Section):
     test: DataConfig | None = None
     test_fraction: float = 0.2
     public: PublicConfig | None = None
+    validation_fraction: float | None = None
+    validation: ValidationConfig | None = None
 
     def __post_init__(self) -> None:
         c = _Checks("")
         c.choice("name", self.name, DATASETS)
         c.number("test_fraction", self.test_fraction, low=0.0, high=1.0, low_open=True,
                  high_open=True)
+        if self.validation_fraction is not None:
+            c.number("validation_fraction", self.validation_fraction, low=0.0, high=0.5)
+            if self.validation is not None and self.validation_fraction:
+                c.fail("validation_fraction", "give either validation_fraction or "
+                       "validation, not both", self.validation_fraction)
+        if (self.validation is not None and self.validation.public
+                and self.public is None):
+            c.fail("validation.public", "needs dataset.public (the public split)",
+                   self.validation.public)
         if self.name == "idx":
             for key in ("train_images", "train_labels"):
                 if not getattr(self, key):
@@ -174,6 +207,19 @@ class DataConfig(_Section):
                 c.fail("test_images", "an idx dataset needs test_images and test_labels, "
                        "or a test dataset", self.test_images)
         c.done()
+
+    @property
+    def carved_validation_fraction(self) -> float:
+        """The fraction of the training set carved off as the validation split: the given
+        ``validation_fraction``, else 0.1 unless ``validation`` names another source."""
+        if self.validation_fraction is not None:
+            return float(self.validation_fraction)
+        return 0.0 if self.validation is not None else DEFAULT_VALIDATION_FRACTION
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether trials of this dataset get a validation split."""
+        return self.validation is not None or self.carved_validation_fraction > 0
 
 
 @dataclass(frozen=True, kw_only=True)

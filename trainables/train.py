@@ -2,19 +2,22 @@
 
 ``train(config, report=...)`` reads top to bottom as the pipeline does:
 
-1. seed everything; load the data (private train split, test split, optional public);
+1. seed everything; load the data (private train split, validation split for selection, test
+   split for reporting, optional public);
 2. calibrate: the accountant turns (epsilon, delta, sigma, q) into a number of steps T;
 3. build the model and pre-prune it (masks, or a physically smaller network);
 4. wrap it for per-sample gradients and build the masked DP optimizer and its selector;
 5. resume from a checkpoint if one is given;
 6. train T Poisson-sampled steps, one epoch (ceil(1/q) steps) at a time; after each epoch
-   evaluate, checkpoint and report.
+   evaluate (validation and test), checkpoint and report.
 
 ``report(metrics, checkpoint_dir)`` is called once per epoch; the Ray Tune edge
 (:mod:`trainables.tune_trainable`) forwards it to ``ray.tune.report``.
 
 Note: ``train_loss`` is measured on the private training batches and is not itself
-protected by the DP guarantee; it is a diagnostic. Test metrics use the test split.
+protected by the DP guarantee; it is a diagnostic. Validation metrics (``val_*``) are what a
+study selects on; test metrics (``test_*``) are for reporting the selected configuration.
+Validation metrics computed on private examples are not themselves DP releases.
 """
 
 from __future__ import annotations
@@ -79,13 +82,12 @@ def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = Non
         train_loss, samples, train_s, kept = train_epoch(run, n_steps)
         progress.step += n_steps
         progress.epoch += 1
-        test_loss, test_acc = evaluate(run.model, run.data.test, run.config.eval_batch_size,
-                                       run.device)
+        scores = evaluate_splits(run)
         progress.elapsed_s += time.perf_counter() - started
-        released = release_dp_score(run) if progress.step >= run.plan.steps else {}
-        metrics = epoch_metrics(run, progress, train_loss=train_loss, test_loss=test_loss,
-                                test_acc=test_acc, samples_per_s=samples / train_s,
-                                kept=kept) | released
+        metrics = epoch_metrics(run, progress, train_loss=train_loss, scores=scores,
+                                samples_per_s=samples / train_s, kept=kept)
+        if progress.step >= run.plan.steps:
+            metrics |= release_dp_score(run)
         progress.history.append(metrics)
         save_checkpoint(run, progress, ckpt_dir)
         if report is not None:
@@ -235,6 +237,23 @@ def evaluate(model: nn.Module, split: Split, batch_size: int,
     return loss_sum / len(split), correct / len(split)
 
 
+def evaluate_splits(run: Run) -> dict[str, float | None]:
+    """``val_loss``/``val_accuracy`` (None without a validation split) and ``test_*``."""
+    batch, device = run.config.eval_batch_size, run.device
+    test_loss, test_acc = evaluate(run.model, run.data.test, batch, device)
+    val_loss = val_acc = None
+    if run.data.validation is not None:
+        val_loss, val_acc = evaluate(run.model, run.data.validation, batch, device)
+    return {"val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss,
+            "test_accuracy": test_acc}
+
+
+def _best(history: list[dict[str, Any]], key: str, value: float | None) -> float | None:
+    seen = [h.get(key) for h in history] + [value]
+    seen = [v for v in seen if v is not None]
+    return max(seen) if seen else None
+
+
 def release_dp_score(run: Run) -> dict[str, Any]:
     """At the end of training, the DP validation score (Gaussian noise on the count of
     correct validation predictions, charged to the accountant), when the plan has one."""
@@ -242,28 +261,39 @@ def release_dp_score(run: Run) -> dict[str, Any]:
     if not noise:
         return {}
     split = run.data.validation
+    if split is None:
+        raise ValueError("privacy.validation_noise: a DP validation score needs a "
+                         "validation split (got no validation split)")
     _, accuracy = evaluate(run.model, split, run.config.eval_batch_size, run.device)
     correct = round(accuracy * len(split))
     score = dp_accuracy(correct, len(split), noise, run.accountant)
+    with warnings.catch_warnings():  # PRV at sample rate 1 takes log(0) on a masked branch
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        spent = float(run.accountant.get_epsilon(delta=run.plan.delta))
     return {"val_accuracy_dp": score, "val_noise": noise, "val_releases": 1,
-            "epsilon_spent": float(run.accountant.get_epsilon(delta=run.plan.delta))}
+            "epsilon_spent": spent, "budget_used": spent / run.plan.epsilon_target}
 
 
 def epoch_metrics(run: Run, progress: checkpoint.Progress, *, train_loss: float,
-                  test_loss: float, test_acc: float, samples_per_s: float,
+                  scores: dict[str, float | None], samples_per_s: float,
                   kept: float) -> dict[str, Any]:
-    """The per-epoch report: progress, privacy spent, sparsity and speed."""
-    best = max([test_acc] + [h["test_accuracy"] for h in progress.history])
+    """The per-epoch report: progress, scores, privacy spent, sparsity and speed."""
     plan = run.plan
+    spent = float(run.accountant.get_epsilon(delta=plan.delta))
     return {
         "epoch": progress.epoch,
         "steps": progress.step,
         "epochs": progress.step * plan.sample_rate,
-        "test_accuracy": test_acc,
-        "best_test_accuracy": best,
-        "test_loss": test_loss,
+        "val_accuracy": scores["val_accuracy"],
+        "best_val_accuracy": _best(progress.history, "val_accuracy", scores["val_accuracy"]),
+        "val_loss": scores["val_loss"],
+        "test_accuracy": scores["test_accuracy"],
+        "best_test_accuracy": _best(progress.history, "test_accuracy",
+                                    scores["test_accuracy"]),
+        "test_loss": scores["test_loss"],
         "train_loss": train_loss if math.isfinite(train_loss) else float("nan"),
-        "epsilon_spent": float(run.accountant.get_epsilon(delta=plan.delta)),
+        "epsilon_spent": spent,
+        "budget_used": spent / plan.epsilon_target,
         "epsilon_target": plan.epsilon_target,
         "delta": plan.delta,
         "accountant": plan.accountant,
