@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection
+SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection,
+#                      DP validation score (val_accuracy_dp, val_noise, val_releases)
 SCHEMA_VERSION_KEY = "dpstudy.schema_version"
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
@@ -74,6 +75,12 @@ TRIALS_SCHEMA = _schema("trials", [
            "selects on)", "fraction"),
     _field("best_val_accuracy", _F, "best validation accuracy over all epochs", "fraction"),
     _field("val_loss", _F, "validation loss after the last epoch", "nats"),
+    _field("val_accuracy_dp", _F, "DP validation score: (correct + Gaussian noise) / n, "
+           "released once at the end of the trial; null without validation.noise", "fraction"),
+    _field("val_noise", _F, "std of the DP score's Gaussian noise on the count of correct "
+           "predictions (sensitivity 1)", "count"),
+    _field("val_releases", _I, "DP validation scores released (each counted in "
+           "epsilon_spent)", "releases"),
     _field("test_accuracy", _F, "test accuracy after the last epoch", "fraction"),
     _field("best_test_accuracy", _F, "best test accuracy over all epochs", "fraction"),
     _field("test_loss", _F, "test loss after the last epoch", "nats"),
@@ -200,6 +207,16 @@ def _read(uri: str, name: str, schema: pa.Schema) -> pa.Table:
     return _conform(pq.read_table(path, filesystem=fs), schema, path)
 
 
+def read_metadata(uri: str) -> dict[str, str]:
+    """The file-level metadata of ``trials.parquet`` (e.g. the study's privacy statement)."""
+    fs, path = _resolve(uri)
+    path = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{TRIALS_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
+    meta = pq.read_schema(path, filesystem=fs).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
 def read_trials(uri: str) -> pa.Table:
     """Read ``trials.parquet`` from a results directory/URI, or from a ``.parquet`` path."""
     return _read(uri, TRIALS_FILE, TRIALS_SCHEMA)
@@ -225,6 +242,7 @@ class ResultsStore:
         self._fs, self._dir = fs, path.rstrip("/")
         self._trials: dict[tuple[str, str], dict[str, Any]] = {}
         self._epochs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
         self._remove_leftovers()
         self._load()
 
@@ -280,7 +298,9 @@ class ResultsStore:
         return _coerce(EPOCHS_SCHEMA, full, what)
 
     def _all_trials(self) -> pa.Table:
-        return pa.Table.from_pylist(list(self._trials.values()), schema=TRIALS_SCHEMA)
+        schema = TRIALS_SCHEMA.with_metadata({**TRIALS_SCHEMA.metadata, **{
+            k.encode(): v.encode() for k, v in self.metadata.items()}})
+        return pa.Table.from_pylist(list(self._trials.values()), schema=schema)
 
     def _all_epochs(self) -> pa.Table:
         rows = [r for key in self._trials for r in self._epochs[key]]

@@ -28,7 +28,7 @@ from trainables.config import _Checks
 MODES = ("optimize", "private-selection")
 TRIAL_DISTRIBUTIONS = ("poisson", "geometric", "logarithmic", "truncated-negative-binomial")
 SELECTION_METRIC = "val_accuracy_dp"
-_BOUNDED = ("noise_multiplier", "batch_size", "epochs", "max_epochs")
+_BOUNDED = ("batch_size", "epochs", "max_epochs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +139,10 @@ def selection_problems(spec: Any) -> list[str]:
         if not private:
             out.append("privacy.scope: study needs search.mode: private-selection (the "
                        "selection bound is what makes a study budget) (got 'study')")
+        if spec.search.noise_multiplier is not None:
+            out.append(f"search.noise_multiplier: with privacy.scope: study the noise is "
+                       f"calibrated to the study budget; give search.epochs (fixed or "
+                       f"choices) instead (got {spec.search.noise_multiplier.to_dict()!r})")
         for name in _BOUNDED:
             p = getattr(spec.search, name)
             if p is not None and not p.is_fixed() and p.choices is None:
@@ -162,3 +166,9 @@ def selection_metric(spec: Any) -> tuple[str, str]:
     if spec.selection.private:
         return "val_accuracy", "max"
     return spec.objective.primary
+
+
+def selection_label(spec: Any) -> str:
+    """What the study selects on, as recorded in each results row."""
+    metric = selection_metric(spec)[0]
+    return metric if metric != spec.objective.primary[0] else ",".join(spec.objective.metrics)

@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from study.selection_spec import SelectionSpec, ValidationSpec, selection_problems
 from study.params import (
     DroppingSpec,
     Param,
@@ -32,6 +31,7 @@ from study.params import (
     trial_space,
     trial_values,
 )
+from study.selection_spec import SelectionSpec, ValidationSpec, selection_problems
 from trainables.config import (
     ACCOUNTANTS,
     DEVICES,

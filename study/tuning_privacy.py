@@ -25,6 +25,7 @@ the selection bound meets a study budget (E, D).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,10 +119,18 @@ def distribution_shape(distribution: str, shape: float | None = None) -> float:
 
 
 def epsilon_of(event: dp_event.DpEvent, delta: float) -> float:
-    """Epsilon of ``event`` at ``delta`` (RDP accounting)."""
-    acc = StudyRdpAccountant()
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    """Epsilon of ``event`` at ``delta`` (RDP accounting). dp-accounting drops, with a
+    warning, the few orders whose series does not converge (a conservative choice); the
+    warnings are silenced here."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc = StudyRdpAccountant()
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def worst_of(mechanisms: Sequence[TrialMechanism]) -> dp_event.DpEvent:
