@@ -244,7 +244,9 @@ def _summarise(summary: object, spec: object) -> int:
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:
-        metric = spec.objective.primary[0]
+        from study.selection_spec import selection_metric
+
+        metric = selection_metric(spec)[0]
         keys = dict.fromkeys(("trial_id", metric, "val_accuracy", "test_accuracy",
                               "epsilon_spent", "budget_used", "prune_rate", "drop_rate",
                               "clip_norm", "noise_multiplier", "learning_rate", "density"))

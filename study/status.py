@@ -29,7 +29,9 @@ def study_status(directory: str) -> str:
         spec = StudySpec.from_dict(yaml.safe_load(f))
     from study import selection
 
-    metric, mode = spec.objective.primary
+    from study.selection_spec import selection_metric
+
+    metric, mode = selection_metric(spec)
     counts = {"completed": 0, "stopped": 0, "failed": 0}
     rows: list[dict] = []
     try:
