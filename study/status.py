@@ -28,7 +28,6 @@ def study_status(directory: str) -> str:
     with open(os.path.join(directory, SPEC_FILE), encoding="utf-8") as f:
         spec = StudySpec.from_dict(yaml.safe_load(f))
     from study import selection
-
     from study.selection_spec import selection_metric
 
     metric, mode = selection_metric(spec)
