@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from study import private_selection as ps
+from study.release import ReleaseError, release
 from study.results import ResultsStore
 from study.spec import SpecError, StudySpec
 from study.status import study_privacy_lines
-from study.release import ReleaseError, release
 from study.tuning_privacy import (
     TrialMechanism,
     composition_epsilon,
