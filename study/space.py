@@ -69,6 +69,14 @@ class NoiseBudget:
         q = min(1.0, float(batch_size) / self.n)
         return _interval(self.epsilon, self.delta, self.accountant, q, float(max_epochs))
 
+    def common_interval(self, batch_size: Param, max_epochs: Param) -> tuple[float, float]:
+        """The noise multipliers that spend the budget at *every* batch size and epoch cap
+        the parameters allow (empty when low > high). Noise ``choices`` are cut to this
+        fixed interval: Optuna needs the same categorical choices in every trial."""
+        ends = [self.interval(b, e) for b, e in
+                itertools.product(extremes(batch_size), extremes(max_epochs))]
+        return max(low for low, _ in ends), min(high for _, high in ends)
+
 
 def noise_budget(spec: StudySpec, n: int) -> NoiseBudget | None:
     """The :class:`NoiseBudget` of a spec that searches the noise multiplier (None when it
@@ -86,6 +94,15 @@ def check_space(spec: StudySpec, budget: NoiseBudget | None) -> None:
     if budget is None or p is None:
         return
     problems = []
+    if p.choices is not None:
+        low, high = budget.common_interval(spec.search.batch_size, spec.search.max_epochs)
+        if not admissible(p, low, high):
+            problems.append(
+                f"search.noise_multiplier: at least one choice must spend "
+                f"epsilon={budget.epsilon:g} (delta={budget.delta:g}) in one to max_epochs "
+                f"epochs at every batch size the spec allows, i.e. lie in "
+                f"[{low:.3f}, {high:.3f}] (an empty interval: give a range instead) "
+                f"(got {list(p.choices)})")
     for batch, epochs in itertools.product(extremes(spec.search.batch_size),
                                            extremes(spec.search.max_epochs)):
         low, high = budget.interval(batch, epochs)
@@ -123,9 +140,13 @@ def suggest(trial: optuna.Trial, *, space: dict[str, Param | tuple[str, ...]],
                 trial.suggest_categorical(name, list(param))
             continue
         if name == "noise_multiplier" and budget is not None:
-            batch = trial.params.get("batch_size", space["batch_size"].value)
-            epochs = trial.params.get("max_epochs", space["max_epochs"].value)
-            _suggest_noise(trial, param, *budget.interval(batch, epochs))
+            if param.choices is not None:
+                low, high = budget.common_interval(space["batch_size"], space["max_epochs"])
+            else:
+                low, high = budget.interval(
+                    trial.params.get("batch_size", space["batch_size"].value),
+                    trial.params.get("max_epochs", space["max_epochs"].value))
+            _suggest_noise(trial, param, low, high)
             continue
         kind = param.distribution_kind()
         if kind == "categorical":

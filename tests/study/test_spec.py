@@ -22,11 +22,40 @@ from study.spec import (
 from trainables.config import ConfigError, TrialConfig
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+#: A spec that searches every kind of parameter (ranges, log, fixed), the base of the tests.
+BASE = """
+name: quickstart
+seed: 0
+dataset: {name: mnist-5k}
+model: {name: cnn-mnist}
+device: auto
+privacy: {epsilon: 3.0, delta: 1.0e-5, accountant: prv}
+pruning: {criterion: random, scope: global, granularity: unstructured}
+dropping: {criterion: random}
+optimizer: {name: sgd, momentum: 0.0, weight_decay: 0.0}
+search:
+  prune_rate: {low: 0.0, high: 0.9}
+  drop_rate: {low: 0.0, high: 0.9}
+  clip_norm: {low: 0.1, high: 4.0, log: true}
+  noise_multiplier: {low: 0.6, high: 3.0}
+  learning_rate: {low: 0.05, high: 4.0, log: true}
+  batch_size: 256
+  max_epochs: 3
+trials: 4
+max_concurrent: 2
+resources_per_trial: {cpu: 1, gpu: 0}
+max_failures: 2
+objective: {metrics: [val_accuracy], modes: [max]}
+sampler: tpe
+scheduler: {name: asha, grace_period: 1}
+storage: ~/dpstudy-runs
+results: results/quickstart
+"""
 
 
 def base() -> dict[str, Any]:
-    """A fresh copy of the quickstart spec as a plain dict."""
-    return yaml.safe_load(QUICKSTART.read_text())
+    """A fresh copy of the base spec as a plain dict."""
+    return yaml.safe_load(BASE)
 
 
 def problems_of(data: Any) -> list[str]:
@@ -63,16 +92,18 @@ _DELETE = object()
 
 def test_quickstart_parses() -> None:
     spec = load_spec(QUICKSTART)
-    assert spec.name == "quickstart" and spec.trials == 4 and spec.max_concurrent == 2
+    assert spec.name == "quickstart" and spec.trials == 6 and spec.max_concurrent == 2
     assert spec.dataset.name == "mnist-5k" and spec.model.name == "cnn-mnist"
+    assert spec.dataset.carved_validation_fraction == 0.1
     assert spec.privacy.epsilon == 3.0 and spec.privacy.delta == 1e-5
-    assert spec.search.max_epochs.value == 3 and spec.search.epochs is None
-    assert spec.search.clip_norm.log and spec.search.clip_norm.distribution_kind() == "float"
-    assert spec.search.batch_size.is_fixed()
+    assert spec.search.max_epochs.value == 8 and spec.search.epochs is None
+    assert spec.search.noise_multiplier.distribution_kind() == "float"
+    assert spec.search.prune_rate.choices == (0.0, 0.5, 0.8)
     assert spec.search.batch_size.distribution_kind() == "fixed"
-    assert spec.scheduler.name == "asha" and spec.scheduler.grace_period == 1
-    assert spec.pruning.criterion == ("random",) and spec.dropping.criterion == ("random",)
-    assert spec.objective.primary == ("test_accuracy", "max") and not spec.objective.multi
+    assert spec.scheduler.name == "asha" and spec.scheduler.grace_period == 3
+    assert spec.objective.primary == ("val_accuracy", "max") and not spec.objective.multi
+    assert spec.objective.selection_split == "validation"
+    assert spec.confirm.top == 1 and spec.confirm.seeds == 3 and spec.baseline_trial
     assert spec.results == "results/quickstart"
     assert spec.storage_path == os.path.expanduser("~/dpstudy-runs")
 
@@ -101,7 +132,8 @@ def test_round_trip() -> None:
     rich["search"] = {"prune_rate": [0.0, 0.5], "clip_norm": 1.0, "epochs": {"low": 1, "high": 5},
                       "learning_rate": {"low": 0.1, "high": 2.0, "step": 0.1},
                       "batch_size": {"low": 64, "high": 512}, "max_epochs": 5}
-    rich["objective"] = {"metrics": ["test_accuracy", "trial_cost"]}
+    rich["objective"] = {"metrics": ["val_accuracy", "trial_cost"]}
+    rich["confirm"] = {"top": 2, "seeds": 4}
     rich["scheduler"] = "asha"
     rich["storage"] = "s3://bucket/runs"
     spec = StudySpec.from_dict(rich)
@@ -157,7 +189,21 @@ def test_wrong_types(path: str, value: Any, field: str, rule: str) -> None:
     ("max_failures", -1, "max_failures", "must be >= 0 (got -1)"),
     ("device", "tpu", "device", "must be one of auto, cpu, cuda (got 'tpu')"),
     ("sampler", "cmaes", "sampler", "must be one of tpe, random, nsgaii, gp"),
-    ("objective.metrics", ["accuracy"], "objective.metrics[0]", "must be one of test_accuracy"),
+    ("objective.metrics", ["accuracy"], "objective.metrics[0]", "must be one of val_accuracy"),
+    ("objective.metrics", ["test_accuracy"], "objective.metrics",
+     "selecting on a test metric biases the reported test accuracy"),
+    ("objective.allow_test_selection", "yes", "objective.allow_test_selection",
+     "must be true or false"),
+    ("dataset.validation_fraction", 0, "objective.metrics",
+     "selecting on a validation metric needs a validation split"),
+    ("dataset.validation_fraction", 0.9, "dataset.validation_fraction", "must be <= 0.5"),
+    ("dataset.validation", {"public": True}, "dataset.validation.public",
+     "needs dataset.public"),
+    ("dataset.validation", {}, "dataset.validation.dataset",
+     "give exactly one of dataset or public: true"),
+    ("confirm.seeds", 1, "confirm.seeds", "must be >= 2 (got 1)"),
+    ("confirm.top", "two", "confirm.top", "must be an integer"),
+    ("baseline_trial", "no", "baseline_trial", "must be true or false"),
     ("objective.modes", ["max", "min"], "objective.modes", "must give one mode per metric (1)"),
     ("objective.metrics", ["test_accuracy", "density", "test_loss"], "objective.metrics",
      "must list 1 or 2 metrics"),
@@ -306,7 +352,7 @@ def _sampled(**over: Any) -> dict[str, Any]:
 
 
 def test_trial_config_accepted_by_trial_config() -> None:
-    spec = load_spec(QUICKSTART)
+    spec = StudySpec.from_dict(base())
     cfg = spec.trial_config(_sampled())
     trial = TrialConfig.from_dict(cfg)
     assert trial.pruning.rate == 0.3 and trial.dropping.rate == 0.5
@@ -318,6 +364,7 @@ def test_trial_config_accepted_by_trial_config() -> None:
     assert trial.pruning.criterion == "random" and trial.dataset.name == "mnist-5k"
     assert trial.seed == 0 and trial.device == "auto" and trial.optim.name == "sgd"
     assert trial.to_dict()["pruning"] == cfg["pruning"]
+    assert TrialConfig.from_dict(spec.trial_config(_sampled(), seed=7)).seed == 7
 
 
 def test_trial_config_with_epochs_and_categoricals() -> None:
@@ -339,7 +386,7 @@ def test_trial_config_with_epochs_and_categoricals() -> None:
 
 
 def test_trial_config_rejects_missing_and_unknown() -> None:
-    spec = load_spec(QUICKSTART)
+    spec = StudySpec.from_dict(base())
     params = _sampled()
     del params["clip_norm"]
     with pytest.raises(ValueError, match="clip_norm is searched"):
@@ -410,13 +457,14 @@ def test_check_against_data_missing_files(fake_data: types.ModuleType) -> None:
 
 
 def test_check_against_real_mnist_5k() -> None:
-    """delta >= 1/n with the real mnist-5k (4000 training examples by default)."""
+    """delta >= 1/n with the real mnist-5k: n = 3600 training examples by default (4000
+    less the 10% validation split)."""
     pytest.importorskip("trainables.data")
     spec = StudySpec.from_dict(with_("privacy.delta", 1e-3))
     with pytest.raises(SpecError) as info:
         check_against_data(spec, cluster=True)
     assert info.value.problems == [
-        "privacy.delta: must be < 1/n = 0.00025 for n = 4000 training examples (got 0.001)"]
+        "privacy.delta: must be < 1/n = 0.000278 for n = 3600 training examples (got 0.001)"]
 
 
 def test_check_against_real_public_too_large() -> None:
@@ -425,4 +473,4 @@ def test_check_against_real_public_too_large() -> None:
     with pytest.raises(SpecError) as info:
         check_against_data(spec, cluster=True)
     (problem,) = info.value.problems
-    assert problem.startswith("dataset.public.size: must be smaller than the 4000")
+    assert problem.startswith("dataset.public.size: must be smaller than the 3600")
