@@ -35,11 +35,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from study import runner
 
     spec, budget = runner.prepare(args.spec, cluster=bool(args.address))
+    from study.selection_spec import selection_label
+
     _print_study_budget(spec)
     print(f"[{spec.name}] {spec.trials or 'a drawn number of'} trials at epsilon="
           f"{spec.privacy.epsilon:g}, "
           f"delta={spec.privacy.delta:g}, selecting on {spec.objective.selection_split} "
-          f"({', '.join(spec.objective.metrics)}); experiment {runner.experiment_dir(spec)}; "
+          f"({selection_label(spec)}); experiment {runner.experiment_dir(spec)}; "
           f"results {spec.results_path}", flush=True)
     code = _summarise(runner.run(spec, budget, address=args.address), spec)
     if spec.confirm is not None and code == EXIT_OK:
