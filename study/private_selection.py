@@ -95,8 +95,10 @@ def continuous_ranges(spec: StudySpec) -> list[str]:
 
 def designs(spec: StudySpec, n: int) -> list[tuple[float, float, float | None]]:
     """Every (batch size, epochs or epoch cap, noise multiplier or None) a trial can draw."""
-    epochs = _values(spec, "epochs") or _values(spec, "max_epochs")
-    noises = _values(spec, "noise_multiplier") or [None]
+    epochs = _values(spec, "epochs")
+    epochs = epochs if epochs is not None else _values(spec, "max_epochs")
+    noises = _values(spec, "noise_multiplier")
+    noises = noises if noises is not None else [None]
     return [(float(b), float(e), s) for b, e, s in itertools.product(
         _values(spec, "batch_size"), epochs, noises)]
 
