@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from study.selection_spec import validation_public
+from study.selection_spec import validation_noise, validation_public
 from study.spec import SpecError, StudySpec
 from study.tuning_privacy import (
     StudyPrivacy,
@@ -106,7 +106,7 @@ def designs(spec: StudySpec, n: int) -> list[tuple[float, float, float | None]]:
 def possible_mechanisms(spec: StudySpec, n: int,
                         noise: float | None = None) -> list[TrialMechanism]:
     """Each mechanism one trial can run (``noise``: the calibrated study-scope noise)."""
-    val_noise = spec.validation.noise
+    val_noise = validation_noise(spec)
     releases = 1 if val_noise else 0
     out = []
     for batch, epochs, sigma in designs(spec, n):
@@ -152,7 +152,7 @@ def plan_study_budget(spec: StudySpec, n: int) -> StudyBudget | None:
     """Calibrate the per-trial noise of a ``scope: study`` spec (None for scope: trial)."""
     if spec.privacy.scope != "study":
         return None
-    t, val_noise = spec.selection.trials, spec.validation.noise
+    t, val_noise = spec.selection.trials, validation_noise(spec)
     points = [(min(1.0, b / n), cap_steps(min(1.0, b / n), e)) for b, e, _ in designs(spec, n)]
     try:
         sigma = calibrate_noise(epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
@@ -200,7 +200,7 @@ def assumptions(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
     """Why the selection bound does not apply to this study (empty: it applies)."""
     failed = selection_assumptions(
         mode=spec.selection.mode, sampler=spec.sampler, scheduler=spec.scheduler.name,
-        scores_private=not validation_public(spec), scores_dp=spec.validation.noise is not None)
+        scores_private=not validation_public(spec), scores_dp=spec.validation.dp)
     failed += [f"{name} is a continuous range: one trial's mechanism has no finite worst "
                f"case (give a fixed value or choices)" for name in continuous_ranges(spec)]
     if any(r.get("stage") == "confirm" for r in rows):

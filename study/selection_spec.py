@@ -18,6 +18,7 @@ case for noise, batch size and epochs), each ``"<field>: <rule> (got <value>)"``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -101,15 +102,50 @@ class SelectionSpec(_Spec):
 @dataclass(frozen=True, kw_only=True)
 class ValidationSpec(_Spec):
     """The DP validation score: Gaussian noise of std ``noise`` on the count of correct
-    predictions, released once at the end of each trial (None: no DP score)."""
+    predictions, released once at the end of each trial; or ``share``: the noise whose
+    release alone costs that fraction of ``privacy.epsilon`` (at ``privacy.delta``).
+    Neither: no DP score."""
 
     noise: float | None = None
+    share: float | None = None
 
     def __post_init__(self) -> None:
         c = _Checks("")
+        if self.noise is not None and self.share is not None:
+            c.fail("noise", "give either noise or share, not both", self.noise)
         if self.noise is not None:
             c.number("noise", self.noise, low=0.0, low_open=True)
+        if self.share is not None:
+            c.number("share", self.share, low=0.0, high=1.0, low_open=True, high_open=True)
         c.done()
+
+    @property
+    def dp(self) -> bool:
+        """Whether trials release a DP validation score."""
+        return self.noise is not None or self.share is not None
+
+    def noise_for(self, epsilon: float, delta: float) -> float | None:
+        """The noise std on the count: ``noise``, or calibrated from ``share``."""
+        if self.share is None:
+            return self.noise
+        return share_noise(self.share * epsilon, delta)
+
+
+@functools.lru_cache(maxsize=32)
+def share_noise(epsilon: float, delta: float) -> float:
+    """The noise multiplier of one Gaussian release (sensitivity 1) that costs ``epsilon``
+    at ``delta`` (dp-accounting's calibrator on its RDP accountant)."""
+    from dp_accounting import dp_event
+    from dp_accounting.mechanism_calibration import calibrate_dp_mechanism
+    from dp_accounting.rdp import RdpAccountant
+
+    return float(calibrate_dp_mechanism(RdpAccountant, dp_event.GaussianDpEvent, epsilon,
+                                        delta, tol=1e-4))
+
+
+def validation_noise(spec: Any) -> float | None:
+    """The std of a trial's DP score noise (None: no DP score)."""
+    return spec.validation.noise_for(spec.privacy.epsilon, spec.privacy.delta)
 
 
 def selection_problems(spec: Any) -> list[str]:
@@ -124,7 +160,7 @@ def selection_problems(spec: Any) -> list[str]:
         if spec.scheduler.name != "none":
             out.append(f"scheduler: private-selection needs none (ASHA compares trials "
                        f"with each other) (got {spec.scheduler.name!r})")
-        if spec.validation.noise is None and not validation_public(spec):
+        if not spec.validation.dp and not validation_public(spec):
             out.append("validation.noise: private-selection on a private validation split "
                        "selects by a DP score; give the noise std on the count of correct "
                        "predictions, or use dataset.validation: {public: true} (got None)")
@@ -132,9 +168,9 @@ def selection_problems(spec: Any) -> list[str]:
         if spec.objective.multi or metric[0] not in (SELECTION_METRIC, "val_accuracy"):
             out.append(f"objective.metrics: private-selection selects by "
                        f"{selection_metric(spec)[0]} (got {list(metric)!r})")
-    if spec.validation.noise is not None and not spec.dataset.has_validation:
-        out.append(f"validation.noise: a DP validation score needs a validation split (set "
-                   f"dataset.validation_fraction > 0) (got {spec.validation.noise!r})")
+    if spec.validation.dp and not spec.dataset.has_validation:
+        out.append(f"validation: a DP validation score needs a validation split (set "
+                   f"dataset.validation_fraction > 0) (got {spec.validation.to_dict()!r})")
     if spec.privacy.scope == "study":
         if not private:
             out.append("privacy.scope: study needs search.mode: private-selection (the "
@@ -161,7 +197,7 @@ def validation_public(spec: Any) -> bool:
 def selection_metric(spec: Any) -> tuple[str, str]:
     """The metric (and mode) that picks the study's best trial: the DP score when there is
     one, plain validation accuracy on a public split, else the objective."""
-    if spec.validation.noise is not None:
+    if spec.validation.dp:
         return SELECTION_METRIC, "max"
     if spec.selection.private:
         return "val_accuracy", "max"

@@ -399,7 +399,8 @@ class StudySpec(_Spec):
             "dropping": {"rate": v["drop_rate"], "criterion": v["dropping_criterion"]},
             "privacy": {"epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
                         "accountant": self.privacy.accountant,
-                        "validation_noise": self.validation.noise,
+                        "validation_noise": self.validation.noise_for(
+                            self.privacy.epsilon, self.privacy.delta),
                         "noise_multiplier": v.get("noise_multiplier"), "epochs": v.get("epochs")},
             "optim": {**self.optimizer.to_dict(), "learning_rate": v["learning_rate"],
                       "clip_norm": v["clip_norm"], "batch_size": v["batch_size"],

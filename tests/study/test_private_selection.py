@@ -220,3 +220,18 @@ def test_private_selection_study_runs_states_and_releases(tmp_path: Path) -> Non
     assert "seed" not in text and "test_accuracy" not in text and "val_accuracy\"" not in text
     again = cli("release", str(tmp_path / "results"), "--out", str(tmp_path / "rel"))
     assert again.returncode == 2 and "empty directory" in again.stderr
+
+
+def test_validation_noise_from_a_share_of_the_budget() -> None:
+    from dp_accounting.dp_event import GaussianDpEvent
+
+    spec = spec_of(validation={"share": 0.1})
+    noise = spec.trial_config({"prune_rate": 0.0, "learning_rate": 2.0, "batch_size": 256,
+                               "epochs": 1})["privacy"]["validation_noise"]
+    assert epsilon_of(GaussianDpEvent(noise), 1e-5) == pytest.approx(0.3, rel=1e-3)
+    budget = ps.plan_study_budget(spec, ps.train_size(spec))
+    assert budget.epsilon <= 3.0
+    both = problems(validation={"noise": 5.0, "share": 0.1})
+    assert any(p.startswith("validation.noise: give either noise or share") for p in both)
+    assert any(p.startswith("validation.share: must be < 1") for p in
+               problems(validation={"share": 1.5}))
