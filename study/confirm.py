@@ -81,6 +81,28 @@ def plan(rows: list[Row], *, metric: str, mode: str, top: int, seeds: int, base_
                 top_ids=tuple(r["trial_id"] for r in chosen), runs=runs)
 
 
+def recorded_plan(rows: list[Row], *, metric: str, mode: str) -> Plan | None:
+    """The plan behind the confirmation runs recorded in ``rows`` (for reports): the
+    confirmed configurations in search-rank order, their seeds, and the one with prune
+    rate 0 and drop rate 0 as baseline (a baseline named with ``--baseline`` that prunes
+    or drops is not recognised here). None when nothing was confirmed."""
+    runs = [r for r in rows if r.get("stage") == "confirm"]
+    if not runs:
+        return None
+    confirmed = {r["config_id"] for r in runs}
+    search = {r["trial_id"]: r for r in rows if selection.is_search(r)}
+    configs = [search[c] for c in sorted(confirmed) if c in search]
+    order = {r["trial_id"]: i for i, r in enumerate(selection.ranked(rows, metric, mode))}
+    configs.sort(key=lambda r: order.get(r["trial_id"], len(order)))
+    base = next((c for c in configs if selection.is_baseline(c)), None)
+    others = [order.get(c["trial_id"], len(order)) for c in configs if c is not base]
+    base_is_top = base is not None and (not others or order.get(base["trial_id"],
+                                                                len(order)) < max(others))
+    top = tuple(c["trial_id"] for c in configs if c is not base or base_is_top)
+    return Plan(configs=tuple(configs), baseline=base, metric=metric, top_ids=top,
+                seeds=tuple(sorted({int(r["seed"]) for r in runs})))
+
+
 def pending(p: Plan, rows: list[Row]) -> list[Row]:
     """The runs of ``p`` that have no completed row yet."""
     done = {r["trial_id"] for r in rows

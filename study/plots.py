@@ -139,7 +139,7 @@ def plot_heatmap(trials: pd.DataFrame, path: str) -> None:
         ax.set(xticks=ticks, yticks=ticks, xlabel="drop rate (bin)",
                ylabel="prune rate (bin)", title=label)
     fig.colorbar(image, ax=axes, label="best test accuracy")
-    fig.suptitle("Best test accuracy per prune rate × drop rate bin (completed trials)")
+    fig.suptitle("Best test accuracy per prune × drop bin\n(completed trials)")
     _save(fig, path)
 
 
@@ -232,26 +232,40 @@ def plot_importances(importances: dict[str, float], method: str, path: str) -> N
     _save(fig, path)
 
 
-def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: str) -> None:
-    """Test accuracy per epoch for every trial; the top completed trials highlighted."""
+def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: str,
+                         rank_by: str = "test_accuracy") -> None:
+    """Test accuracy after each epoch of every trial, against epochs (left) and against the
+    epsilon spent so far (right); the top completed trials by ``rank_by`` (the study's
+    selection metric) highlighted."""
     ep = epochs.dropna(subset=["test_accuracy"]).sort_values(["trial_id", "epoch"])
     if ep.empty:
         raise SkipFigure("no epoch rows with a test accuracy")
-    done = trials[trials["status"] == "completed"].dropna(subset=["test_accuracy"])
-    top = done.sort_values("test_accuracy", ascending=False, kind="mergesort").head(TOP_CURVES)
+    rank_by = rank_by if rank_by in trials and trials[rank_by].notna().any() else "test_accuracy"
+    done = trials[trials["status"] == "completed"].dropna(subset=[rank_by])
+    top = done.sort_values(rank_by, ascending=False, kind="mergesort").head(TOP_CURVES)
     top_ids = list(top["trial_id"])
-    fig, (ax,) = _figure(width=7.0)
-    for tid, g in ep.groupby("trial_id", sort=False):
-        if tid not in top_ids:
-            ax.plot(g["epoch"], g["test_accuracy"], color="0.7", lw=1, alpha=0.8)
-    for rank, (tid, acc) in enumerate(zip(top_ids, top["test_accuracy"], strict=True), 1):
-        g = ep[ep["trial_id"] == tid]
-        ax.plot(g["epoch"], g["test_accuracy"], marker="o", lw=2,
-                label=f"#{rank} {tid} ({acc:.3f})")
-    ax.plot([], [], color="0.7", label="other trials")
-    ax.set(xlabel="epoch", ylabel="test accuracy",
-           title=f"Learning curves (top {len(top_ids)} completed trials highlighted)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    panels = [("epoch", "epoch")]
+    if "epsilon_spent" in ep and ep["epsilon_spent"].notna().any():
+        panels.append(("epsilon_spent", "ε spent"))
+    fig, axes = _figure(len(panels), width=6.0, sharey=True)
+    for ax, (x, xlabel) in zip(axes, panels, strict=True):
+        for tid, g in ep.groupby("trial_id", sort=False):
+            if tid not in top_ids:
+                ax.plot(g[x], g["test_accuracy"], color="0.7", lw=1, alpha=0.8)
+        for rank, (tid, score) in enumerate(zip(top_ids, top[rank_by], strict=True), 1):
+            g = ep[ep["trial_id"] == tid]
+            ax.plot(g[x], g["test_accuracy"], marker="o", lw=2,
+                    label=f"#{rank} {tid} ({rank_by} {score:.3f})")
+        ax.plot([], [], color="0.7", label="other trials")
+        ax.set(xlabel=xlabel, ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    if len(panels) > 1:
+        targets = trials["epsilon_target"].dropna().unique()
+        for eps in targets:
+            axes[1].axvline(float(eps), color="tab:red", ls="--", lw=1)
+        axes[1].set_title("vs privacy spent (dashed: ε target)", fontsize=10)
+    axes[0].set_title("vs epochs", fontsize=10)
+    fig.suptitle(f"Learning curves (top {len(top_ids)} completed trials by {rank_by})")
     _save(fig, path)

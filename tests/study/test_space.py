@@ -134,7 +134,8 @@ def test_random_specs_every_trial_spends_97_to_100_percent(accountant: str) -> N
             check_space(s, budget)
         except SpecError:
             continue  # the range misses the interval: rejected before any trial runs
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=rng.randrange(10**6)))
+        sampler = optuna.samplers.RandomSampler(seed=rng.randrange(10**6))
+        study = optuna.create_study(sampler=sampler)
         trial = study.ask()
         suggest(trial, space=s.parameters(), budget=budget)
         p = trial.params
