@@ -207,9 +207,11 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     save_spec(spec, directory)
     save_spec(spec, spec.results_path, results_spec_name(spec.name))
-    spec = dataclasses.replace(spec, trials=private_selection.trial_count(spec, directory))
-    if spec.trials == 0:  # a Poisson draw of 0: the study runs and releases nothing
+    count = private_selection.trial_count(spec, directory)
+    if count == 0:  # a Poisson draw of 0: the study runs and releases nothing
+        print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
         return _finish(spec, [], directory)
+    spec = dataclasses.replace(spec, trials=count)
     tuner = tune.Tuner(
         make_trainable(spec),
         tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
@@ -222,7 +224,10 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
 def resume(directory: str, *, address: str | None = None) -> Summary:
     """Finish an interrupted study from its experiment directory."""
     spec = read_spec(directory)
-    spec = dataclasses.replace(spec, trials=private_selection.trial_count(spec, directory))
+    count = private_selection.trial_count(spec, directory)
+    if count == 0:
+        return _finish(spec, [], directory)
+    spec = dataclasses.replace(spec, trials=count)
     init_ray(address)
     if not tune.Tuner.can_restore(directory):
         raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
