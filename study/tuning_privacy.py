@@ -272,7 +272,7 @@ def calibrate_noise(*, epsilon: float, delta: float, designs: Sequence[tuple[flo
     while spent(high) > epsilon:
         high *= 2
         if high > 1e4:
-            raise ValueError(f"epsilon: the study budget {epsilon:g} cannot be met even "
+            raise ValueError(f"the study budget {epsilon:g} cannot be met even "
                              f"with noise multiplier 1e4 (the validation releases or the "
                              f"number of trials cost too much)")
     low = high / 2
