@@ -20,7 +20,9 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from study.private_selection import study_privacy_metadata
 from study.results import ResultsStore
+from study.selection_spec import selection_label
 from study.spec import StudySpec
 
 PARAM_COLUMNS = ("prune_rate", "drop_rate", "clip_norm", "learning_rate", "batch_size")
@@ -28,7 +30,8 @@ RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used
                   "accountant", "steps", "epochs", "density", "val_accuracy",
                   "best_val_accuracy", "val_loss", "test_accuracy", "best_test_accuracy",
                   "test_loss", "wall_time_s", "samples_per_s", "device", "num_params",
-                  "trainable_params", "noise_multiplier")
+                  "trainable_params", "noise_multiplier", "val_accuracy_dp", "val_noise",
+                  "val_releases")
 EPOCH_COLUMNS = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss",
                  "train_loss", "epsilon_spent", "budget_used", "steps", "wall_time_s",
                  "samples_per_s")
@@ -62,7 +65,7 @@ def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
     row: dict[str, Any] = {
         "study": spec.name, "trial_id": trial_id, "status": status, "seed": config["seed"],
         "stage": stage, "config_id": config_id, "params": json.dumps(params, sort_keys=True),
-        "selection_metric": ",".join(spec.objective.metrics),
+        "selection_metric": selection_label(spec),
         "selection_split": spec.objective.selection_split,
         "noise_multiplier": config["privacy"]["noise_multiplier"],
         "epsilon_target": spec.privacy.epsilon, "delta": spec.privacy.delta,
@@ -126,6 +129,7 @@ class StudyCallback(Callback):
         status = trial_status(result, error is not None)
         row = trial_row(self.spec, trial_id, params, result, status=status, error=error)
         self.store.add_trial(row, epoch_rows(result))
+        self.store.metadata.update(study_privacy_metadata(self.spec, self.store))
         self.store.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

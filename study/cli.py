@@ -40,9 +40,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from study import runner
 
     spec, budget = runner.prepare(args.spec, cluster=bool(args.address))
-    print(f"[{spec.name}] {spec.trials} trials at epsilon={spec.privacy.epsilon:g}, "
+    from study.selection_spec import selection_label
+
+    _print_study_budget(spec)
+    print(f"[{spec.name}] {spec.trials or 'a drawn number of'} trials at epsilon="
+          f"{spec.privacy.epsilon:g}, "
           f"delta={spec.privacy.delta:g}, selecting on {spec.objective.selection_split} "
-          f"({', '.join(spec.objective.metrics)}); experiment {runner.experiment_dir(spec)}; "
+          f"({selection_label(spec)}); experiment {runner.experiment_dir(spec)}; "
           f"results {spec.results_path}", flush=True)
     summary = runner.run(spec, budget, address=args.address)
     return _then_confirm(runner, spec, summary, args.address)
@@ -60,6 +64,44 @@ def _then_confirm(runner: object, spec: object, summary: object, address: str | 
             return EXIT_INTERRUPTED
         return _confirm(runner, spec, spec.confirm.top, spec.confirm.seeds, None, address)
     return code
+
+
+def _print_study_budget(spec: object) -> None:
+    """Per-trial vs study budget, before running (scope: study or private selection)."""
+    from study import private_selection
+
+    s = spec
+    n = private_selection.train_size(s)
+    budget = private_selection.plan_study_budget(s, n)
+    if budget is not None:
+        print(f"[{s.name}] {budget.describe(s)}", flush=True)
+    elif s.selection.private:
+        t = s.selection.trials
+        bound = "n/a (" + "; ".join(private_selection.assumptions(s, [])) + ")"
+        if not private_selection.assumptions(s, []):
+            value = private_selection.selection_epsilon(
+                private_selection.possible_mechanisms(s, n), mean=t.mean,
+                shape=t.event_shape, delta=s.privacy.delta)
+            bound = f"{value:.3f}"
+        print(f"[{s.name}] per trial epsilon={s.privacy.epsilon:g}; study (only the selected "
+              f"result released) epsilon {bound}, delta={s.privacy.delta:g}", flush=True)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Write only what a private-selection study's guarantee covers."""
+    from study import runner
+    from study.release import release
+    from study.results import read_trials
+
+    results = _results_uri(args.results)
+    spec = runner.find_spec(results, args.study)
+    rows = [r for r in read_trials(results).to_pylist() if r.get("study") == spec.name]
+    experiment = os.path.expanduser(args.experiment or runner.experiment_dir(spec))
+    done = release(spec, rows, results, args.out, experiment=experiment)
+    print(f"[{spec.name}] released trial {done.trial_id} (DP score {done.score:.4f}) at "
+          f"study epsilon {done.epsilon:.3f}, delta {done.delta:g} into {done.directory}; "
+          f"see PRIVATE.txt for what must stay private")
+    return EXIT_OK
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
@@ -251,7 +293,9 @@ def _summarise(summary: object, spec: object) -> int:
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:
-        metric = spec.objective.primary[0]
+        from study.selection_spec import selection_metric
+
+        metric = selection_metric(spec)[0]
         keys = dict.fromkeys(("trial_id", metric, "val_accuracy", "test_accuracy",
                               "epsilon_spent", "budget_used", "prune_rate", "drop_rate",
                               "clip_norm", "noise_multiplier", "learning_rate", "density"))
@@ -322,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the best one with prune rate 0 and drop rate 0, if any)")
     p.add_argument("--study", help="study name, when several share the results directory")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p = add("release", cmd_release, "write only what a private-selection study's "
+            "guarantee covers: chosen configuration, weights, DP score, study epsilon")
+    p.add_argument("results", help="results directory or URI, or a study name")
+    p.add_argument("--out", required=True, help="new or empty output directory")
+    p.add_argument("--study", help="study name, when several share the results directory")
+    p.add_argument("--experiment", help="experiment directory STORAGE/NAME (default: from "
+                   "the spec)")
     p = add("report", cmd_report, "write PNG plots and an HTML/Markdown report")
     p.add_argument("results", help="results directory or URI, or a study name")
     p.add_argument("--out", help="output directory (default: RESULTS/report)")
@@ -365,7 +416,7 @@ def _report_error(err: Exception) -> int:
         print(f"error: {err}" if not isinstance(err, ConfigError) else str(err),
               file=sys.stderr)
         return EXIT_USAGE
-    if type(err).__name__ in ("StudyExistsError", "StudyLockedError"):
+    if type(err).__name__ in ("StudyExistsError", "StudyLockedError", "ReleaseError"):
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if type(err).__name__ == "AuditUnavailableError":  # the dpstudy[audit] extra is missing

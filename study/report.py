@@ -267,6 +267,25 @@ def audit_blocks(uri: str, study: str) -> list[tuple]:
             ("table", audits[list(AUDIT_COLUMNS)])]
 
 
+def privacy_blocks(results_uri: str, study: str | None = None) -> list[tuple]:
+    """The study's (epsilon, delta) under both release models (from the Parquet metadata)."""
+    from study.private_selection import read_study_privacy
+
+    recorded = read_study_privacy(results_uri, study)
+    if recorded is None:
+        return [("h2", "Study-level privacy"),
+                ("p", "Not recorded (results written before study-level accounting).")]
+    rows = [("Everything released (composition of all trials)",
+             f"epsilon {recorded.epsilon_all:.3f}, delta {recorded.delta:g}"),
+            ("Only the selected result released (selection bound)",
+             "does not apply: " + "; ".join(recorded.failed_assumptions)
+             if recorded.epsilon_selected is None else
+             f"epsilon {recorded.epsilon_selected:.3f}, delta {recorded.delta:g}")]
+    return [("h2", "Study-level privacy"), ("table", _table(rows)),
+            ("p", "Each trial is (epsilon_spent, delta)-DP on its own; a study runs many "
+                  "trials on the same data and selects one. See docs/privacy.md.")]
+
+
 def _html_table(df: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
@@ -343,6 +362,8 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
     page = os.path.join(out_dir, f"report.{fmt}")
     files = ReportFiles(page=page, figures=figures, skipped=skipped)
     blocks = _blocks(name, results_uri, trials, front, objectives, files, confirmed)
+    after = blocks.index(("h2", "Summary")) + 2  # the study's privacy after its summary
+    blocks[after:after] = privacy_blocks(results_uri, name)
     blocks += audit_blocks(results_uri, name)
     render = _render_html if fmt == "html" else _render_md
     _write_atomic(page, render(blocks, f"Study report: {name}"))

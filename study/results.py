@@ -34,8 +34,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection
+SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection,
+#                      DP validation score (val_accuracy_dp, val_noise, val_releases)
 SCHEMA_VERSION_KEY = "dpstudy.schema_version"
+STUDY_METADATA_KEY = "dpstudy.study"  # the study a trial part belongs to
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 PART_PREFIX = "part-"
@@ -83,6 +85,12 @@ TRIALS_SCHEMA = _schema("trials", [
            "selects on)", "fraction"),
     _field("best_val_accuracy", _F, "best validation accuracy over all epochs", "fraction"),
     _field("val_loss", _F, "validation loss after the last epoch", "nats"),
+    _field("val_accuracy_dp", _F, "DP validation score: (correct + Gaussian noise) / n, "
+           "released once at the end of the trial; null without validation.noise", "fraction"),
+    _field("val_noise", _F, "std of the DP score's Gaussian noise on the count of correct "
+           "predictions (sensitivity 1)", "count"),
+    _field("val_releases", _I, "DP validation scores released (each counted in "
+           "epsilon_spent)", "releases"),
     _field("test_accuracy", _F, "test accuracy after the last epoch", "fraction"),
     _field("best_test_accuracy", _F, "best test accuracy over all epochs", "fraction"),
     _field("test_loss", _F, "test loss after the last epoch", "nats"),
@@ -285,6 +293,29 @@ def _keys(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
 
 
+def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
+    """The file-level metadata of ``study``'s newest trial part in ``trials.parquet`` (or of
+    a single-file table): e.g. the study's privacy statement. Every part carries the
+    statement as it stood when the part was written, so the newest is the current one."""
+    fs, path = _resolve(uri)
+    path = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{TRIALS_FILE}"
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        candidates = [path]
+    elif info.type == pafs.FileType.Directory:
+        parts = fs.get_file_info(pafs.FileSelector(path))
+        candidates = sorted((p.path for p in parts if p.type == pafs.FileType.File
+                             and p.base_name.endswith(".parquet")), reverse=True)
+    else:
+        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
+    for candidate in candidates:
+        meta = {k.decode(): v.decode() for k, v in
+                (pq.read_schema(candidate, filesystem=fs).metadata or {}).items()}
+        if study is None or meta.get(STUDY_METADATA_KEY, study) == study:
+            return meta
+    return {}
+
+
 def read_trials(uri: str) -> pa.Table:
     """This results directory's trials (every study in it, newest part per trial), or one
     ``.parquet`` file's."""
@@ -317,6 +348,7 @@ class ResultsStore:
         self._epochs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
         self._pending: list[tuple[str, str]] = []
+        self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
         self._remove_leftovers()
         self._load()
 
@@ -386,6 +418,12 @@ class ResultsStore:
             raise ValueError(f"{what}: study/trial_id do not match the trial row")
         return _coerce(EPOCHS_SCHEMA, full, what)
 
+    def _part_schema(self) -> pa.Schema:
+        """``TRIALS_SCHEMA`` with this study's name and ``metadata`` (a part's metadata)."""
+        extra = {STUDY_METADATA_KEY: self.study, **self.metadata}
+        return TRIALS_SCHEMA.with_metadata({**TRIALS_SCHEMA.metadata, **{
+            k.encode(): v.encode() for k, v in extra.items()}})
+
     def _all_trials(self) -> pa.Table:
         return pa.Table.from_pylist(list(self._trials.values()), schema=TRIALS_SCHEMA)
 
@@ -405,7 +443,7 @@ class ResultsStore:
             epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
             self._publish(EPOCHS_FILE, name, epochs)
             self._publish(TRIALS_FILE, name, pa.Table.from_pylist([self._trials[key]],
-                                                                  schema=TRIALS_SCHEMA))
+                                                                  schema=self._part_schema()))
             self._pending.pop(0)
             older, self._files[key] = self._files.get(key, []), [self._path(
                 f"{TRIALS_FILE}/{name}")]
@@ -492,12 +530,24 @@ AUDITS_SCHEMA = _schema("audits", [
 
 
 def read_audits(uri: str) -> pa.Table:
-    """Read ``audits.parquet`` from a results directory/URI, or from a ``.parquet`` path."""
-    return _read(uri, AUDITS_FILE, AUDITS_SCHEMA)
+    """Every audit of a results directory/URI (``audits.parquet``: one immutable part per
+    audit, or a single file written by older versions), or of one ``.parquet`` path."""
+    fs, path = _resolve(uri)
+    path = path.rstrip("/")
+    if not path.endswith(".parquet"):
+        path = f"{path}/{AUDITS_FILE}"
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        return _read_file(fs, path, AUDITS_SCHEMA)
+    if kind != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no audits table at {uri!r} (looked for {path})")
+    tables = [_read_file(fs, part, AUDITS_SCHEMA) for part in _parts(fs, path)]
+    return pa.concat_tables(tables) if tables else AUDITS_SCHEMA.empty_table()
 
 
 def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
-    """Add one audit row to ``audits.parquet`` in ``uri`` (atomic rewrite); returns it typed.
+    """Add one audit row to ``audits.parquet`` in ``uri`` as a new immutable part (so
+    concurrent audits sharing a results root never overwrite each other); returns it typed.
 
     The row is checked against :data:`AUDITS_SCHEMA` before anything is written; an
     ``audit_id`` already present for the study is refused rather than duplicated."""
@@ -506,19 +556,27 @@ def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
     if typed["mode"] not in AUDIT_MODES:
         raise ValueError(f"audit row: mode must be one of {AUDIT_MODES}, got {typed['mode']!r}")
     fs, path = _resolve(uri)
-    directory = path.rstrip("/")
-    final = f"{directory}/{AUDITS_FILE}"
-    rows = []
-    if fs.get_file_info(final).type == pafs.FileType.File:
-        rows = _conform(pq.read_table(final, filesystem=fs), AUDITS_SCHEMA, final).to_pylist()
-    if any((r["study"], r["audit_id"]) == (typed["study"], typed["audit_id"]) for r in rows):
-        raise ValueError(f"audit row: audit_id {typed['audit_id']!r} already recorded for "
-                         f"study {typed['study']!r} in {final}")
-    fs.create_dir(directory, recursive=True)
-    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    directory = f"{path.rstrip('/')}/{AUDITS_FILE}"
     try:
-        pq.write_table(pa.Table.from_pylist(rows + [typed], schema=AUDITS_SCHEMA), where=tmp,
-                       filesystem=fs)
+        known = read_audits(uri).to_pylist()
+    except FileNotFoundError:
+        known = []
+    if any((r["study"], r["audit_id"]) == (typed["study"], typed["audit_id"]) for r in known):
+        raise ValueError(f"audit row: audit_id {typed['audit_id']!r} already recorded for "
+                         f"study {typed['study']!r} in {directory}")
+    if fs.get_file_info(directory).type == pafs.FileType.File:
+        raise ValueError(f"{directory}: a single-file audits table from an older dpstudy; "
+                         f"move it into {directory}/{PART_PREFIX}legacy.parquet to append")
+    fs.create_dir(directory, recursive=True)
+    name = (f"{PART_PREFIX}{dt.datetime.now(_UTC).strftime('%Y%m%dT%H%M%S%fZ')}-"
+            f"{uuid.uuid4().hex[:12]}.parquet")
+    final, tmp = f"{directory}/{name}", f"{directory}/.{name}.tmp"
+    table = pa.Table.from_pylist([typed], schema=AUDITS_SCHEMA)
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object store publishes uploads whole
+        pq.write_table(table, where=final, filesystem=fs)
+        return typed
+    try:
+        pq.write_table(table, where=tmp, filesystem=fs)
         fs.move(tmp, final)
     finally:
         if fs.get_file_info(tmp).type == pafs.FileType.File:

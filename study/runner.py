@@ -27,10 +27,11 @@ import yaml
 from ray import tune
 
 from study import confirm as confirmation
-from study import selection
+from study import private_selection, selection
 from study.callbacks import CONFIRM_KEY, StudyCallback
 from study.lock import StudyLock
 from study.paths import LocationError, check_locations, join_location, resolve_paths
+from study.selection_spec import selection_metric
 from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
@@ -184,22 +185,27 @@ def init_ray(address: str | None = None) -> None:
              logging_level="WARNING")
 
 
-def dpstudy_trial(config: dict[str, Any], spec: StudySpec) -> None:
+def dpstudy_trial(config: dict[str, Any], spec: StudySpec,
+                  budget: private_selection.StudyBudget | None = None) -> None:
     """The Tune function trainable: sampled params (or a confirmation run: params and a
-    seed) -> trial config -> one DP trial."""
+    seed) -> trial config (under the study budget, if any) -> one DP trial."""
     resources = spec.resources_per_trial
     if CONFIRM_KEY in config:
         run = config[CONFIRM_KEY]
         trial = spec.trial_config(run["params"], seed=run["seed"])
     else:
         trial = spec.trial_config(config)
+    trial = private_selection.study_trial_config(trial, budget)
     run_trial(trial, cost_per_second=resources.cpu + resources.gpu)
 
 
 def make_trainable(spec: StudySpec) -> Any:
-    """``dpstudy_trial`` bound to the spec, with the spec's per-trial resources."""
+    """``dpstudy_trial`` bound to the spec (and its study budget), with the spec's
+    per-trial resources."""
     resources = {"cpu": spec.resources_per_trial.cpu, "gpu": spec.resources_per_trial.gpu}
-    return tune.with_resources(tune.with_parameters(dpstudy_trial, spec=spec), resources)
+    budget = private_selection.plan_study_budget(spec, private_selection.train_size(spec))
+    return tune.with_resources(tune.with_parameters(dpstudy_trial, spec=spec, budget=budget),
+                               resources)
 
 
 def make_scheduler(spec: StudySpec) -> Any:
@@ -248,6 +254,11 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
                 lock.release()
                 _remove_tree(directory)
             raise
+        count = private_selection.trial_count(spec, directory)
+        if count == 0:  # a Poisson draw of 0: the study runs and releases nothing
+            print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
+            return _finish(spec, [], False, directory)
+        spec = dataclasses.replace(spec, trials=count)
         tuner = tune.Tuner(
             make_trainable(spec),
             tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
@@ -261,6 +272,10 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
     """Finish an interrupted study from its experiment directory, holding its lock."""
     spec = read_spec(directory)
     with StudyLock(directory):
+        count = private_selection.trial_count(spec, directory)
+        if count == 0:
+            return _finish(spec, [], False, directory)
+        spec = dataclasses.replace(spec, trials=count)
         init_ray(address)
         if not tune.Tuner.can_restore(directory):
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
@@ -351,7 +366,7 @@ def _finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Su
             error = str(result.error) if result.error else None
             callback.record(trial_id, result.config or {}, result.metrics, error=error)
     rows = [r for r in callback.store.trials().to_pylist() if selection.is_search(r)]
-    best = selection.best(rows, *spec.objective.primary)
+    best = selection.best(rows, *selection_metric(spec))
     count = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "failed")}
     return Summary(name=spec.name, experiment=directory, results=spec.results_path,
                    best=best, **count)

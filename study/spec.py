@@ -29,6 +29,7 @@ from study.params import (
     trial_space,
     trial_values,
 )
+from study.selection_spec import SelectionSpec, ValidationSpec, selection_problems
 from trainables.config import (
     ACCOUNTANTS,
     DEVICES,
@@ -44,12 +45,14 @@ from trainables.config import (
 VALIDATION_METRICS = ("val_accuracy", "best_val_accuracy", "val_loss")
 TEST_METRICS = ("test_accuracy", "best_test_accuracy", "test_loss")
 METRICS = (*VALIDATION_METRICS, *TEST_METRICS, "density", "epsilon_spent", "wall_time_s",
-           "trial_cost")
+           "trial_cost", "val_accuracy_dp")
 MODES = ("max", "min")
 SAMPLERS = ("tpe", "random", "nsgaii", "gp")
 SCHEDULERS = ("none", "asha")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy")
+_MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
+              "val_accuracy_dp")
+SCOPES = ("trial", "study")
 
 
 class SpecError(ConfigError):
@@ -68,9 +71,11 @@ class PrivacySpec(_Spec):
     epsilon: float | None = None
     delta: float = 1e-5
     accountant: str = "prv"
+    scope: str = "trial"  # trial: (epsilon, delta) per trial; study: for the whole selection
 
     def __post_init__(self) -> None:
         c = _Checks("")
+        c.choice("scope", self.scope, SCOPES)
         if self.epsilon is None:
             c.fail("epsilon", "is required", None)
         else:
@@ -233,7 +238,7 @@ class ConfirmSpec(_Spec):
 _SECTIONS: dict[str, type[_Spec]] = {
     "privacy": PrivacySpec, "pruning": PruningSpec, "dropping": DroppingSpec,
     "optimizer": OptimizerSpec, "search": SearchSpec, "resources_per_trial": Resources,
-    "objective": Objective, "scheduler": Scheduler}
+    "objective": Objective, "scheduler": Scheduler, "validation": ValidationSpec}
 _CONFIGS = {"dataset": DataConfig, "model": ModelConfig}
 
 
@@ -269,12 +274,14 @@ class StudySpec(_Spec):
     dropping: DroppingSpec = field(default_factory=DroppingSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     search: SearchSpec | None = None
+    selection: SelectionSpec = field(default_factory=SelectionSpec)  # YAML: search.mode/trials
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
     trials: int | None = None
     max_concurrent: int = 1
     resources_per_trial: Resources = field(default_factory=Resources)
     max_failures: int = 2
     objective: Objective = field(default_factory=Objective)
-    sampler: str = "tpe"
+    sampler: str | None = None  # default: tpe, or random in private-selection mode
     scheduler: Scheduler = field(default_factory=Scheduler)
     storage: str = "~/dpstudy-runs"
     results: str | None = None
@@ -291,9 +298,12 @@ class StudySpec(_Spec):
             object.__setattr__(self, "results", f"results/{self.name}")
         c.number("seed", self.seed, low=0, integer=True)
         c.choice("device", self.device, DEVICES)
-        if self.trials is None:
+        private_selection = isinstance(self.selection, SelectionSpec) and self.selection.private
+        if self.sampler is None:
+            object.__setattr__(self, "sampler", "random" if private_selection else "tpe")
+        if self.trials is None and not private_selection:
             c.fail("trials", "is required", None)
-        else:
+        elif self.trials is not None:
             c.number("trials", self.trials, low=1, integer=True)
         c.number("max_concurrent", self.max_concurrent, low=1, integer=True)
         c.number("max_failures", self.max_failures, low=0, integer=True)
@@ -304,7 +314,7 @@ class StudySpec(_Spec):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 c.fail(key, "must be a non-empty path or URI string", getattr(self, key))
         sections_ok = True
-        for key, typ in {**_SECTIONS, **_CONFIGS}.items():
+        for key, typ in {**_SECTIONS, **_CONFIGS, "selection": SelectionSpec}.items():
             if not isinstance(getattr(self, key), typ):
                 value, sections_ok = getattr(self, key), False
                 c.fail(key, "is required" if value is None else f"must be a {typ.__name__}", value)
@@ -329,6 +339,8 @@ class StudySpec(_Spec):
             searched_rate = getattr(self.search, rate)
             if criterion in chosen and self.dataset.public is None and searched_rate.max_value():
                 c.fail(key, f"{criterion} needs dataset.public (public data)", criterion)
+        for problem in selection_problems(self):
+            c.problems.append(problem)
 
     @classmethod
     def from_dict(cls, data: Any) -> StudySpec:
@@ -337,7 +349,16 @@ class StudySpec(_Spec):
         if not isinstance(data, dict):
             raise SpecError([f"spec: must be a mapping of keys to values (got {data!r})"])
         problems: list[str] = []
-        kwargs = _known(cls._keys(), data, "", problems)
+        data = dict(data)
+        if isinstance(data.get("search"), dict):  # search.mode / search.trials: SelectionSpec
+            search = dict(data["search"])
+            picked = {k: search.pop(k) for k in ("mode", "trials") if k in search}
+            data["search"], data["selection"] = search, picked
+            if picked.get("mode") == "private-selection" and data.get("trials") is not None:
+                problems.append(f"trials: private-selection draws the number of trials from "
+                                f"search.trials; remove trials (got {data.pop('trials')!r})")
+        kwargs = _known([k for k in cls._keys()], data, "", problems)
+        kwargs["selection"] = SelectionSpec.parse(kwargs.get("selection"), "search.", problems)
         for key, section in _SECTIONS.items():
             kwargs[key] = section.parse(kwargs.get(key), f"{key}.", problems)
         for key, config in _CONFIGS.items():
@@ -348,12 +369,21 @@ class StudySpec(_Spec):
             kwargs["confirm"] = ConfirmSpec.parse(kwargs["confirm"], "confirm.", problems)
             if kwargs["confirm"] is None:
                 kwargs.pop("confirm")
-        failed = {k for k, v in kwargs.items() if v is None and k in {**_SECTIONS, **_CONFIGS}}
+        failed = {k for k, v in kwargs.items()
+                  if v is None and k in {**_SECTIONS, **_CONFIGS, "selection": None}}
         kwargs = {k: v for k, v in kwargs.items() if k not in failed}
         spec = _build(cls, kwargs, "", problems, failed)
         if problems:
             raise SpecError(problems)
         return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form; ``selection`` goes back inside ``search`` (mode, trials)."""
+        out = super().to_dict()
+        selection = out.pop("selection")
+        if self.selection.private:
+            out["search"] = {**out["search"], **selection}
+        return out
 
     @property
     def storage_path(self) -> str:
@@ -384,6 +414,8 @@ class StudySpec(_Spec):
             "dropping": {"rate": v["drop_rate"], "criterion": v["dropping_criterion"]},
             "privacy": {"epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
                         "accountant": self.privacy.accountant,
+                        "validation_noise": self.validation.noise_for(
+                            self.privacy.epsilon, self.privacy.delta),
                         "noise_multiplier": v.get("noise_multiplier"), "epochs": v.get("epochs")},
             "optim": {**self.optimizer.to_dict(), "learning_rate": v["learning_rate"],
                       "clip_norm": v["clip_norm"], "batch_size": v["batch_size"],

@@ -353,10 +353,13 @@ class PrivacyConfig(_Section):
     accountant: str = "prv"
     noise_multiplier: float | None = None
     epochs: float | None = None
+    validation_noise: float | None = None  # std of the DP validation score's noise (a count)
 
     def __post_init__(self) -> None:
         c = _Checks("")
         check_epsilon(c, self.epsilon)
+        if self.validation_noise is not None:
+            c.number("validation_noise", self.validation_noise, low=0.0, low_open=True)
         c.number("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
         c.choice("accountant", self.accountant, ACCOUNTANTS)
         if (self.noise_multiplier is None) == (self.epochs is None):

@@ -42,6 +42,7 @@ from trainables import checkpoint
 from trainables.accounting import PrivacyPlan, plan_budget, steps_per_epoch
 from trainables.config import OptimConfig, TrialConfig
 from trainables.data import Datasets, Split, load_datasets
+from trainables.dp_score import dp_accuracy
 from trainables.dropping import Selector, make_selector
 from trainables.models import build_model
 from trainables.optimizer import MaskedDPOptimizer
@@ -85,6 +86,8 @@ def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = Non
         progress.elapsed_s += time.perf_counter() - started
         metrics = epoch_metrics(run, progress, train_loss=train_loss, scores=scores,
                                 samples_per_s=samples / train_s, kept=kept)
+        if progress.step >= run.plan.steps:
+            metrics |= release_dp_score(run)
         progress.history.append(metrics)
         save_checkpoint(run, progress, ckpt_dir)
         if report is not None:
@@ -255,6 +258,26 @@ def _best(history: list[dict[str, Any]], key: str, value: float | None) -> float
     seen = [h.get(key) for h in history] + [value]
     seen = [v for v in seen if v is not None]
     return max(seen) if seen else None
+
+
+def release_dp_score(run: Run) -> dict[str, Any]:
+    """At the end of training, the DP validation score (Gaussian noise on the count of
+    correct validation predictions, charged to the accountant), when the plan has one."""
+    noise = run.plan.validation_noise
+    if not noise:
+        return {}
+    split = run.data.validation
+    if split is None:
+        raise ValueError("privacy.validation_noise: a DP validation score needs a "
+                         "validation split (got no validation split)")
+    _, accuracy = evaluate(run.model, split, run.config.eval_batch_size, run.device)
+    correct = round(accuracy * len(split))
+    score = dp_accuracy(correct, len(split), noise, run.accountant)
+    with warnings.catch_warnings():  # PRV at sample rate 1 takes log(0) on a masked branch
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        spent = float(run.accountant.get_epsilon(delta=run.plan.delta))
+    return {"val_accuracy_dp": score, "val_noise": noise, "val_releases": 1,
+            "epsilon_spent": spent, "budget_used": spent / run.plan.epsilon_target}
 
 
 def epoch_metrics(run: Run, progress: checkpoint.Progress, *, train_loss: float,
