@@ -45,6 +45,7 @@ def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
     config = spec.trial_config(params)
     row: dict[str, Any] = {
         "study": spec.name, "trial_id": trial_id, "status": status, "seed": config["seed"],
+        "reproducible_noise": config["reproducible_noise"],
         "noise_multiplier": config["privacy"]["noise_multiplier"],
         "epsilon_target": spec.privacy.epsilon, "delta": spec.privacy.delta,
         "accountant": spec.privacy.accountant,

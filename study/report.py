@@ -76,6 +76,19 @@ def _best(trials: pd.DataFrame) -> pd.Series | None:
     return done.sort_values("test_accuracy", ascending=False, kind="mergesort").iloc[0]
 
 
+def noise_note(trials: pd.DataFrame) -> str:
+    """How the trials' DP noise was seeded, and what the guarantee then assumes."""
+    flags = trials["reproducible_noise"] if "reproducible_noise" in trials else pd.Series([])
+    seeded = int((flags == True).sum())  # noqa: E712 (nullable column: True, False or NA)
+    if seeded:
+        return (f"reproducible_noise in {seeded} of {len(trials)} trials: their noise is "
+                f"seeded from the recorded seed, so their privacy guarantee assumes that seed "
+                f"stays secret")
+    if flags.isna().all() and len(trials):
+        return "not recorded (results written before the reproducible_noise column)"
+    return "secret seed per trial (OS randomness, kept only in private checkpoints)"
+
+
 def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
     """(label, value) rows summarising a study's trials frame (``TRIALS_SCHEMA`` columns)."""
     counts = trials["status"].value_counts()
@@ -84,7 +97,8 @@ def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
     rows += [(f"Trials {s}", str(int(counts.get(s, 0)))) for s in ("completed", "stopped",
                                                                    "failed")]
     rows += [("Epsilon target", _values(trials, "epsilon_target")),
-             ("Delta", _values(trials, "delta")), ("Accountant", _values(trials, "accountant"))]
+             ("Delta", _values(trials, "delta")), ("Accountant", _values(trials, "accountant")),
+             ("DP noise", noise_note(trials))]
     best = _best(trials)
     if best is None:
         return [*rows, ("Best test accuracy", "- (no completed trial yet)")]

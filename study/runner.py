@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ from study.space import check_space, make_search, noise_floor
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
 from trainables.data import dataset_size
+from trainables.placement import ALLOC_CONF
+from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
 from trainables.tune_trainable import run_trial
 
 
@@ -102,6 +105,8 @@ def init_ray(address: str | None = None) -> None:
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF  # inherited by local workers
     if ray.is_initialized():
         return
     if address:
@@ -110,6 +115,39 @@ def init_ray(address: str | None = None) -> None:
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only) must be set before Ray is
     # imported; the CLI does that for local runs.
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+
+
+def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:
+    """GPUs of each live node, and of each node type the autoscaler may still start."""
+    import ray
+
+    nodes = [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    types: dict[str, float] = {}
+    try:  # the autoscaler's node types, as it reported them to the GCS (if it runs)
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 (no autoscaler or an older Ray: nodes only)
+        config = None
+    for group in getattr(config, "node_group_configs", []) or []:
+        if group.max_count != 0:
+            types[group.name] = float(group.resources.get("GPU", 0))
+    return nodes, types
+
+
+def check_gpu_capacity(spec: StudySpec) -> None:
+    """Fail fast when no node, now or after autoscaling, could ever hold one trial's GPUs
+    (its trials would otherwise wait forever)."""
+    gpu = spec.resources_per_trial.gpu
+    if gpu <= 0:
+        return
+    nodes, types = gpu_node_capacity()
+    if max([*nodes, *types.values()], default=0.0) >= gpu:
+        return
+    raise SpecError([
+        f"resources_per_trial.gpu: each trial asks for {gpu:g} GPU(s) on one node, but no "
+        f"node of this cluster can ever offer that (GPUs per live node: {nodes}; autoscaler "
+        f"node types: {types or 'none'}); its trials would wait forever (got {gpu!r})"])
 
 
 def dpstudy_trial(config: dict[str, Any], spec: StudySpec) -> None:
@@ -157,6 +195,10 @@ def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> 
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
     init_ray(address)
+    check_gpu_capacity(spec)
+    if spec.reproducible_noise:
+        print(f"WARNING [{spec.name}]: {REPRODUCIBLE_NOISE_WARNING}", file=sys.stderr,
+              flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     save_spec(spec, directory)
     tuner = tune.Tuner(
