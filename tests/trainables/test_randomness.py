@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from trainables import randomness
+from trainables.checkpoint import Progress
 from trainables.config import TrialConfig
 from trainables.train import Run, build_run, epoch_metrics, poisson_batch
-from trainables.checkpoint import Progress
 
 BASE: dict[str, Any] = {
     "seed": 7, "device": "cpu", "dataset": {"name": "mnist-5k"},
