@@ -426,3 +426,20 @@ def test_check_against_real_public_too_large() -> None:
         check_against_data(spec, cluster=True)
     (problem,) = info.value.problems
     assert problem.startswith("dataset.public.size: must be smaller than the 4000")
+
+
+def test_device_cpu_with_a_gpu_reserved_is_an_error() -> None:
+    message = one_problem(with_("device", "cpu", with_("resources_per_trial.gpu", 0.5)),
+                          "device", "cpu would leave the resources_per_trial.gpu = 0.5")
+    assert "(got 'cpu')" in message
+    spec = StudySpec.from_dict(with_("device", "auto", with_("resources_per_trial.gpu", 0.5)))
+    assert spec.device == "auto"
+
+
+def test_reproducible_noise_and_deterministic_reach_the_trial() -> None:
+    spec = StudySpec.from_dict(with_("reproducible_noise", True, with_("deterministic", True)))
+    trial = TrialConfig.from_dict(spec.trial_config())
+    assert trial.reproducible_noise is True and trial.deterministic is True
+    default = TrialConfig.from_dict(StudySpec.from_dict(base()).trial_config())
+    assert default.reproducible_noise is False and default.deterministic is False
+    one_problem(with_("reproducible_noise", "yes"), "reproducible_noise", "must be true or false")
