@@ -89,7 +89,6 @@ def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = Non
         progress.epoch += 1
         test_loss, test_acc = evaluate(run.model, run.data.test, run.config.eval_batch_size,
                                        run.device)
-        placement.synchronize(run.device)
         progress.elapsed_s += time.perf_counter() - started
         metrics = epoch_metrics(run, progress, train_loss=train_loss, test_loss=test_loss,
                                 test_acc=test_acc, samples_per_s=samples / train_s,
