@@ -172,3 +172,22 @@ def test_same_device_resume_continues_without_re_deriving(checkpoints, recwarn) 
     assert progress.epoch == 1
     assert not [w for w in recwarn if "another device type" in str(w.message)]
     assert run.seeds["noise"] == state["rng"]["generators"]["noise"]["seed"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_trial_resumes_on_the_cpu_and_back(tmp_path) -> None:
+    gpu = {**CONFIG, "device": "cuda", "checkpoint_dir": str(tmp_path / "gpu")}
+    with pytest.raises(Crash):
+        train(gpu, report=crash)
+    state = checkpoint.load(str(tmp_path / "gpu"))
+    assert state["rng"]["generators"]["noise"]["device"] == "cuda"
+    assert state["progress"]["history"][-1]["device"].startswith("cuda")
+    cpu_dir = tmp_path / "cpu"
+    shutil.copytree(tmp_path / "gpu", cpu_dir)
+    with pytest.warns(UserWarning, match="another device type"):
+        final = train({**CONFIG, "device": "cpu", "checkpoint_dir": str(cpu_dir)},
+                      resume_from=str(cpu_dir))
+    assert final["steps"] == final["steps_planned"] and final["device"] == "cpu"
+    reference = checkpoint.load(str(checkpoints_dir := tmp_path / "gpu"))
+    assert reference["plan"] == checkpoint.load(str(cpu_dir))["plan"]
+    assert checkpoints_dir.exists()
