@@ -214,6 +214,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
     """Finish an interrupted study from its experiment directory."""
     spec = read_spec(directory)
     init_ray(address)
+    check_gpu_capacity(spec)
     if not tune.Tuner.can_restore(directory):
         raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                          f"was stopped before its first trial started; run it again)"])
