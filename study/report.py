@@ -101,6 +101,19 @@ def _best(trials: pd.DataFrame) -> pd.Series | None:
     return None if found is None else trials[trials["trial_id"] == found["trial_id"]].iloc[0]
 
 
+def noise_note(trials: pd.DataFrame) -> str:
+    """How the trials' DP noise was seeded, and what the guarantee then assumes."""
+    flags = trials["reproducible_noise"] if "reproducible_noise" in trials else pd.Series([])
+    seeded = int((flags == True).sum())  # noqa: E712 (nullable column: True, False or NA)
+    if seeded:
+        return (f"reproducible_noise in {seeded} of {len(trials)} trials: their noise is "
+                f"seeded from the recorded seed, so their privacy guarantee assumes that seed "
+                f"stays secret")
+    if flags.isna().all() and len(trials):
+        return "not recorded (results written before the reproducible_noise column)"
+    return "secret seed per trial (OS randomness, kept only in private checkpoints)"
+
+
 def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
     """(label, value) rows summarising a study's trials frame (``TRIALS_SCHEMA`` columns)."""
     metric, _, split = selection_of(trials)
@@ -113,7 +126,7 @@ def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
                                                                    "failed")]
     rows += [("Epsilon target", _values(trials, "epsilon_target")),
              ("Delta", _values(trials, "delta")), ("Accountant", _values(trials, "accountant")),
-             ("Selected on", f"{metric} ({split} split)")]
+             ("Selected on", f"{metric} ({split} split)"), ("DP noise", noise_note(trials))]
     done = trials[trials["status"] == "completed"]
     if "budget_used" in done and done["budget_used"].notna().any():
         used = done["budget_used"].dropna()

@@ -46,6 +46,7 @@ STAGES = ("search", "confirm")
 SELECTION_SPLITS = ("validation", "test", "none")
 
 _F, _I, _S, _TS = pa.float64(), pa.int64(), pa.string(), pa.timestamp("us", tz="UTC")
+_B = pa.bool_()
 _UTC = dt.timezone.utc
 
 
@@ -101,6 +102,8 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("seed", _I, "random seed"),
     _field("params", _S, "the sampled hyperparameters of the configuration, as JSON (what "
            "a confirmation run re-trains)"),
+    _field("reproducible_noise", _B, "true: DP noise and batch sampling seeded from seed (the "
+           "guarantee then assumes the seed stays secret); false: from a secret OS-random seed"),
     _field("version", _S, "dpstudy package version that produced the row"),
     _field("error", _S, "error message; null unless status is failed"),
     _field("pruning_criterion", _S, "pruning criterion (random | magnitude | snip)"),
@@ -161,7 +164,14 @@ def _to_time(value: Any) -> dt.datetime:
     return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
 
 
-_COERCERS: dict[pa.DataType, Callable] = {_F: float, _I: _to_int, _S: str, _TS: _to_time}
+def _to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+_COERCERS: dict[pa.DataType, Callable] = {_F: float, _I: _to_int, _S: str, _TS: _to_time,
+                                          _B: _to_bool}
 
 
 def _coerce(schema: pa.Schema, row: dict[str, Any], what: str) -> dict[str, Any]:

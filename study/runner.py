@@ -18,6 +18,7 @@ import dataclasses
 import os
 import posixpath
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
 from trainables.config import load_yaml
 from trainables.data import dataset_size
+from trainables.placement import ALLOC_CONF
+from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
 from trainables.tune_trainable import run_trial
 
 
@@ -172,6 +175,8 @@ def init_ray(address: str | None = None) -> None:
     # or checkpointed before the kill, so it neither re-runs finished trials nor restarts
     # running ones from scratch. Read when the Tuner is built, so setting it here suffices.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF  # inherited by local workers
     if ray.is_initialized():
         return
     if address:
@@ -183,6 +188,39 @@ def init_ray(address: str | None = None) -> None:
     # this machine (/tmp/ray/ray_current_cluster), someone else's included.
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
+
+
+def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:
+    """GPUs of each live node, and of each node type the autoscaler may still start."""
+    import ray
+
+    nodes = [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    types: dict[str, float] = {}
+    try:  # the autoscaler's node types, as it reported them to the GCS (if it runs)
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 (no autoscaler or an older Ray: nodes only)
+        config = None
+    for group in getattr(config, "node_group_configs", []) or []:
+        if group.max_count != 0:
+            types[group.name] = float(group.resources.get("GPU", 0))
+    return nodes, types
+
+
+def check_gpu_capacity(spec: StudySpec) -> None:
+    """Fail fast when no node, now or after autoscaling, could ever hold one trial's GPUs
+    (its trials would otherwise wait forever)."""
+    gpu = spec.resources_per_trial.gpu
+    if gpu <= 0:
+        return
+    nodes, types = gpu_node_capacity()
+    if max([*nodes, *types.values()], default=0.0) >= gpu:
+        return
+    raise SpecError([
+        f"resources_per_trial.gpu: each trial asks for {gpu:g} GPU(s) on one node, but no "
+        f"node of this cluster can ever offer that (GPUs per live node: {nodes}; autoscaler "
+        f"node types: {types or 'none'}); its trials would wait forever (got {gpu!r})"])
 
 
 def dpstudy_trial(config: dict[str, Any], spec: StudySpec,
@@ -246,6 +284,10 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
         _refuse_existing(spec, directory)  # another driver may have won the race
         try:
             init_ray(address)
+            check_gpu_capacity(spec)
+            if spec.reproducible_noise:
+                print(f"WARNING [{spec.name}]: {REPRODUCIBLE_NOISE_WARNING}", file=sys.stderr,
+                      flush=True)
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             save_spec(spec, directory)
             save_spec(spec, spec.results_path, results_spec_name(spec.name))
@@ -277,6 +319,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
             return _finish(spec, [], False, directory)
         spec = dataclasses.replace(spec, trials=count)
         init_ray(address)
+        check_gpu_capacity(spec)
         if not tune.Tuner.can_restore(directory):
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                              f"was stopped before its first trial started; run it again)"])

@@ -269,6 +269,8 @@ class StudySpec(_Spec):
     dataset: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"
+    reproducible_noise: bool = False
+    deterministic: bool = False
     privacy: PrivacySpec | None = None
     pruning: PruningSpec = field(default_factory=PruningSpec)
     dropping: DroppingSpec = field(default_factory=DroppingSpec)
@@ -298,6 +300,9 @@ class StudySpec(_Spec):
             object.__setattr__(self, "results", f"results/{self.name}")
         c.number("seed", self.seed, low=0, integer=True)
         c.choice("device", self.device, DEVICES)
+        for flag in ("reproducible_noise", "deterministic"):
+            if not isinstance(getattr(self, flag), bool):
+                c.fail(flag, "must be true or false", getattr(self, flag))
         private_selection = isinstance(self.selection, SelectionSpec) and self.selection.private
         if self.sampler is None:
             object.__setattr__(self, "sampler", "random" if private_selection else "tpe")
@@ -332,6 +337,10 @@ class StudySpec(_Spec):
                    list(self.objective.metrics))
         if self.device == "cuda" and self.resources_per_trial.gpu == 0:
             c.fail("device", "cuda needs resources_per_trial.gpu > 0", self.device)
+        if self.device == "cpu" and self.resources_per_trial.gpu > 0:
+            c.fail("device", f"cpu would leave the resources_per_trial.gpu = "
+                   f"{self.resources_per_trial.gpu:g} reserved for each trial unused; use auto "
+                   f"or cuda, or set gpu: 0", self.device)
         needs_public = (("pruning.criterion", "snip", self.pruning.criterion, "prune_rate"),
                         ("dropping.criterion", "public-grad", self.dropping.criterion,
                          "drop_rate"))
@@ -408,6 +417,7 @@ class StudySpec(_Spec):
         v = trial_values(self.parameters(), params)
         return {
             "seed": self.seed if seed is None else seed, "device": self.device,
+            "reproducible_noise": self.reproducible_noise, "deterministic": self.deterministic,
             "dataset": self.dataset.to_dict(), "model": self.model.to_dict(),
             "pruning": {"rate": v["prune_rate"], "criterion": v["pruning_criterion"],
                         "scope": v["pruning_scope"], "granularity": v["pruning_granularity"]},

@@ -399,10 +399,16 @@ class OptimConfig(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class TrialConfig(_Section):
-    """Everything one trial needs. ``checkpoint_dir`` enables per-epoch checkpoints."""
+    """Everything one trial needs. ``checkpoint_dir`` enables per-epoch checkpoints.
+
+    ``reproducible_noise`` (research only) seeds the DP noise and batch sampling from
+    ``seed`` instead of a secret seed (see :mod:`trainables.randomness`);
+    ``deterministic`` asks torch for deterministic algorithms and no TF32."""
 
     seed: int = 0
     device: str = "auto"
+    reproducible_noise: bool = False
+    deterministic: bool = False
     eval_batch_size: int = 1024
     checkpoint_dir: str | None = None
     dataset: DataConfig = field(default_factory=DataConfig)
@@ -416,6 +422,9 @@ class TrialConfig(_Section):
         c = _Checks("")
         c.number("seed", self.seed, low=0, integer=True)
         c.choice("device", self.device, DEVICES)
+        for flag in ("reproducible_noise", "deterministic"):
+            if not isinstance(getattr(self, flag), bool):
+                c.fail(flag, "must be true or false", getattr(self, flag))
         c.number("eval_batch_size", self.eval_batch_size, low=1, integer=True)
         if self.dropping.criterion == "public-grad" and self.dropping.rate > 0:
             if self.dataset.public is None:

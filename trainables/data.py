@@ -18,6 +18,7 @@ Registry (:data:`LOADERS`):
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -61,6 +62,10 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: torch.device | str) -> Split:
+        """This split on ``device`` (moved once per trial; indexed there every step)."""
+        return Split(self.images.to(device), self.labels.to(device))
+
 
 @dataclass(frozen=True)
 class Datasets:
@@ -77,6 +82,12 @@ class Datasets:
     image_shape: tuple[int, int, int]
     validation: Split | None = None
     validation_is_public: bool = False
+
+    def to(self, device: torch.device | str) -> Datasets:
+        """Every split (whatever splits there are) on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), Split)}
+        return dataclasses.replace(self, **moved)
 
 
 def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:

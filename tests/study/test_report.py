@@ -226,3 +226,22 @@ def test_study_selection_and_objectives(tmp_path: Path) -> None:
     _check_png(files.figures["pareto_front"])
     with pytest.raises(ValueError, match="unknown report format"):
         build_report(str(res), str(tmp_path / "out"), study="b", fmt="pdf")
+
+
+def test_report_says_how_the_noise_was_seeded(tmp_path: Path) -> None:
+    store = ResultsStore(str(tmp_path / "r"), "seeded")
+    for i, flag in enumerate((False, True, False)):
+        row, epochs = _row(f"t{i:02d}", "completed", 0.1, 0.1, 1.0, 1.0, 0.1, 256, 3.0, 0.9)
+        store.add_trial({**row, "reproducible_noise": flag}, epochs)
+    store.flush()
+    summary = render_markdown_summary(read_trials(str(tmp_path / "r")))
+    assert "reproducible_noise in 1 of 3 trials" in summary
+    assert "assumes that seed stays secret" in summary
+    page = build_report(str(tmp_path / "r"), str(tmp_path / "out"), fmt="md").page
+    assert "assumes that seed stays secret" in Path(page).read_text()
+
+    store = ResultsStore(str(tmp_path / "s"), "secret")
+    row, epochs = _row("t00", "completed", 0.1, 0.1, 1.0, 1.0, 0.1, 256, 3.0, 0.9)
+    store.add_trial({**row, "reproducible_noise": False}, epochs)
+    store.flush()
+    assert "secret seed per trial" in render_markdown_summary(read_trials(str(tmp_path / "s")))

@@ -476,3 +476,27 @@ def test_check_against_real_public_too_large() -> None:
         check_against_data(spec, cluster=True)
     (problem,) = info.value.problems
     assert problem.startswith("dataset.public.size: must be smaller than the 3600")
+
+
+
+def test_device_cpu_with_a_gpu_reserved_is_an_error() -> None:
+    message = one_problem(with_("device", "cpu", with_("resources_per_trial.gpu", 0.5)),
+                          "device", "cpu would leave the resources_per_trial.gpu = 0.5")
+    assert "(got 'cpu')" in message
+    spec = StudySpec.from_dict(with_("device", "auto", with_("resources_per_trial.gpu", 0.5)))
+    assert spec.device == "auto"
+
+
+def test_reproducible_noise_and_deterministic_reach_the_trial() -> None:
+    def any_trial(spec: StudySpec) -> TrialConfig:
+        params = {k: p[0] if isinstance(p, tuple) else next(
+            v for v in (p.value, p.low, (p.choices or [None])[0]) if v is not None)
+            for k, p in spec.parameters().items()}
+        return TrialConfig.from_dict(spec.trial_config(params))
+
+    spec = StudySpec.from_dict(with_("reproducible_noise", True, with_("deterministic", True)))
+    trial = any_trial(spec)
+    assert trial.reproducible_noise is True and trial.deterministic is True
+    default = any_trial(StudySpec.from_dict(base()))
+    assert default.reproducible_noise is False and default.deterministic is False
+    one_problem(with_("reproducible_noise", "yes"), "reproducible_noise", "must be true or false")
