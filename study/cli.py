@@ -189,6 +189,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of study spec files (for editors' YAML language server)."""
+    import json
+
+    from study.schema import spec_schema
+
+    print(json.dumps(spec_schema(), indent=2))
+    return EXIT_OK
+
+
 def _results_uri(results: str) -> str:
     """A results directory/URI as given, or ``results/NAME`` for a bare study name."""
     if "://" in results or os.path.exists(os.path.expanduser(results)):
@@ -280,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: RESULTS/report)")
     p.add_argument("--format", choices=("html", "md"), default="html")
     p.add_argument("--pareto", help="Pareto objectives (default accuracy,density)")
+    add("schema", cmd_schema, "print the JSON Schema of study specs (editor completion: "
+        "dpstudy schema > dpstudy-spec.schema.json)")
     return parser
 
 

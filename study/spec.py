@@ -48,6 +48,7 @@ METRICS = (*VALIDATION_METRICS, *TEST_METRICS, "density", "epsilon_spent", "wall
 MODES = ("max", "min")
 SAMPLERS = ("tpe", "random", "nsgaii", "gp")
 SCHEDULERS = ("none", "asha")
+LOGGERS = ("mlflow", "tensorboard")  # Ray Tune's own experiment-tracker callbacks
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy")
 
@@ -216,6 +217,8 @@ _SECTIONS: dict[str, type[_Spec]] = {
     "optimizer": OptimizerSpec, "search": SearchSpec, "resources_per_trial": Resources,
     "objective": Objective, "scheduler": Scheduler}
 _CONFIGS = {"dataset": DataConfig, "model": ModelConfig}
+# sections that may be given by their name alone (``scheduler: asha``, ``model: resnet18``)
+NAME_SHORTHANDS = ("dataset", "model", "scheduler")
 
 
 def _expand(location: str) -> str:
@@ -261,6 +264,7 @@ class StudySpec(_Spec):
     results: str | None = None
     confirm: ConfirmSpec | None = None
     baseline_trial: bool = True
+    loggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         c = _Checks("")
@@ -281,6 +285,11 @@ class StudySpec(_Spec):
         c.choice("sampler", self.sampler, SAMPLERS)
         if not isinstance(self.baseline_trial, bool):
             c.fail("baseline_trial", "must be true or false", self.baseline_trial)
+        if not isinstance(self.loggers, tuple):
+            c.fail("loggers", f"must be a list of {', '.join(LOGGERS)}", self.loggers)
+        else:
+            for i, logger in enumerate(self.loggers):
+                c.choice(f"loggers[{i}]", logger, LOGGERS)
         for key in ("storage", "results") if self.results is not None else ("storage",):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 c.fail(key, "must be a non-empty path or URI string", getattr(self, key))
@@ -329,6 +338,8 @@ class StudySpec(_Spec):
             raw = kwargs.pop(key, None)
             if raw is not None:
                 kwargs[key] = _parse_config(config, raw, key, problems)
+        if "loggers" in kwargs:
+            kwargs["loggers"] = _as_tuple(kwargs["loggers"])
         if kwargs.get("confirm") is not None:
             kwargs["confirm"] = ConfirmSpec.parse(kwargs["confirm"], "confirm.", problems)
             if kwargs["confirm"] is None:
