@@ -164,7 +164,12 @@ def cmd_query(args: argparse.Namespace) -> int:
         df = query.sort(df, args.sort.split(","), descending=args.desc)
     if args.limit:
         df = df.head(args.limit)
-    df = query.select_columns(df, args.columns.split(",") if args.columns else None)
+    if args.columns is None:  # the study's searched parameters, objectives, epsilon spent
+        also = (args.sort.split(",") if args.sort else []) + (
+            [c for c, _ in query.parse_pareto(args.pareto)] if args.pareto else [])
+        df = query.select_columns(df, query.default_columns(df, also))
+    elif args.columns != "all":
+        df = query.select_columns(df, args.columns.split(","))
     print(query.format_table(df, args.format))
     return EXIT_OK
 
@@ -267,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results directory or URI, or a study name")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="filter such as 'epsilon==3' or 'prune_rate>0.5' (repeatable)")
-    p.add_argument("--columns", help="comma-separated columns to show")
+    p.add_argument("--columns", help="comma-separated columns to show, or 'all' (default: "
+                   "trial id, stage, status, searched parameters, objective metrics, test "
+                   "accuracy, epsilon spent, budget used)")
     p.add_argument("--sort", help="comma-separated columns to sort by; "
                    "'--sort=-col' sorts descending")
     p.add_argument("--desc", action="store_true", help="sort descending")
