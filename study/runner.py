@@ -28,6 +28,7 @@ from ray import tune
 from study import confirm as confirmation
 from study import selection
 from study.callbacks import CONFIRM_KEY, StudyCallback
+from study.optuna_storage import experiment_storage
 from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
@@ -202,7 +203,8 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
     save_spec(spec, spec.results_path, results_spec_name(spec.name))
     tuner = tune.Tuner(
         make_trainable(spec),
-        tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
+        tune_config=tune.TuneConfig(search_alg=make_search(spec, budget,
+                                                           experiment_storage(directory)),
                                     scheduler=make_scheduler(spec), num_samples=spec.trials,
                                     reuse_actors=True),
         run_config=run_config(spec))
