@@ -32,6 +32,7 @@ from study.optuna_storage import experiment_storage
 from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
+from study.trackers import tracker_callbacks
 from trainables.data import dataset_size
 from trainables.tune_trainable import run_trial
 
@@ -184,7 +185,7 @@ def run_config(spec: StudySpec) -> tune.RunConfig:
         name=spec.name, storage_path=spec.storage_path, verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[StudyCallback(spec)])
+        callbacks=[StudyCallback(spec), *tracker_callbacks(spec, experiment_dir(spec))])
 
 
 # --- run and resume -------------------------------------------------------------------
@@ -279,7 +280,8 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
             name=name, storage_path=spec.storage_path, verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[StudyCallback(spec, total=len(todo), label=" confirm")])
+            callbacks=[StudyCallback(spec, total=len(todo), label=" confirm"),
+                       *tracker_callbacks(spec, experiment_dir(spec))])
         tuner = tune.Tuner(
             trainable, param_space={CONFIRM_KEY: tune.grid_search(todo)},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,

@@ -19,8 +19,10 @@ Row = dict[str, Any]
 
 
 def is_search(row: Row) -> bool:
-    """Whether ``row`` is a search trial (rows written before stages existed are)."""
-    return row.get("stage") in (None, "search")
+    """Whether ``row`` is a search trial (rows written before stages existed are; a missing
+    stage may read back as None or, through pandas, NaN)."""
+    stage = row.get("stage")
+    return not isinstance(stage, str) or stage == "search"
 
 
 def _value(row: Row, metric: str) -> float | None:
