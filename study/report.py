@@ -2,8 +2,9 @@
 
 :func:`build_report` reads ``trials.parquet`` / ``epochs.parquet`` (a local directory or a
 pyarrow.fs URI such as ``s3://bucket/prefix``) and writes, into a local ``out_dir``, the
-figures of :mod:`study.plots` plus ``report.html`` (or ``report.md``) that embeds them by
-relative path. The page is written atomically (temporary file, then ``os.replace``).
+figures of :mod:`study.plots` and :mod:`study.study_plots` plus ``report.html`` (or
+``report.md``) that embeds them by relative path. The page is written atomically
+(temporary file, then ``os.replace``).
 """
 
 from __future__ import annotations

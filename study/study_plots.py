@@ -39,15 +39,16 @@ def plot_privacy_utility(trials: pd.DataFrame, path: str) -> None:
             ax.scatter(g["epsilon_spent"], g["val_accuracy"], marker=marker,
                        facecolors="none", edgecolors=colour,
                        label=f"validation accuracy ({status})")
-    for eps in sorted(done["epsilon_target"].dropna().unique()):
+    targets = sorted(done["epsilon_target"].dropna().unique())
+    for eps in targets:
         ax.axvline(eps, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"ε target {eps:g}", (eps, 0.02), xycoords=("data", "axes fraction"),
-                    rotation=90, ha="right", fontsize=8, color="grey")
+        ax.annotate(f"ε target {eps:g} ", (eps, 0.02), xycoords=("data", "axes fraction"),
+                    ha="right", va="bottom", fontsize=8, color="grey")
     ax.set(xlabel="epsilon spent (final)", ylabel="accuracy (final)",
            title="Privacy-utility: each trial's accuracy against the epsilon it spent")
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 1.1 * max([*targets, float(done["epsilon_spent"].max())]))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     save_png(fig, path)
 
 
