@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], text: str):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text.replace("%", "%%"), description=text)
         p.set_defaults(fn=fn)
         return p
 

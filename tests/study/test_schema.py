@@ -87,3 +87,12 @@ def test_bad_specs_do_not_validate(validator: jsonschema.Draft202012Validator,
     errors = list(validator.iter_errors(spec))  # None above: the key left out
     messages = [e.message for e in errors] + [c.message for e in errors for c in e.context]
     assert any(message in m for m in messages), messages
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["schema", "--help"], ["confirm", "--help"]])
+def test_help_lists_the_schema_command(argv: list[str],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:  # a '%' in a help text once broke --help
+        main(argv)
+    assert exited.value.code == 0
+    assert "schema" in capsys.readouterr().out or argv[0] == "confirm"
