@@ -59,6 +59,44 @@ def test_callbacks_follow_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert tracking_uri("anywhere") == "http://mlflow.example:5000"
 
 
+class FakeTrial:
+    """What MLflowLoggerCallback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict[str, Any]) -> None:
+        self.trial_id, self.config = trial_id, config
+
+    def __str__(self) -> str:
+        return f"dpstudy_trial_{self.trial_id}"
+
+
+def test_a_resumed_trial_logs_into_its_earlier_run(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from study.trackers import TRIAL_ID_TAG, StudyMLflowCallback
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    spec = spec_of(tmp_path)
+    config = {"prune_rate": 0.3, "learning_rate": 1.0, "noise_multiplier": 1.2}
+    for driver, epoch in ((1, 1), (2, 2)):  # the second driver resumes the experiment
+        callback = pickle.loads(pickle.dumps(StudyMLflowCallback(spec, "unused")))
+        callback.setup()
+        trial = FakeTrial("abc_00001", config)
+        callback.log_trial_start(trial)
+        callback.log_trial_result(epoch, trial, {"training_iteration": epoch,
+                                                 "epsilon_spent": 1.5 * epoch})
+        if driver == 2:
+            callback.log_trial_end(trial)
+    client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")
+    [run] = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert run.data.tags[TRIAL_ID_TAG] == "abc_00001" and run.info.status == "FINISHED"
+    assert run.data.params["pruning/rate"] == "0.3" and run.data.params["prune_rate"] == "0.3"
+    history = client.get_metric_history(run.info.run_id, "epsilon_spent")
+    assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 3.0)]
+
+
 def test_hyperparameters_of_search_and_confirmation_runs(tmp_path: Path) -> None:
     from study.trackers import trial_hyperparameters
 
