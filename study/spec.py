@@ -441,8 +441,8 @@ def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
             where = {"fixed": "", "categorical": ".choices"}.get(batch.distribution_kind(), ".high")
             problems.append(f"search.batch_size{where}: must be <= n = {n} training examples "
                             f"(got {batch.max_value()!r})")
-    if "mlflow" in spec.loggers and not cluster:
-        problems.extend(_mlflow_problems(spec))
+    if "mlflow" in spec.loggers:
+        problems.extend(_mlflow_problems(spec, cluster))
     gpu = spec.resources_per_trial.gpu
     if (gpu > 0 or spec.device == "cuda") and not cluster:
         import torch
@@ -454,12 +454,12 @@ def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
         raise SpecError(problems)
 
 
-def _mlflow_problems(spec: StudySpec) -> list[str]:
-    """``loggers: [mlflow]`` needs the package, and a tracking URI that is not a file in a
-    URI storage."""
+def _mlflow_problems(spec: StudySpec, cluster: bool) -> list[str]:
+    """``loggers: [mlflow]`` needs the package (here, unless the study runs on a cluster),
+    and a tracking URI that is not a file in a URI storage."""
     import importlib.util
 
-    if importlib.util.find_spec("mlflow") is None:
+    if not cluster and importlib.util.find_spec("mlflow") is None:
         return ["loggers: mlflow is not installed; pip install 'dpstudy[trackers]' "
                 "(got 'mlflow')"]
     if "://" in spec.storage and not os.environ.get("MLFLOW_TRACKING_URI"):
