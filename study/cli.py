@@ -230,7 +230,12 @@ def cmd_query(args: argparse.Namespace) -> int:
         df = query.sort(df, args.sort.split(","), descending=args.desc)
     if args.limit is not None:
         df = df.head(args.limit)
-    df = query.select_columns(df, args.columns.split(",") if args.columns else None)
+    if args.columns is None:  # the study's searched parameters, objectives, epsilon spent
+        also = (args.sort.split(",") if args.sort else []) + (
+            [c for c, _ in query.parse_pareto(args.pareto)] if args.pareto else [])
+        df = query.select_columns(df, query.default_columns(df, also))
+    elif args.columns != "all":
+        df = query.select_columns(df, args.columns.split(","))
     print(query.format_table(df, args.format))
     return EXIT_OK
 
@@ -278,6 +283,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_FAILED if row["violation"] else EXIT_OK  # a broken mechanism fails a CI job
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of study spec files (for editors' YAML language server)."""
+    import json
+
+    from study.schema import spec_schema
+
+    print(json.dumps(spec_schema(), indent=2))
+    return EXIT_OK
+
+
 def _results_uri(results: str) -> str:
     """A results directory/URI as given, or ``results/NAME`` for a bare study name."""
     if "://" in results or os.path.exists(os.path.expanduser(results)):
@@ -316,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], text: str):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text.replace("%", "%%"), description=text)
         p.set_defaults(fn=fn)
         return p
 
@@ -348,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results directory or URI, or a study name")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="filter such as 'epsilon==3' or 'prune_rate>0.5' (repeatable)")
-    p.add_argument("--columns", help="comma-separated columns to show")
+    p.add_argument("--columns", help="comma-separated columns to show, or 'all' (default: "
+                   "trial id, stage, status, searched parameters, objective metrics, test "
+                   "accuracy, epsilon spent, budget used)")
     p.add_argument("--sort", help="comma-separated columns to sort by; "
                    "'--sort=-col' sorts descending")
     p.add_argument("--desc", action="store_true", help="sort descending")
@@ -392,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the canary draw")
     p.add_argument("--study", help="study name, when several share the results directory")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    add("schema", cmd_schema, "print the JSON Schema of study specs (editor completion: "
+        "dpstudy schema > dpstudy-spec.schema.json)")
     return parser
 
 

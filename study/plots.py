@@ -25,8 +25,9 @@ class SkipFigure(Exception):
     """Raised by a ``plot_*`` function when the data cannot make that figure."""
 
 
-def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.5,
-            sharey: bool = False) -> tuple[Any, list]:
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.5,
+               sharey: bool = False) -> tuple[Any, list]:
+    """A figure on an Agg canvas (no pyplot) and its ``ncols`` axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -35,7 +36,8 @@ def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.5,
     return fig, list(fig.subplots(1, ncols, squeeze=False, sharey=sharey)[0])
 
 
-def _save(fig: Any, path: str) -> None:
+def save_png(fig: Any, path: str) -> None:
+    """Write ``fig`` to ``path`` as a PNG atomically."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         fig.savefig(tmp, format="png")
@@ -86,7 +88,7 @@ def plot_accuracy_vs(trials: pd.DataFrame, path: str, x: str, colour: str) -> No
     if df.empty:
         raise SkipFigure(f"no completed or stopped trial has both test_accuracy and {x}")
     groups = _by_epsilon(df)
-    fig, axes = _figure(len(groups), width=5.5, sharey=True)
+    fig, axes = new_figure(len(groups), width=5.5, sharey=True)
     scale = _colour_scale(df[colour])
     for ax, (label, g) in zip(axes, groups, strict=True):
         _scatter_group(ax, g, x, colour, scale)
@@ -100,7 +102,7 @@ def plot_accuracy_vs(trials: pd.DataFrame, path: str, x: str, colour: str) -> No
     fig.colorbar(ScalarMappable(norm=scale[1], cmap=scale[0]), ax=axes,
                  label=colour.replace("_", " "))
     fig.suptitle(f"Test accuracy vs {x.replace('_', ' ')}")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _best_grid(g: pd.DataFrame, rank_by: str = "val_accuracy") -> np.ndarray:
@@ -130,7 +132,7 @@ def plot_heatmap(trials: pd.DataFrame, path: str, rank_by: str = "val_accuracy")
     if df.empty:
         raise SkipFigure("no completed trial has test_accuracy, prune_rate and drop_rate")
     groups = _by_epsilon(df)
-    fig, axes = _figure(len(groups), width=5.5, height=5.0)
+    fig, axes = new_figure(len(groups), width=5.5, height=5.0)
     cmap = colormaps["viridis"].with_extremes(bad="white")
     _, norm = _colour_scale(df["test_accuracy"])
     ticks = np.linspace(0.0, 1.0, HEATMAP_BINS + 1)
@@ -148,7 +150,7 @@ def plot_heatmap(trials: pd.DataFrame, path: str, rank_by: str = "val_accuracy")
     fig.colorbar(image, ax=axes, label="test accuracy")
     fig.suptitle(f"Test accuracy of the best trial by {rank_by}\nper prune × drop bin "
                  f"(completed trials)")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_pareto(trials: pd.DataFrame, front: pd.DataFrame, objectives: list[tuple[str, str]],
@@ -163,7 +165,7 @@ def plot_pareto(trials: pd.DataFrame, front: pd.DataFrame, objectives: list[tupl
     if x_col == "rank":
         done = done.assign(rank=done[y_col].rank(ascending=y_dir == "min", method="first"))
         front = front.assign(rank=front[y_col].rank(ascending=y_dir == "min", method="first"))
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure()
     ax.scatter(done[x_col].astype(float), done[y_col].astype(float), s=25, color="0.65",
                label=f"completed trials ({len(done)})")
     f = front.sort_values(x_col, kind="mergesort")
@@ -178,7 +180,7 @@ def plot_pareto(trials: pd.DataFrame, front: pd.DataFrame, objectives: list[tupl
     ax.set_title("Pareto front: " + ", ".join(f"{c} {d}" for c, d in objectives) + extra)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def param_importances(trials: pd.DataFrame,
@@ -234,13 +236,13 @@ def _evaluate(optuna: Any, study: Any) -> tuple[dict[str, float], str]:
 def plot_importances(importances: dict[str, float], method: str, path: str) -> None:
     """Horizontal bar chart of hyperparameter importances (largest on top)."""
     names = sorted(importances, key=importances.get)
-    fig, (ax,) = _figure(height=max(2.5, 0.6 * len(names) + 1.5))
+    fig, (ax,) = new_figure(height=max(2.5, 0.6 * len(names) + 1.5))
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
         ax.text(importances[n], i, f" {importances[n]:.3f}", va="center", fontsize=9)
     ax.set(xlabel="importance (normalised to sum to 1)", xlim=(0, 1.1),
            title=f"Hyperparameter importances\n({method})")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: str,
@@ -258,7 +260,7 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: str,
     panels = [("epoch", "epoch")]
     if "epsilon_spent" in ep and ep["epsilon_spent"].notna().any():
         panels.append(("epsilon_spent", "ε spent"))
-    fig, axes = _figure(len(panels), width=6.0, sharey=True)
+    fig, axes = new_figure(len(panels), width=6.0, sharey=True)
     for ax, (x, xlabel) in zip(axes, panels, strict=True):
         for tid, g in ep.groupby("trial_id", sort=False):
             if tid not in top_ids:
@@ -279,4 +281,4 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: str,
         axes[1].set_title("vs privacy spent (dashed: ε target)", fontsize=10)
     axes[0].set_title("vs epochs", fontsize=10)
     fig.suptitle(f"Learning curves (top {len(top_ids)} completed trials by {rank_by})")
-    _save(fig, path)
+    save_png(fig, path)

@@ -142,6 +142,24 @@ def select_columns(df: pd.DataFrame | pa.Table, columns: list[str] | None) -> pd
     return df[list(dict.fromkeys(names))]
 
 
+def default_columns(df: pd.DataFrame | pa.Table, also: list[str] | None = None) -> list[str]:
+    """What ``dpstudy query`` shows unless ``--columns`` says otherwise: trial id, stage and
+    status, the searched parameters (the keys of the ``params`` JSON column), the objective
+    metric(s) (``selection_metric``) with the test accuracy, the epsilon spent and budget used,
+    then ``also`` (sort keys, Pareto objectives). Columns the table lacks are left out; a
+    table without ``params`` (the epochs table) shows every column."""
+    df = to_frame(df)
+    if "params" not in df.columns:
+        return [str(c) for c in df.columns]
+    searched = [k for text in df["params"].dropna() for k in json.loads(text)]
+    metrics = [m for text in df.get("selection_metric", pd.Series()).dropna()
+               for m in text.split(",")]
+    names = ["trial_id", "stage", "status", *searched, *metrics, "test_accuracy",
+             "epsilon_spent", "budget_used"]
+    extra = [resolve_column(df, c.lstrip("-"), context="columns") for c in also or []]
+    return [c for c in dict.fromkeys([*names, *extra]) if c in df.columns]
+
+
 def sort(df: pd.DataFrame | pa.Table, by: list[str], descending: bool = False) -> pd.DataFrame:
     """Stable sort by ``by``; a ``-col`` item sorts that column descending. Nulls last."""
     df = to_frame(df)

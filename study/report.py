@@ -2,16 +2,19 @@
 
 :func:`build_report` reads ``trials.parquet`` / ``epochs.parquet`` (a local directory or a
 pyarrow.fs URI such as ``s3://bucket/prefix``) and writes, into a local ``out_dir``, the
-figures of :mod:`study.plots` plus ``report.html`` (or ``report.md``) that embeds them by
-relative path. The page is written atomically (temporary file, then ``os.replace``).
+figures of :mod:`study.plots` and :mod:`study.study_plots` plus ``report.html`` (or
+``report.md``) that embeds them by relative path. The page is written atomically
+(temporary file, then ``os.replace``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import html
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -19,6 +22,7 @@ import pandas as pd
 from study import confirm, selection
 from study.query import pareto_front, parse_pareto, to_frame
 from study.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
+from study.study_plots import persisted_study
 
 FORMATS = ("html", "md")
 HYPERPARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
@@ -39,6 +43,13 @@ FIGURES = {  # file stem -> one-sentence caption, in page order
     "learning_curves": "Test accuracy after each epoch for every trial, against epochs and "
                        "against the epsilon spent so far; the best completed trials by the "
                        "selection metric highlighted.",
+    "privacy_utility": "Privacy-utility: each trial's final test (filled) and validation "
+                       "(hollow) accuracy against the epsilon it spent (dashed: the target).",
+    "optuna_parallel_coordinate": "Optuna's parallel-coordinate plot of the persisted Optuna "
+                                  "study: each completed trial's searched values and "
+                                  "objective.",
+    "optuna_contour": "Optuna's contour plot of the objective over pairs of searched "
+                      "parameters (the first four), from the persisted Optuna study.",
 }
 _CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:75em;padding:0 1em}"
         "table{border-collapse:collapse;margin:.5em 0 1.5em}"
@@ -189,8 +200,9 @@ def _load(uri: str, study: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]
 
 
 def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
-          objectives: list[tuple[str, str]], out_dir: str) -> tuple[dict, dict]:
-    from study import plots
+          objectives: list[tuple[str, str]], out_dir: str,
+          optuna_study: Callable[[], object]) -> tuple[dict, dict]:
+    from study import plots, study_plots
 
     metric = selection_of(trials)[0]
     draw = {
@@ -203,6 +215,10 @@ def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
         "param_importances": lambda p: plots.plot_importances(
             *plots.param_importances(trials, metric), p),
         "learning_curves": lambda p: plots.plot_learning_curves(trials, epochs, p, metric),
+        "privacy_utility": lambda p: study_plots.plot_privacy_utility(trials, p),
+        "optuna_parallel_coordinate": lambda p: study_plots.plot_optuna(
+            optuna_study(), "parallel_coordinate", p),
+        "optuna_contour": lambda p: study_plots.plot_optuna(optuna_study(), "contour", p),
     }
     figures, skipped = {}, {}
     for stem in FIGURES:
@@ -371,7 +387,8 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
                       for c, d in objectives]  # results without a validation split
     front = pareto_front(trials, objectives)
     os.makedirs(out_dir, exist_ok=True)
-    figures, skipped = _draw(trials, epochs, front, objectives, out_dir)
+    figures, skipped = _draw(trials, epochs, front, objectives, out_dir,
+                             functools.cache(lambda: persisted_study(results_uri, name)))
     page = os.path.join(out_dir, f"report.{fmt}")
     files = ReportFiles(page=page, figures=figures, skipped=skipped)
     blocks = _blocks(name, results_uri, trials, front, objectives, files, confirmed)

@@ -31,11 +31,13 @@ from study import confirm as confirmation
 from study import private_selection, selection
 from study.callbacks import CONFIRM_KEY, StudyCallback
 from study.lock import StudyLock
+from study.optuna_storage import experiment_storage
 from study.paths import LocationError, check_locations, join_location, resolve_paths
 from study.selection_spec import selection_metric
 from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
+from study.trackers import tracker_callbacks
 from trainables.config import load_yaml
 from trainables.data import dataset_size
 from trainables.placement import ALLOC_CONF
@@ -265,7 +267,7 @@ def run_config(spec: StudySpec) -> tune.RunConfig:
         name=spec.name, storage_path=spec.storage_path, verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[StudyCallback(spec)])
+        callbacks=[StudyCallback(spec), *tracker_callbacks(spec, experiment_dir(spec))])
 
 
 # --- run and resume -------------------------------------------------------------------
@@ -301,10 +303,10 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
             print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
             return _finish(spec, [], False, directory)
         spec = dataclasses.replace(spec, trials=count)
+        search = make_search(spec, budget, experiment_storage(directory))
         tuner = tune.Tuner(
             make_trainable(spec),
-            tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
-                                        scheduler=make_scheduler(spec),
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=make_scheduler(spec),
                                         num_samples=spec.trials, reuse_actors=True),
             run_config=run_config(spec))
         return _finish(spec, *_fit(tuner), directory)
@@ -457,7 +459,8 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
         else:
             config = dataclasses.replace(
                 run_config(spec), name=name,
-                callbacks=[StudyCallback(spec, total=len(todo), label=" confirm")])
+                callbacks=[StudyCallback(spec, total=len(todo), label=" confirm"),
+                           *tracker_callbacks(spec, experiment_dir(spec))])
             tuner = tune.Tuner(
                 trainable, param_space={CONFIRM_KEY: tune.grid_search(todo)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,

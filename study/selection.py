@@ -19,10 +19,10 @@ Row = dict[str, Any]
 
 
 def is_search(row: Row) -> bool:
-    """Whether ``row`` is a search trial (rows written before stages existed, with a null
-    stage, are)."""
+    """Whether ``row`` is a search trial (rows written before stages existed are; a missing
+    stage may read back as None or, through pandas, NaN)."""
     stage = row.get("stage")
-    return stage == "search" or stage is None or (isinstance(stage, float) and math.isnan(stage))
+    return not isinstance(stage, str) or stage == "search"
 
 
 def _value(row: Row, metric: str) -> float | None:

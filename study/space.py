@@ -27,11 +27,14 @@ from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from study import optuna_storage
 from study.spec import Param, SpecError, StudySpec
 from trainables.accounting import noise_interval
 
 log = logging.getLogger(__name__)
 
+#: Optuna user attribute naming the Tune trial (the results' ``trial_id``) of a trial.
+TUNE_TRIAL_ID = "tune_trial_id"
 #: Parameters that the noise interval depends on: suggested before the noise multiplier.
 _FIRST = ("batch_size", "max_epochs")
 
@@ -233,10 +236,12 @@ def baseline_point(spec: StudySpec) -> dict[str, float]:
     return point
 
 
-def make_search(spec: StudySpec, budget: NoiseBudget | None) -> Searcher:
+def make_search(spec: StudySpec, budget: NoiseBudget | None,
+                storage: optuna.storages.BaseStorage | None = None) -> Searcher:
     """``OptunaSearch`` over the spec's space, behind a ``ConcurrencyLimiter``. With
     ``baseline_trial`` the first trial is plain DP-SGD (its other hyperparameters sampled),
-    so every study has a baseline to compare with."""
+    so every study has a baseline to compare with. ``storage`` persists the Optuna study
+    (:mod:`study.optuna_storage`); None keeps it in memory (and in Tune's pickled state)."""
     metrics = list(spec.objective.metrics)
     modes = list(spec.objective.modes)
     point = baseline_point(spec)
@@ -245,17 +250,47 @@ def make_search(spec: StudySpec, budget: NoiseBudget | None) -> Searcher:
         space=functools.partial(suggest, space=spec.parameters(), budget=budget),
         metric=metrics if spec.objective.multi else metrics[0],
         mode=modes if spec.objective.multi else modes[0],
-        sampler=make_sampler(spec), study_name=spec.name)
+        sampler=make_sampler(spec), study_name=spec.name, storage=storage)
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
 
 
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that tells Optuna a trial stopped early (by ASHA) was PRUNED when
     the objective is multi-objective, so an incomplete trial never enters the Pareto front
-    as if it were complete. (Single-objective samplers keep its partial value.)"""
+    as if it were complete. (Single-objective samplers keep its partial value.)
+
+    With a journal storage, :meth:`restore` reloads the Optuna study from the journal
+    (:func:`study.optuna_storage.reattach`), and a trial told before a driver was killed is
+    not told again when Tune re-runs its last epoch after the resume."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's pickled state, then the Optuna study from its journal: the pickled path,
+        or the journal next to the state file (an experiment directory that was moved)."""
+        super().restore(checkpoint_path)
+        if self._storage is None or self._ot_study is None:
+            return
+        path = optuna_storage.restored_journal(self._storage, checkpoint_path)
+        if path is not None:
+            self._storage = optuna_storage.open_storage(path)
+            self._ot_study = optuna_storage.reattach(self._ot_study, self._ot_trials,
+                                                     self._storage)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Ask Optuna for a trial, and tag it with the Tune trial id (the ``trial_id`` of
+        the Parquet results), so both can be joined in the dashboard and in notebooks."""
+        config = super().suggest(trial_id)
+        if isinstance(config, dict) and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
+        trial = self._ot_trials.get(trial_id)
+        if (trial is not None and trial_id not in self._completed_trials
+                and self._storage is not None
+                and optuna_storage.is_finished(self._ot_study, trial)):
+            self._completed_trials.add(trial_id)  # told before a kill; Tune ran it again
+            return
         stopped = bool(result) and not error and not result.get("finished", False)
         multi = isinstance(self.metric, list)
         if stopped and multi and trial_id in self._ot_trials:

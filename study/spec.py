@@ -49,6 +49,7 @@ METRICS = (*VALIDATION_METRICS, *TEST_METRICS, "density", "epsilon_spent", "wall
 MODES = ("max", "min")
 SAMPLERS = ("tpe", "random", "nsgaii", "gp")
 SCHEDULERS = ("none", "asha")
+LOGGERS = ("mlflow", "tensorboard")  # Ray Tune's own experiment-tracker callbacks
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
               "val_accuracy_dp")
@@ -240,6 +241,8 @@ _SECTIONS: dict[str, type[_Spec]] = {
     "optimizer": OptimizerSpec, "search": SearchSpec, "resources_per_trial": Resources,
     "objective": Objective, "scheduler": Scheduler, "validation": ValidationSpec}
 _CONFIGS = {"dataset": DataConfig, "model": ModelConfig}
+# sections that may be given by their name alone (``scheduler: asha``, ``model: resnet18``)
+NAME_SHORTHANDS = ("dataset", "model", "scheduler")
 
 
 def _expand(location: str) -> str:
@@ -289,6 +292,7 @@ class StudySpec(_Spec):
     results: str | None = None
     confirm: ConfirmSpec | None = None
     baseline_trial: bool = True
+    loggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         c = _Checks("")
@@ -315,6 +319,11 @@ class StudySpec(_Spec):
         c.choice("sampler", self.sampler, SAMPLERS)
         if not isinstance(self.baseline_trial, bool):
             c.fail("baseline_trial", "must be true or false", self.baseline_trial)
+        if not isinstance(self.loggers, tuple):
+            c.fail("loggers", f"must be a list of {', '.join(LOGGERS)}", self.loggers)
+        else:
+            for i, logger in enumerate(self.loggers):
+                c.choice(f"loggers[{i}]", logger, LOGGERS)
         for key in ("storage", "results") if self.results is not None else ("storage",):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 c.fail(key, "must be a non-empty path or URI string", getattr(self, key))
@@ -374,6 +383,8 @@ class StudySpec(_Spec):
             raw = kwargs.pop(key, None)
             if raw is not None:
                 kwargs[key] = _parse_config(config, raw, key, problems)
+        if "loggers" in kwargs:
+            kwargs["loggers"] = _as_tuple(kwargs["loggers"])
         if kwargs.get("confirm") is not None:
             kwargs["confirm"] = ConfirmSpec.parse(kwargs["confirm"], "confirm.", problems)
             if kwargs["confirm"] is None:
@@ -471,6 +482,8 @@ def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
             where = {"fixed": "", "categorical": ".choices"}.get(batch.distribution_kind(), ".high")
             problems.append(f"search.batch_size{where}: must be <= n = {n} training examples "
                             f"(got {batch.max_value()!r})")
+    if "mlflow" in spec.loggers:
+        problems.extend(_mlflow_problems(spec, cluster))
     gpu = spec.resources_per_trial.gpu
     if (gpu > 0 or spec.device == "cuda") and not cluster:
         import torch
@@ -480,3 +493,18 @@ def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
                             f"GPU is available on this machine (got {gpu!r})")
     if problems:
         raise SpecError(problems)
+
+
+def _mlflow_problems(spec: StudySpec, cluster: bool) -> list[str]:
+    """``loggers: [mlflow]`` needs the package (here, unless the study runs on a cluster),
+    and a tracking URI that is not a file in a URI storage."""
+    import importlib.util
+
+    if not cluster and importlib.util.find_spec("mlflow") is None:
+        return ["loggers: mlflow is not installed; pip install 'dpstudy[trackers]' "
+                "(got 'mlflow')"]
+    if "://" in spec.storage and not os.environ.get("MLFLOW_TRACKING_URI"):
+        return [f"loggers: mlflow with a URI storage needs MLFLOW_TRACKING_URI (a tracking "
+                f"server); its default SQLite file lives in a local experiment directory "
+                f"(got storage {spec.storage!r})"]
+    return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.results import ResultsStore
+from study.results import TRIALS_SCHEMA, ResultsStore
 
 GOOD: dict[str, Any] = {
     "name": "bad", "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},
@@ -118,6 +119,25 @@ def test_query_filters_sorts_and_pareto(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["query", results, "--pareto", "test_accuracy,density", "--columns",
                  "trial_id", "--format", "csv"]) == 0
     assert sorted(capsys.readouterr().out.strip().splitlines()[1:]) == ["t0", "t1", "t2"]
+
+
+def test_query_default_and_all_columns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    store = ResultsStore(str(tmp_path / "results"), "fix")
+    store.add_trial({"trial_id": "t0", "status": "completed", "stage": "search",
+                     "prune_rate": 0.5, "drop_rate": 0.2, "params": json.dumps(
+                         {"prune_rate": 0.5, "drop_rate": 0.2}),
+                     "selection_metric": "val_accuracy", "val_accuracy": 0.9,
+                     "epsilon_target": 3.0, "epsilon_spent": 2.9}, [])
+    store.flush()
+    results = str(tmp_path / "results")
+    assert main(["query", results, "--format", "csv"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split(",")
+    assert header == ["trial_id", "stage", "status", "prune_rate", "drop_rate", "val_accuracy",
+                      "test_accuracy", "epsilon_spent", "budget_used"]
+    assert main(["query", results, "--sort", "wall_time_s", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(",budget_used,wall_time_s")
+    assert main(["query", results, "--columns", "all", "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.splitlines()[0].split(",")) == len(TRIALS_SCHEMA)
 
 
 def test_query_bad_filter_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -15,6 +15,7 @@ import pytest
 from study.query import (
     Filter,
     apply_filters,
+    default_columns,
     format_table,
     pareto_front,
     parse_filter,
@@ -220,3 +221,18 @@ def test_format_table_aligned(table: pa.Table) -> None:
 def test_format_unknown(table: pa.Table) -> None:
     with pytest.raises(ValueError, match="table, csv, json"):
         format_table(table, "xml")
+
+
+def test_default_columns_follow_the_study() -> None:
+    rows = [{"study": "q", "trial_id": f"t{i}", "status": "completed", "stage": "search",
+             "params": json.dumps({"prune_rate": p, "noise_multiplier": 1.0 + p}),
+             "prune_rate": p, "noise_multiplier": 1.0 + p, "drop_rate": 0.0,
+             "selection_metric": "val_accuracy,density", "epsilon_spent": 2.9}
+            for i, p in enumerate((0.0, 0.5))]
+    table = pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA)
+    assert default_columns(table) == [
+        "trial_id", "stage", "status", "prune_rate", "noise_multiplier", "val_accuracy",
+        "density", "test_accuracy", "epsilon_spent", "budget_used"]
+    assert default_columns(table, ["-wall_time_s", "accuracy"])[-1] == "wall_time_s"
+    epochs = pa.table({"trial_id": ["t0"], "epoch": [1]})
+    assert default_columns(epochs) == ["trial_id", "epoch"]

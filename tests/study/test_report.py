@@ -31,6 +31,7 @@ TRIALS = [
     ("t11", "failed", 0.85, 0.05, 3.0, 0.6, 0.01, 1024, 8.0, None),
 ]
 BEST = "t06"
+OPTUNA_FIGURES = {"optuna_parallel_coordinate", "optuna_contour"}  # tests/study/test_trackers
 
 
 def _row(tid: str, status: str, prune: float, drop: float, clip: float, noise: float,
@@ -108,8 +109,9 @@ class _TagChecker(HTMLParser):
 
 
 def test_html_report_writes_all_figures(html_report: ReportFiles) -> None:
-    assert set(html_report.figures) == set(FIGURES)
-    assert html_report.skipped == {}
+    assert set(html_report.figures) == set(FIGURES) - OPTUNA_FIGURES
+    assert set(html_report.skipped) == OPTUNA_FIGURES  # results without an Optuna study
+    assert all("no persisted Optuna study" in why for why in html_report.skipped.values())
     for stem, path in html_report.figures.items():
         assert Path(path).name == f"{stem}.png"
         assert Path(path).parent == Path(html_report.page).parent
@@ -128,7 +130,7 @@ def test_html_page_is_standalone_and_valid(html_report: ReportFiles) -> None:
     assert {"html", "head", "body", "table", "img", "figure"} <= checker.tags
     assert not {"script", "link", "iframe"} & checker.tags
     assert "<title>Study report: mnist-prune</title>" in page
-    for stem in FIGURES:
+    for stem in set(FIGURES) - OPTUNA_FIGURES:
         assert f'<img src="{stem}.png"' in page
 
 
@@ -162,6 +164,8 @@ def test_markdown_report(md_report: ReportFiles) -> None:
     assert Path(md_report.page).name == "report.md"
     assert page.startswith("# Study report: mnist-prune")
     for stem, caption in FIGURES.items():
+        if stem in OPTUNA_FIGURES:
+            continue
         assert f"![{caption}]({stem}.png)" in page
         _check_png(md_report.figures[stem])
     assert re.search(r"^\|---\|---\|", page, re.MULTILINE)
@@ -191,7 +195,7 @@ def test_no_completed_trials(tmp_path: Path) -> None:
     page = Path(files.page).read_text(encoding="utf-8")
     assert "No completed trials yet" in page and "Study report: bad" in page
     assert set(files.figures) == {"accuracy_vs_prune_rate", "accuracy_vs_drop_rate",
-                                  "learning_curves"}  # stopped trials only
+                                  "learning_curves", "privacy_utility"}  # stopped trials only
     assert "pareto_front" in files.skipped and "param_importances" in files.skipped
 
 
@@ -201,7 +205,7 @@ def test_single_trial_skips_importances(tmp_path: Path) -> None:
     (out / "param_importances.png").write_bytes(PNG_SIGNATURE)  # stale, from an older run
     _store(tmp_path / "res", TRIALS[:1])
     files = build_report(str(tmp_path / "res" / "trials.parquet"), str(out))
-    assert set(files.skipped) == {"param_importances"}
+    assert set(files.skipped) == {"param_importances", *OPTUNA_FIGURES}
     assert "2 completed trials" in files.skipped["param_importances"]
     assert not (out / "param_importances.png").exists()
     page = Path(files.page).read_text(encoding="utf-8")

@@ -15,6 +15,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from optuna.trial import TrialState
+
+from study.optuna_storage import load_study
+from study.space import TUNE_TRIAL_ID
 
 pytestmark = pytest.mark.slow
 
@@ -129,8 +133,13 @@ def test_kill_driver_then_resume_loses_and_repeats_nothing(tmp_path: Path) -> No
     with open(state, "rb") as f:
         searcher = pickle.load(f)
     study = searcher["searcher"]._ot_study if "searcher" in searcher else searcher["_ot_study"]
-    finished = [t for t in study.trials if t.state.is_finished()]
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(finished) == 6
+    journal = load_study(str(tmp_path / "runs" / "killed"), "killed")  # Optuna's own storage
+    done = [t.user_attrs[TUNE_TRIAL_ID] for t in journal.trials
+            if t.state == TrialState.COMPLETE]
+    assert sorted(done) == sorted(ids)  # every finished trial exactly once
+    assert not [t for t in journal.trials if t.state == TrialState.RUNNING]
 
 
 def _kill_group(pid: int) -> None:

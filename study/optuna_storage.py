@@ -1,0 +1,101 @@
+"""Each study's Optuna study, persisted in its experiment directory.
+
+The searcher (:class:`study.space.StudySearch`, Ray Tune's ``OptunaSearch``) writes every
+trial it asks and tells to Optuna's own ``JournalStorage`` with a file backend,
+``STORAGE/NAME/optuna-journal.log``. That is what the Optuna tools read, live while the
+study runs and after it ends::
+
+    optuna-dashboard ~/dpstudy-runs/NAME/optuna-journal.log
+
+and ``optuna.load_study(study_name=NAME, storage=...)`` (see :func:`load_study`) for
+Optuna's visualisation and importance functions. On ``dpstudy resume`` the searcher is
+restored from this storage (:func:`reattach`): Tune's pickled searcher state only says which
+Tune trial is which Optuna trial, while trial states, values and the history the sampler
+learns from are replayed from the journal, which may be newer than the pickle.
+
+Only a local (or mounted) experiment directory can hold the journal; with a URI storage
+(``s3://...``) the searcher keeps its Optuna study in memory and in Tune's pickled state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+JOURNAL_FILE = "optuna-journal.log"
+
+
+def journal_path(experiment: str) -> str | None:
+    """The journal file of an experiment directory (``STORAGE/NAME``); None for a URI."""
+    if "://" in experiment:
+        return None
+    return os.path.join(os.path.abspath(os.path.expanduser(experiment)), JOURNAL_FILE)
+
+
+def open_storage(path: str) -> JournalStorage:
+    """Optuna's journal storage on the file ``path`` (created if absent)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return JournalStorage(JournalFileBackend(path))
+
+
+def experiment_storage(experiment: str) -> JournalStorage | None:
+    """The journal storage of an experiment directory; None where it cannot live (a URI)."""
+    path = journal_path(experiment)
+    return None if path is None else open_storage(path)
+
+
+def load_study(experiment: str, study_name: str) -> optuna.Study | None:
+    """The persisted Optuna study of an experiment directory, for Optuna's plots and
+    importances; None if the directory holds no journal (a URI storage, an older study)."""
+    path = journal_path(experiment)
+    if path is None or not os.path.isfile(path):
+        return None
+    storage = open_storage(path)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if study_name not in names:
+        return None
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def restored_journal(storage: Any, state_file: str) -> str | None:
+    """The journal a restored searcher reads: the file its pickled ``storage`` names, else
+    the one beside Tune's searcher ``state_file`` (an experiment directory that was moved);
+    None when neither exists."""
+    backend = getattr(storage, "_backend", None)  # JournalStorage keeps no public accessor
+    named = getattr(backend, "_file_path", None)
+    beside = os.path.join(os.path.dirname(os.path.abspath(state_file)), JOURNAL_FILE)
+    return next((p for p in (named, beside) if p and os.path.isfile(p)), None)
+
+
+def reattach(study: optuna.Study, trials: dict[str, Any],
+             storage: JournalStorage) -> optuna.Study:
+    """Reload ``study`` from ``storage`` (a restored searcher's study and its
+    ``{tune trial id: optuna.Trial}``), re-pointing every trial at the reloaded study.
+
+    Optuna trials still RUNNING in the journal that no Tune trial owns were asked by a
+    driver killed before it saved its searcher state: Tune will never run them, so they
+    are told FAIL (the dashboard would otherwise show them running for ever). Returns the
+    reloaded study.
+    """
+    fresh = optuna.load_study(study_name=study.study_name, storage=storage,
+                              sampler=study.sampler, pruner=study.pruner)
+    for trial in trials.values():
+        trial.study, trial.storage = fresh, storage
+    owned = {t.number for t in trials.values()}
+    for frozen in fresh.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number not in owned:
+            fresh.tell(frozen.number, state=TrialState.FAIL)
+    return fresh
+
+
+def is_finished(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether ``trial`` is already finished in the study's storage (a trial Tune runs again
+    after a resume may have been told before the driver was killed)."""
+    number = trial.number
+    return any(t.number == number and t.state.is_finished()
+               for t in study.get_trials(deepcopy=False))

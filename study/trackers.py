@@ -1,0 +1,91 @@
+"""Experiment trackers: the spec's ``loggers`` as Ray Tune's own logger callbacks.
+
+- ``mlflow``: Ray's ``MLflowLoggerCallback`` (``ray.air.integrations.mlflow``), one MLflow
+  run per trial in the MLflow experiment named after the study. Parameters: the sampled
+  values (Tune's config) and the trial's whole resolved configuration (``privacy/epsilon``,
+  ``optim/clip_norm``, ``pruning/rate``, ...); metrics: every number a trial reports, per
+  epoch (``epsilon_spent``, ``val_accuracy``, ``test_accuracy``, ``density``, ...). The
+  tracking URI is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the experiment
+  directory (``STORAGE/NAME/mlflow.db``; no server needed). A trial resumed after a killed
+  driver logs into its earlier run (found by its ``dpstudy.trial_id`` tag), not a new one.
+- ``tensorboard``: Ray's ``TBXLoggerCallback`` (``ray.tune.logger``), event files in each
+  trial's directory under ``STORAGE/NAME``.
+
+Attached by :func:`study.runner.run_config`; ``pip install 'dpstudy[trackers]'`` for MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.logger import TBXLoggerCallback
+
+from study.callbacks import CONFIRM_KEY
+from study.spec import StudySpec
+
+MLFLOW_DB = "mlflow.db"
+TRIAL_ID_TAG = "dpstudy.trial_id"
+
+
+def tracking_uri(experiment: str) -> str:
+    """``MLFLOW_TRACKING_URI``, else SQLite in the (local) experiment directory."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(experiment)),
+                                       MLFLOW_DB)
+
+
+def trial_hyperparameters(spec: StudySpec, config: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of one trial (nested, as the trial config), from its Tune config."""
+    if CONFIRM_KEY in config:
+        run = config[CONFIRM_KEY]
+        return spec.trial_config(run["params"], seed=run["seed"])
+    return spec.trial_config(config)
+
+
+class StudyMLflowCallback(MLflowLoggerCallback):
+    """``MLflowLoggerCallback`` that also logs the trial's resolved configuration and tags
+    the run with the study and the trial id (the ``trial_id`` of the Parquet results)."""
+
+    def __init__(self, spec: StudySpec, experiment: str) -> None:
+        super().__init__(tracking_uri=tracking_uri(experiment), experiment_name=spec.name,
+                         tags={"dpstudy.study": spec.name})
+        self.spec = spec
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks; mlflow is a module
+        return {"spec": self.spec, "tracking_uri": self.tracking_uri}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spec"], "")
+        self.tracking_uri = state["tracking_uri"]
+
+    def log_trial_start(self, trial: Any) -> None:
+        new = trial not in self._trial_runs
+        if new:
+            earlier = self._earlier_run(trial.trial_id)
+            if earlier is not None:
+                self._trial_runs[trial] = earlier
+        self.tags = {**self.tags, TRIAL_ID_TAG: trial.trial_id}
+        super().log_trial_start(trial)
+        if new:
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial],
+                                        params_to_log=trial_hyperparameters(self.spec,
+                                                                            trial.config))
+
+    def _earlier_run(self, trial_id: str) -> str | None:
+        """The run of this trial logged before a resume, if any."""
+        from mlflow.tracking import MlflowClient
+
+        runs = MlflowClient(tracking_uri=self.tracking_uri).search_runs(
+            experiment_ids=[self.mlflow_util.experiment_id],
+            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'")
+        return runs[0].info.run_id if runs else None
+
+
+def tracker_callbacks(spec: StudySpec, experiment: str) -> list[Any]:
+    """The Tune callbacks of the spec's ``loggers``, in order."""
+    makers = {"mlflow": lambda: StudyMLflowCallback(spec, experiment),
+              "tensorboard": TBXLoggerCallback}
+    return [makers[name]() for name in spec.loggers]
