@@ -26,8 +26,10 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +38,11 @@ from torch import nn
 from trainables.config import TrialConfig
 from trainables.data import Datasets
 from trainables.models import build_model, count_params
+from trainables.randomness import derived_seed
 from trainables.train import Run, build_run, poisson_batch, seed_everything, train_epoch
 
-SHARED = "/work/shared/data/mnist"
+#: The shared benchmark data sits next to the repository: <repo>/../shared/data/mnist.
+SHARED = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist")
 BATCH_SIZE = 256
 LEARNING_RATE = 0.1
 SEED = 0
@@ -83,6 +87,7 @@ def trial_config(data: str, pruning: dict[str, Any], dropping: dict[str, Any]) -
     """A CPU trial whose privacy plan (eps 50, sigma 1, rdp) allows far more steps than timed."""
     return TrialConfig.from_dict({
         "seed": SEED, "device": "cpu", "dataset": dataset_section(data),
+        "reproducible_noise": True,  # every configuration sees the same batches
         "model": {"name": "cnn-mnist"}, "pruning": pruning, "dropping": dropping,
         "privacy": {"epsilon": 50.0, "delta": 1e-5, "accountant": "rdp",
                     "noise_multiplier": 1.0},
@@ -107,7 +112,7 @@ def non_private_timer(data: Datasets, sample_rate: float) -> tuple[Timer, int]:
     model = build_model(TrialConfig().model, num_classes=data.num_classes,
                         image_shape=data.image_shape)
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-    sampler = torch.Generator().manual_seed(SEED * 1000)  # as build_run seeds "sampler"
+    sampler = torch.Generator().manual_seed(derived_seed(SEED, "sampler"))  # as build_run
     train = data.train
 
     def timer(n_steps: int) -> tuple[int, float]:
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {load_average()}")
     print(f"data {args.data}, cnn-mnist, expected batch {BATCH_SIZE} (Poisson), "
           f"{args.steps} steps x {args.repeats} repeats, warmup {args.warmup}", flush=True)
+    warnings.filterwarnings("ignore", message="reproducible_noise is on")  # on purpose here
     benches = build(args.data, args.warmup + args.steps * args.repeats)
     measure(benches, args.steps, args.repeats, args.warmup)
     ok = report(benches)

@@ -37,7 +37,7 @@ from ray import tune
 
 from study import runner
 from study.results import ResultsStore
-from study.space import make_search, noise_floor
+from study.space import NoiseBudget, make_search, noise_budget
 from study.spec import StudySpec
 from trainables.data import dataset_size
 
@@ -60,7 +60,8 @@ def trivial_trial(config: dict[str, Any], iterations: int) -> None:
     started = time.perf_counter()
     for epoch in range(1, REPORTS + 1):
         spin(iterations // REPORTS)
-        metrics = {"epoch": epoch, "epochs": float(epoch), "test_accuracy": 0.5 + 0.1 * epoch,
+        metrics = {"epoch": epoch, "epochs": float(epoch), "val_accuracy": 0.5 + 0.1 * epoch,
+                   "test_accuracy": 0.5 + 0.1 * epoch,
                    "steps": 10 * epoch, "wall_time_s": time.perf_counter() - started}
         history.append(metrics)
         result = {**metrics, "finished": epoch == REPORTS, "epoch_history": json.dumps(history)}
@@ -152,13 +153,13 @@ class Monitor(tune.Callback):
 
 
 def run_study(label: str, spec: StudySpec, trainable: Any, *, reuse: bool,
-              floor: float | None = None) -> tuple[float, list[Row]]:
+              budget: NoiseBudget | None = None) -> tuple[float, list[Row]]:
     """Fit a study as ``runner.run`` does; returns fit()'s wall time and the rows for it."""
     runner.save_spec(spec, runner.experiment_dir(spec))
     config, monitor = runner.run_config(spec), Monitor()
     config.callbacks.append(monitor)
     tuner = tune.Tuner(trainable, run_config=config, tune_config=tune.TuneConfig(
-        search_alg=make_search(spec, floor), scheduler=runner.make_scheduler(spec),
+        search_alg=make_search(spec, budget), scheduler=runner.make_scheduler(spec),
         num_samples=spec.trials, reuse_actors=reuse))
     with monitor:  # CPU use from fit() start to end
         start = time.perf_counter()
@@ -204,8 +205,8 @@ def overhead(args: argparse.Namespace, tmp: str) -> list[Row]:
 def real(args: argparse.Namespace, tmp: str) -> list[Row]:
     """Real 1-epoch DP trials through ``runner.make_trainable``, with actor reuse."""
     spec = make_spec("overhead-real", args.real_trials, tmp, real=True)
-    floor = noise_floor(spec, dataset_size(spec.dataset, seed=spec.seed))
-    wall, rows = run_study("real", spec, runner.make_trainable(spec), reuse=True, floor=floor)
+    budget = noise_budget(spec, dataset_size(spec.dataset, seed=spec.seed))
+    wall, rows = run_study("real", spec, runner.make_trainable(spec), reuse=True, budget=budget)
     trials = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
     train = [r["wall_time_s"] for r in trials if r.get("wall_time_s") is not None] or [math.nan]
     mean, per = statistics.fmean(train), wall * CONCURRENCY / spec.trials

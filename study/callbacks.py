@@ -20,16 +20,23 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from study.private_selection import study_privacy_metadata
 from study.results import ResultsStore
+from study.selection_spec import selection_label
 from study.spec import StudySpec
 
 PARAM_COLUMNS = ("prune_rate", "drop_rate", "clip_norm", "learning_rate", "batch_size")
-RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "delta", "accountant",
-                  "steps", "epochs", "density", "test_accuracy", "best_test_accuracy",
+RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
+                  "accountant", "steps", "epochs", "density", "val_accuracy",
+                  "best_val_accuracy", "val_loss", "test_accuracy", "best_test_accuracy",
                   "test_loss", "wall_time_s", "samples_per_s", "device", "num_params",
-                  "trainable_params", "noise_multiplier")
-EPOCH_COLUMNS = ("epoch", "test_accuracy", "test_loss", "train_loss", "epsilon_spent",
-                 "steps", "wall_time_s", "samples_per_s")
+                  "trainable_params", "noise_multiplier", "val_accuracy_dp", "val_noise",
+                  "val_releases")
+EPOCH_COLUMNS = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss",
+                 "train_loss", "epsilon_spent", "budget_used", "steps", "wall_time_s",
+                 "samples_per_s")
+#: Key of a confirmation run's description in its Tune config (see :mod:`study.confirm`).
+CONFIRM_KEY = "confirm_run"
 
 
 def trial_status(result: dict[str, Any] | None, error: bool) -> str:
@@ -42,11 +49,25 @@ def trial_status(result: dict[str, Any] | None, error: bool) -> str:
 def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
               result: dict[str, Any] | None, *, status: str,
               error: str | None = None) -> dict[str, Any]:
-    """One ``trials.parquet`` row from a trial's sampled params and last result."""
+    """One ``trials.parquet`` row from a trial's Tune config and last result.
+
+    The config is the sampled params of a search trial, or a confirmation run
+    (``{CONFIRM_KEY: {"config_id", "seed", "params"}}``), recorded under a row id derived
+    from its configuration and seed so that it is never recorded twice.
+    """
     result = result or {}
-    config = spec.trial_config(params)
+    stage, config_id, seed = "search", trial_id, None
+    if CONFIRM_KEY in params:
+        run = params[CONFIRM_KEY]
+        stage, config_id, seed, params = "confirm", run["config_id"], run["seed"], run["params"]
+        trial_id = run["run_id"]
+    config = spec.trial_config(params, seed=seed)
     row: dict[str, Any] = {
         "study": spec.name, "trial_id": trial_id, "status": status, "seed": config["seed"],
+        "stage": stage, "config_id": config_id, "params": json.dumps(params, sort_keys=True),
+        "selection_metric": selection_label(spec),
+        "selection_split": spec.objective.selection_split,
+        "reproducible_noise": config["reproducible_noise"],
         "noise_multiplier": config["privacy"]["noise_multiplier"],
         "epsilon_target": spec.privacy.epsilon, "delta": spec.privacy.delta,
         "accountant": spec.privacy.accountant,
@@ -75,9 +96,12 @@ def epoch_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
 class StudyCallback(Callback):
     """Writes results as trials finish and prints one concise progress line."""
 
-    def __init__(self, spec: StudySpec, *, interval_s: float = 30.0) -> None:
+    def __init__(self, spec: StudySpec, *, interval_s: float = 30.0,
+                 total: int | None = None, label: str = "") -> None:
         self.spec = spec
         self.interval_s = interval_s
+        self.total = spec.trials if total is None else total
+        self.label = label
         self._transient()
 
     def _transient(self) -> None:
@@ -87,10 +111,11 @@ class StudyCallback(Callback):
         self._last_line, self._last_time = "", 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "interval_s": self.interval_s}
+        return {"spec": self.spec, "interval_s": self.interval_s, "total": self.total,
+                "label": self.label}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"total": state["spec"].trials, "label": "", **state})
         self._transient()
 
     def setup(self, **info: Any) -> None:
@@ -105,11 +130,19 @@ class StudyCallback(Callback):
         status = trial_status(result, error is not None)
         row = trial_row(self.spec, trial_id, params, result, status=status, error=error)
         self.store.add_trial(row, epoch_rows(result))
+        self.store.metadata.update(study_privacy_metadata(self.spec, self.store))
         self.store.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finished.append((trial.trial_id, dict(trial.config), dict(trial.last_result or {}),
-                               None))
+        if not self.interrupted(trial):
+            self._finished.append((trial.trial_id, dict(trial.config),
+                                   dict(trial.last_result or {}), None))
+
+    @staticmethod
+    def interrupted(trial: Any) -> bool:
+        """A confirmation run that ended before finishing its budget was interrupted, not
+        stopped by a scheduler (confirmation has none): it is not an outcome to record."""
+        return CONFIRM_KEY in trial.config and not (trial.last_result or {}).get("finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         message = _error_text(trial)
@@ -149,7 +182,7 @@ class StudyCallback(Callback):
         stopped = sum(1 for t in trials if t.status == "TERMINATED"
                       and not (t.last_result or {}).get("finished"))
         best_text = f"{best:.4f}" if best is not None else "-"
-        return (f"[{self.spec.name}] {counts.get('TERMINATED', 0)}/{self.spec.trials} done"
+        return (f"[{self.spec.name}{self.label}] {counts.get('TERMINATED', 0)}/{self.total} done"
                 f" ({stopped} stopped early), {counts.get('RUNNING', 0)} running, "
                 f"{counts.get('ERROR', 0)} failed | best {metric} {best_text} | "
                 f"epsilon target {self.spec.privacy.epsilon:g}")

@@ -39,11 +39,105 @@ def cmd_run(args: argparse.Namespace) -> int:
     _ray_environment(args.address)
     from study import runner
 
-    spec, floor = runner.prepare(args.spec, cluster=bool(args.address))
-    print(f"[{spec.name}] {spec.trials} trials at epsilon={spec.privacy.epsilon:g}, "
-          f"delta={spec.privacy.delta:g}; experiment {runner.experiment_dir(spec)}; "
+    spec, budget = runner.prepare(args.spec, cluster=bool(args.address))
+    from study.selection_spec import selection_label
+
+    _print_study_budget(spec)
+    print(f"[{spec.name}] {spec.trials or 'a drawn number of'} trials at epsilon="
+          f"{spec.privacy.epsilon:g}, "
+          f"delta={spec.privacy.delta:g}, selecting on {spec.objective.selection_split} "
+          f"({selection_label(spec)}); experiment {runner.experiment_dir(spec)}; "
           f"results {spec.results_path}", flush=True)
-    return _summarise(runner.run(spec, floor, address=args.address))
+    summary = runner.run(spec, budget, address=args.address)
+    return _then_confirm(runner, spec, summary, args.address)
+
+
+def _then_confirm(runner: object, spec: object, summary: object, address: str | None) -> int:
+    """Summarise a search; run the spec's ``confirm:`` once the search has every trial (an
+    interrupted search is not confirmed: resume it first)."""
+    code = _summarise(summary, spec)
+    finished = summary.completed + summary.stopped + summary.failed >= spec.trials
+    if spec.confirm is not None and code == EXIT_OK:
+        if not finished:
+            print(f"[{spec.name}] the search is unfinished; 'dpstudy resume "
+                  f"{summary.experiment}' finishes it and then confirms", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return _confirm(runner, spec, spec.confirm.top, spec.confirm.seeds, None, address)
+    return code
+
+
+def _print_study_budget(spec: object) -> None:
+    """Per-trial vs study budget, before running (scope: study or private selection)."""
+    from study import private_selection
+
+    s = spec
+    n = private_selection.train_size(s)
+    budget = private_selection.plan_study_budget(s, n)
+    if budget is not None:
+        print(f"[{s.name}] {budget.describe(s)}", flush=True)
+    elif s.selection.private:
+        t = s.selection.trials
+        bound = "n/a (" + "; ".join(private_selection.assumptions(s, [])) + ")"
+        if not private_selection.assumptions(s, []):
+            value = private_selection.selection_epsilon(
+                private_selection.possible_mechanisms(s, n), mean=t.mean,
+                shape=t.event_shape, delta=s.privacy.delta)
+            bound = f"{value:.3f}"
+        print(f"[{s.name}] per trial epsilon={s.privacy.epsilon:g}; study (only the selected "
+              f"result released) epsilon {bound}, delta={s.privacy.delta:g}", flush=True)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Write only what a private-selection study's guarantee covers."""
+    from study import runner
+    from study.release import release
+    from study.results import read_trials
+
+    results = _results_uri(args.results)
+    spec = runner.find_spec(results, args.study)
+    rows = [r for r in read_trials(results).to_pylist() if r.get("study") == spec.name]
+    experiment = os.path.expanduser(args.experiment or runner.experiment_dir(spec))
+    done = release(spec, rows, results, args.out, experiment=experiment)
+    print(f"[{spec.name}] released trial {done.trial_id} (DP score {done.score:.4f}) at "
+          f"study epsilon {done.epsilon:.3f}, delta {done.delta:g} into {done.directory}; "
+          f"see PRIVATE.txt for what must stay private")
+    return EXIT_OK
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    """Re-run the best configurations of a study with fresh seeds; print their intervals."""
+    if not 1 <= args.top <= 100 or not 2 <= args.seeds <= 100:
+        raise UsageError(f"--top must be in [1, 100] and --seeds in [2, 100] (got --top "
+                         f"{args.top}, --seeds {args.seeds})")
+    _ray_environment(args.address)
+    import dataclasses
+
+    from study import runner
+
+    location = os.path.expanduser(args.results)
+    if "://" not in location and not os.path.exists(location):
+        location = _results_uri(args.results)
+    spec = runner.find_spec(location, args.study)
+    if not runner.is_experiment_dir(location):  # rows live where the user pointed
+        location = location if "://" in location else os.path.abspath(location)
+        spec = dataclasses.replace(spec, results=location)
+    return _confirm(runner, spec, args.top, args.seeds, args.baseline, args.address)
+
+
+def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str | None,
+             address: str | None) -> int:
+    from study.confirm import format_summary
+
+    print(f"[{spec.name}] confirming the top {top} configuration(s) by "
+          f"{spec.objective.primary[0]} with {seeds} fresh seeds each", flush=True)
+    plan, summary = runner.confirm(spec, top=top, seeds=seeds, baseline=baseline,
+                                   address=address)
+    print(f"[{spec.name}] test accuracy over seeds {list(plan.seeds)} (95% t-intervals"
+          + (f"; differences paired with baseline {plan.baseline['trial_id']})"
+             if plan.baseline is not None else "; no baseline with prune 0, drop 0)"))
+    print(format_summary(summary))
+    missing = sum(row["seeds"] < len(plan.seeds) for row in summary)
+    return EXIT_OK if not missing else EXIT_FAILED
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -64,7 +158,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise UsageError(f"study: no experiment directory {args.study!r} nor {target!r} "
                              f"(give DIR/NAME or NAME --storage DIR)")
     print(f"resuming {target}", flush=True)
-    return _summarise(runner.resume(target, address=args.address))
+    summary = runner.resume(target, address=args.address)
+    return _then_confirm(runner, runner.read_spec(target), summary, args.address)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -162,6 +257,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Empirical privacy audit of one trial's mechanism: claimed vs audited epsilon."""
+    from study import audit
+    from trainables.audit import AuditConfig
+
+    if args.trial and args.best:
+        raise UsageError("audit: give at most one of --trial ID and --best")
+    settings = AuditConfig(canaries=args.canaries, confidence=args.confidence,
+                           mode=args.mode, seed=args.seed)
+    where = args.target
+    if not where.endswith((".yaml", ".yml")):
+        where = _results_uri(where)  # a results directory, URI or study name
+    target = audit.resolve(where, trial=args.trial, best=args.best, study=args.study)
+    audit.prepare(target)
+    _ray_environment(args.address)
+    row = audit.record(target, settings, audit.run_remote(target, settings,
+                                                          address=args.address))
+    print(audit.format_row(row))
+    return EXIT_FAILED if row["violation"] else EXIT_OK  # a broken mechanism fails a CI job
+
+
 def _results_uri(results: str) -> str:
     """A results directory/URI as given, or ``results/NAME`` for a bare study name."""
     if "://" in results or os.path.exists(os.path.expanduser(results)):
@@ -172,14 +288,19 @@ def _results_uri(results: str) -> str:
     raise UsageError(f"results: no results directory {results!r} (nor {named!r})")
 
 
-def _summarise(summary: object) -> int:
+def _summarise(summary: object, spec: object) -> int:
     s = summary
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:
-        keys = ("trial_id", "test_accuracy", "epsilon_spent", "prune_rate", "drop_rate",
-                "clip_norm", "noise_multiplier", "learning_rate", "density")
-        print("  best: " + ", ".join(f"{k}={_fmt(s.best.get(k))}" for k in keys))
+        from study.selection_spec import selection_metric
+
+        metric = selection_metric(spec)[0]
+        keys = dict.fromkeys(("trial_id", metric, "val_accuracy", "test_accuracy",
+                              "epsilon_spent", "budget_used", "prune_rate", "drop_rate",
+                              "clip_norm", "noise_multiplier", "learning_rate", "density"))
+        print(f"  best by {metric} (selected on {spec.objective.selection_split}): "
+              + ", ".join(f"{k}={_fmt(s.best.get(k))}" for k in keys))
     return EXIT_OK if s.completed + s.stopped > 0 or s.failed == 0 else EXIT_FAILED
 
 
@@ -235,11 +356,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pareto", help="objectives of a Pareto front, e.g. accuracy,density")
     p.add_argument("--epochs", action="store_true", help="query epochs.parquet instead")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p = add("confirm", cmd_confirm, "re-run the best configurations with fresh seeds and "
+            "print test accuracy with 95% intervals")
+    p.add_argument("results", help="results directory or URI, study name, or experiment "
+                   "directory (STORAGE/NAME)")
+    p.add_argument("--top", type=int, default=1, help="how many configurations (default 1)")
+    p.add_argument("--seeds", type=int, default=3, help="fresh seeds each (default 3)")
+    p.add_argument("--baseline", metavar="TRIAL_ID", help="search trial to compare with "
+                   "(default: the best one with prune rate 0 and drop rate 0, if any)")
+    p.add_argument("--study", help="study name, when several share the results directory")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p = add("release", cmd_release, "write only what a private-selection study's "
+            "guarantee covers: chosen configuration, weights, DP score, study epsilon")
+    p.add_argument("results", help="results directory or URI, or a study name")
+    p.add_argument("--out", required=True, help="new or empty output directory")
+    p.add_argument("--study", help="study name, when several share the results directory")
+    p.add_argument("--experiment", help="experiment directory STORAGE/NAME (default: from "
+                   "the spec)")
     p = add("report", cmd_report, "write PNG plots and an HTML/Markdown report")
     p.add_argument("results", help="results directory or URI, or a study name")
     p.add_argument("--out", help="output directory (default: RESULTS/report)")
     p.add_argument("--format", choices=("html", "md"), default="html")
     p.add_argument("--pareto", help="Pareto objectives (default accuracy,density)")
+    p = add("audit", cmd_audit, "empirical privacy audit of a trial (one training run with "
+            "canaries): claimed vs audited epsilon, stored in audits.parquet")
+    p.add_argument("target", help="study spec (YAML), or results directory/URI, study name "
+                   "or experiment directory (STORAGE/NAME)")
+    p.add_argument("--trial", help="trial id to audit (from the study's results)")
+    p.add_argument("--best", action="store_true", help="audit the best completed trial")
+    p.add_argument("--canaries", type=int, default=1000, help="number of canaries m "
+                   "(default 1000)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the "
+                   "lower bound (default 0.95)")
+    p.add_argument("--mode", choices=("white-box", "black-box"), default="white-box")
+    p.add_argument("--seed", type=int, default=0, help="seed of the canary draw")
+    p.add_argument("--study", help="study name, when several share the results directory")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     return parser
 
 
@@ -264,9 +416,12 @@ def _report_error(err: Exception) -> int:
         print(f"error: {err}" if not isinstance(err, ConfigError) else str(err),
               file=sys.stderr)
         return EXIT_USAGE
-    if type(err).__name__ in ("StudyExistsError", "StudyLockedError"):
+    if type(err).__name__ in ("StudyExistsError", "StudyLockedError", "ReleaseError"):
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if type(err).__name__ == "AuditUnavailableError":  # the dpstudy[audit] extra is missing
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     if type(err).__name__ == "ClusterError":
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED

@@ -99,23 +99,30 @@ def plot_accuracy_vs(trials: pd.DataFrame, path: str, x: str, colour: str) -> No
                 handle.set_facecolor("0.25")
     fig.colorbar(ScalarMappable(norm=scale[1], cmap=scale[0]), ax=axes,
                  label=colour.replace("_", " "))
-    eps = ", ".join(label for label, _ in groups)
-    fig.suptitle(f"Test accuracy vs {x.replace('_', ' ')} ({eps})")
+    fig.suptitle(f"Test accuracy vs {x.replace('_', ' ')}")
     _save(fig, path)
 
 
-def _best_grid(g: pd.DataFrame) -> np.ndarray:
+def _best_grid(g: pd.DataFrame, rank_by: str = "val_accuracy") -> np.ndarray:
+    """Per (prune, drop) bin, the test accuracy of the trial that ``rank_by`` (the
+    selection metric, validation by default) prefers: the choice is never made on test."""
+    rank_by = rank_by if rank_by in g and g[rank_by].notna().any() else "test_accuracy"
     edges = np.linspace(0.0, 1.0, HEATMAP_BINS + 1)
     grid = np.full((HEATMAP_BINS, HEATMAP_BINS), np.nan)
+    chosen = np.full((HEATMAP_BINS, HEATMAP_BINS), -np.inf)
     rows = np.clip(np.digitize(g["prune_rate"].astype(float), edges) - 1, 0, HEATMAP_BINS - 1)
     cols = np.clip(np.digitize(g["drop_rate"].astype(float), edges) - 1, 0, HEATMAP_BINS - 1)
-    for r, c, acc in zip(rows, cols, g["test_accuracy"].astype(float), strict=True):
-        grid[r, c] = acc if math.isnan(grid[r, c]) else max(grid[r, c], acc)
+    scores = g[rank_by].astype(float).fillna(-np.inf)
+    for r, c, score, acc in zip(rows, cols, scores, g["test_accuracy"].astype(float),
+                                strict=True):
+        if score > chosen[r, c]:
+            chosen[r, c], grid[r, c] = score, acc
     return grid
 
 
-def plot_heatmap(trials: pd.DataFrame, path: str) -> None:
-    """Best completed test accuracy per (prune rate, drop rate) bin, one panel per ε."""
+def plot_heatmap(trials: pd.DataFrame, path: str, rank_by: str = "val_accuracy") -> None:
+    """Per (prune rate, drop rate) bin, the test accuracy of the completed trial the
+    selection metric ``rank_by`` chooses, one panel per ε."""
     from matplotlib import colormaps
 
     df = trials[trials["status"] == "completed"]
@@ -128,7 +135,7 @@ def plot_heatmap(trials: pd.DataFrame, path: str) -> None:
     _, norm = _colour_scale(df["test_accuracy"])
     ticks = np.linspace(0.0, 1.0, HEATMAP_BINS + 1)
     for ax, (label, g) in zip(axes, groups, strict=True):
-        grid = _best_grid(g)
+        grid = _best_grid(g, rank_by)
         image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", extent=(0, 1, 0, 1),
                           cmap=cmap, norm=norm, aspect="auto")
         half = 0.5 / HEATMAP_BINS
@@ -138,8 +145,9 @@ def plot_heatmap(trials: pd.DataFrame, path: str) -> None:
                         va="center", fontsize=9, color="white" if norm(acc) < 0.6 else "black")
         ax.set(xticks=ticks, yticks=ticks, xlabel="drop rate (bin)",
                ylabel="prune rate (bin)", title=label)
-    fig.colorbar(image, ax=axes, label="best test accuracy")
-    fig.suptitle("Best test accuracy per prune rate × drop rate bin (completed trials)")
+    fig.colorbar(image, ax=axes, label="test accuracy")
+    fig.suptitle(f"Test accuracy of the best trial by {rank_by}\nper prune × drop bin "
+                 f"(completed trials)")
     _save(fig, path)
 
 
@@ -173,16 +181,18 @@ def plot_pareto(trials: pd.DataFrame, front: pd.DataFrame, objectives: list[tupl
     _save(fig, path)
 
 
-def param_importances(trials: pd.DataFrame) -> tuple[dict[str, float], str]:
-    """Optuna importances of the varying searched params for ``test_accuracy`` (completed)
-    and the name of the evaluator that computed them.
+def param_importances(trials: pd.DataFrame,
+                      metric: str = "val_accuracy") -> tuple[dict[str, float], str]:
+    """Optuna importances of the varying searched params for ``metric`` (the selection
+    metric; completed trials) and the name of the evaluator that computed them.
 
     fANOVA first, then PED-ANOVA, then Optuna's default evaluator. Raises
     :class:`SkipFigure` when fewer than 2 trials or no varying param are available.
     """
     import optuna
 
-    done = trials[trials["status"] == "completed"].dropna(subset=["test_accuracy"])
+    metric = metric if metric in trials and trials[metric].notna().any() else "test_accuracy"
+    done = trials[trials["status"] == "completed"].dropna(subset=[metric])
     params = [p for p in SEARCHED_PARAMS if p in done and done[p].notna().all()
               and done[p].astype(float).min() < done[p].astype(float).max()]
     if len(done) < 2 or not params:
@@ -198,8 +208,9 @@ def param_importances(trials: pd.DataFrame) -> tuple[dict[str, float], str]:
         for _, row in done.iterrows():
             study.add_trial(optuna.trial.create_trial(
                 params={p: float(row[p]) for p in params}, distributions=dists,
-                value=float(row["test_accuracy"])))
-        return _evaluate(optuna, study)
+                value=float(row[metric])))
+        found, method = _evaluate(optuna, study)
+        return found, f"{method}, {metric}"
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -228,30 +239,44 @@ def plot_importances(importances: dict[str, float], method: str, path: str) -> N
     for i, n in enumerate(names):
         ax.text(importances[n], i, f" {importances[n]:.3f}", va="center", fontsize=9)
     ax.set(xlabel="importance (normalised to sum to 1)", xlim=(0, 1.1),
-           title=f"Hyperparameter importances for test accuracy ({method})")
+           title=f"Hyperparameter importances\n({method})")
     _save(fig, path)
 
 
-def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: str) -> None:
-    """Test accuracy per epoch for every trial; the top completed trials highlighted."""
+def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, path: str,
+                         rank_by: str = "test_accuracy") -> None:
+    """Test accuracy after each epoch of every trial, against epochs (left) and against the
+    epsilon spent so far (right); the top completed trials by ``rank_by`` (the study's
+    selection metric) highlighted."""
     ep = epochs.dropna(subset=["test_accuracy"]).sort_values(["trial_id", "epoch"])
     if ep.empty:
         raise SkipFigure("no epoch rows with a test accuracy")
-    done = trials[trials["status"] == "completed"].dropna(subset=["test_accuracy"])
-    top = done.sort_values("test_accuracy", ascending=False, kind="mergesort").head(TOP_CURVES)
+    rank_by = rank_by if rank_by in trials and trials[rank_by].notna().any() else "test_accuracy"
+    done = trials[trials["status"] == "completed"].dropna(subset=[rank_by])
+    top = done.sort_values(rank_by, ascending=False, kind="mergesort").head(TOP_CURVES)
     top_ids = list(top["trial_id"])
-    fig, (ax,) = _figure(width=7.0)
-    for tid, g in ep.groupby("trial_id", sort=False):
-        if tid not in top_ids:
-            ax.plot(g["epoch"], g["test_accuracy"], color="0.7", lw=1, alpha=0.8)
-    for rank, (tid, acc) in enumerate(zip(top_ids, top["test_accuracy"], strict=True), 1):
-        g = ep[ep["trial_id"] == tid]
-        ax.plot(g["epoch"], g["test_accuracy"], marker="o", lw=2,
-                label=f"#{rank} {tid} ({acc:.3f})")
-    ax.plot([], [], color="0.7", label="other trials")
-    ax.set(xlabel="epoch", ylabel="test accuracy",
-           title=f"Learning curves (top {len(top_ids)} completed trials highlighted)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    panels = [("epoch", "epoch")]
+    if "epsilon_spent" in ep and ep["epsilon_spent"].notna().any():
+        panels.append(("epsilon_spent", "ε spent"))
+    fig, axes = _figure(len(panels), width=6.0, sharey=True)
+    for ax, (x, xlabel) in zip(axes, panels, strict=True):
+        for tid, g in ep.groupby("trial_id", sort=False):
+            if tid not in top_ids:
+                ax.plot(g[x], g["test_accuracy"], color="0.7", lw=1, alpha=0.8)
+        for rank, (tid, score) in enumerate(zip(top_ids, top[rank_by], strict=True), 1):
+            g = ep[ep["trial_id"] == tid]
+            ax.plot(g[x], g["test_accuracy"], marker="o", lw=2,
+                    label=f"#{rank} {tid} ({rank_by} {score:.3f})")
+        ax.plot([], [], color="0.7", label="other trials")
+        ax.set(xlabel=xlabel, ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    if len(panels) > 1:
+        targets = trials["epsilon_target"].dropna().unique()
+        for eps in targets:
+            axes[1].axvline(float(eps), color="tab:red", ls="--", lw=1)
+        axes[1].set_title("vs privacy spent (dashed: ε target)", fontsize=10)
+    axes[0].set_title("vs epochs", fontsize=10)
+    fig.suptitle(f"Learning curves (top {len(top_ids)} completed trials by {rank_by})")
     _save(fig, path)

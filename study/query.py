@@ -23,16 +23,22 @@ OPS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.l
        ">": operator.gt, "<": operator.lt}
 FORMATS = ("table", "csv", "json")
 
-# In filters (and column selection / sorting) ``epsilon`` means the *target* budget.
+# In filters (and column selection / sorting) ``epsilon`` means the *target* budget and
+# ``accuracy`` the reported test accuracy.
 FILTER_ALIASES = {"epsilon": "epsilon_target", "eps": "epsilon_target",
                   "accuracy": "test_accuracy", "acc": "test_accuracy", "loss": "test_loss",
-                  "cost": "wall_time_s", "time": "wall_time_s", "lr": "learning_rate"}
-# In Pareto specs an alias also carries its direction; ``epsilon`` is what was *spent*.
-PARETO_ALIASES = {"accuracy": ("test_accuracy", "max"), "acc": ("test_accuracy", "max"),
+                  "val": "val_accuracy", "cost": "wall_time_s", "time": "wall_time_s",
+                  "lr": "learning_rate"}
+# In Pareto specs an alias also carries its direction; ``epsilon`` is what was *spent*. A
+# front *selects* configurations, so ``accuracy`` is the validation accuracy there (name
+# ``test_accuracy`` explicitly to see the test front).
+PARETO_ALIASES = {"accuracy": ("val_accuracy", "max"), "acc": ("val_accuracy", "max"),
+                  "val": ("val_accuracy", "max"),
                   "density": ("density", "min"), "epsilon": ("epsilon_spent", "min"),
                   "eps": ("epsilon_spent", "min"), "cost": ("wall_time_s", "min"),
                   "time": ("wall_time_s", "min"), "loss": ("test_loss", "min")}
-_DEFAULT_DIRECTION = {"best_test_accuracy": "max", "samples_per_s": "max",
+_DEFAULT_DIRECTION = {"test_accuracy": "max", "best_test_accuracy": "max",
+                      "best_val_accuracy": "max", "val_loss": "min", "samples_per_s": "max",
                       "epsilon_target": "min", **dict(PARETO_ALIASES.values())}
 
 _FILTER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|!=|>=|<=|>|<)\s*(\S.*?)\s*$")

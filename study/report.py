@@ -16,26 +16,29 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from study import confirm, selection
 from study.query import pareto_front, parse_pareto, to_frame
-from study.results import EPOCHS_SCHEMA, read_epochs, read_trials
+from study.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
 
 FORMATS = ("html", "md")
 HYPERPARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
                "batch_size")
-TOP_COLUMNS = ("trial_id", "status", *HYPERPARAMS, "epsilon_spent", "density", "test_accuracy")
+TOP_COLUMNS = ("trial_id", "status", *HYPERPARAMS, "epsilon_spent", "budget_used", "density",
+               "val_accuracy", "test_accuracy")
 FIGURES = {  # file stem -> one-sentence caption, in page order
     "accuracy_vs_prune_rate": "Final test accuracy against prune rate, coloured by drop rate "
                               "(filled: completed, hollow: stopped early; failed excluded).",
     "accuracy_vs_drop_rate": "Final test accuracy against drop rate, coloured by prune rate "
                              "(filled: completed, hollow: stopped early; failed excluded).",
-    "prune_drop_heatmap": "Best completed test accuracy in each prune rate × drop rate bin "
-                          "(blank: no trial in that bin).",
+    "prune_drop_heatmap": "In each prune rate × drop rate bin, the test accuracy of the "
+                          "completed trial the selection metric prefers (blank: no trial).",
     "pareto_front": "Completed trials (grey) and their Pareto front (red) for the chosen "
                     "objectives.",
     "param_importances": "Optuna importances of the searched hyperparameters that vary, for "
-                         "final test accuracy of completed trials.",
-    "learning_curves": "Test accuracy after each epoch for every trial, the best completed "
-                       "trials highlighted.",
+                         "the selection metric of completed trials.",
+    "learning_curves": "Test accuracy after each epoch for every trial, against epochs and "
+                       "against the epsilon spent so far; the best completed trials by the "
+                       "selection metric highlighted.",
 }
 _CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:75em;padding:0 1em}"
         "table{border-collapse:collapse;margin:.5em 0 1.5em}"
@@ -69,28 +72,72 @@ def _values(df: pd.DataFrame, column: str) -> str:
     return ", ".join(found) if found else "-"
 
 
+def selection_of(trials: pd.DataFrame) -> tuple[str, str, str]:
+    """(metric, mode, split) the study selected on, from its rows' ``selection_metric`` and
+    ``selection_split`` (files written before they existed: test accuracy, on test)."""
+    metrics = trials["selection_metric"].dropna() if "selection_metric" in trials else []
+    splits = trials["selection_split"].dropna() if "selection_split" in trials else []
+    metric = str(metrics.iloc[0]).split(",")[0] if len(metrics) else "test_accuracy"
+    split = str(splits.iloc[0]) if len(splits) else "test"
+    mode = "min" if metric.endswith("_loss") or metric in ("density", "epsilon_spent",
+                                                          "wall_time_s", "trial_cost") else "max"
+    return metric, mode, split
+
+
+def selection_banner(trials: pd.DataFrame) -> str:
+    """One sentence naming the split the study selected on (a warning for test)."""
+    metric, _, split = selection_of(trials)
+    if split == "test":
+        return (f"Selection was made on the TEST split ({metric}): the best test accuracy "
+                f"below is optimistically biased, since the same data chose and scored it.")
+    return (f"Selection was made on the {split} split ({metric}); test accuracy is reported "
+            f"only, never used to choose. Validation scores on private data are not "
+            f"themselves differentially private.")
+
+
 def _best(trials: pd.DataFrame) -> pd.Series | None:
-    done = trials[trials["status"] == "completed"].dropna(subset=["test_accuracy"])
-    if done.empty:
-        return None
-    return done.sort_values("test_accuracy", ascending=False, kind="mergesort").iloc[0]
+    metric, mode, _ = selection_of(trials)
+    found = selection.best(trials.to_dict("records"), metric, mode)
+    return None if found is None else trials[trials["trial_id"] == found["trial_id"]].iloc[0]
+
+
+def noise_note(trials: pd.DataFrame) -> str:
+    """How the trials' DP noise was seeded, and what the guarantee then assumes."""
+    flags = trials["reproducible_noise"] if "reproducible_noise" in trials else pd.Series([])
+    seeded = int((flags == True).sum())  # noqa: E712 (nullable column: True, False or NA)
+    if seeded:
+        return (f"reproducible_noise in {seeded} of {len(trials)} trials: their noise is "
+                f"seeded from the recorded seed, so their privacy guarantee assumes that seed "
+                f"stays secret")
+    if flags.isna().all() and len(trials):
+        return "not recorded (results written before the reproducible_noise column)"
+    return "secret seed per trial (OS randomness, kept only in private checkpoints)"
 
 
 def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
     """(label, value) rows summarising a study's trials frame (``TRIALS_SCHEMA`` columns)."""
+    metric, _, split = selection_of(trials)
+    if "stage" in trials:
+        trials = trials[trials["stage"].isna() | (trials["stage"] == "search")]
     counts = trials["status"].value_counts()
     rows = [("Study", _values(trials, "study")),
             ("Dataset / model", f"{_values(trials, 'dataset')} / {_values(trials, 'model')}")]
     rows += [(f"Trials {s}", str(int(counts.get(s, 0)))) for s in ("completed", "stopped",
                                                                    "failed")]
     rows += [("Epsilon target", _values(trials, "epsilon_target")),
-             ("Delta", _values(trials, "delta")), ("Accountant", _values(trials, "accountant"))]
+             ("Delta", _values(trials, "delta")), ("Accountant", _values(trials, "accountant")),
+             ("Selected on", f"{metric} ({split} split)"), ("DP noise", noise_note(trials))]
+    done = trials[trials["status"] == "completed"]
+    if "budget_used" in done and done["budget_used"].notna().any():
+        used = done["budget_used"].dropna()
+        rows.append(("Budget used (completed)", f"{used.min():.3f} to {used.max():.3f}"))
     best = _best(trials)
     if best is None:
-        return [*rows, ("Best test accuracy", "- (no completed trial yet)")]
+        return [*rows, ("Best trial", "- (no completed trial yet)")]
     params = ", ".join(f"{p}={_cell(best[p])}" for p in HYPERPARAMS if p in best.index)
-    return [*rows, ("Best test accuracy", f"{_cell(best['test_accuracy'])} "
-                                          f"(trial {best['trial_id']})"),
+    scores = ", ".join(f"{k} {_cell(best[k])}" for k in dict.fromkeys(
+        (metric, "val_accuracy", "test_accuracy")) if k in best.index)
+    return [*rows, (f"Best by {metric}", f"trial {best['trial_id']}: {scores}"),
             ("Best hyperparameters", params)]
 
 
@@ -115,6 +162,15 @@ def render_markdown_summary(trials_df: pd.DataFrame) -> str:
     return _md_table(_table(summary_rows(to_frame(trials_df)))) + "\n"
 
 
+def confirm_table(trials: pd.DataFrame) -> pd.DataFrame | None:
+    """The confirmation summary (:func:`study.confirm.summarise`) of the runs recorded in
+    ``trials``, or None when the study has none."""
+    metric, mode, _ = selection_of(trials)
+    rows = trials.to_dict("records")
+    plan = confirm.recorded_plan(rows, metric=metric, mode=mode)
+    return None if plan is None else pd.DataFrame(confirm.summarise(plan, rows))
+
+
 def _load(uri: str, study: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     trials = to_frame(read_trials(uri))
     epochs_uri = uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
@@ -136,16 +192,17 @@ def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
           objectives: list[tuple[str, str]], out_dir: str) -> tuple[dict, dict]:
     from study import plots
 
+    metric = selection_of(trials)[0]
     draw = {
         "accuracy_vs_prune_rate": lambda p: plots.plot_accuracy_vs(trials, p, "prune_rate",
                                                                    "drop_rate"),
         "accuracy_vs_drop_rate": lambda p: plots.plot_accuracy_vs(trials, p, "drop_rate",
                                                                   "prune_rate"),
-        "prune_drop_heatmap": lambda p: plots.plot_heatmap(trials, p),
+        "prune_drop_heatmap": lambda p: plots.plot_heatmap(trials, p, metric),
         "pareto_front": lambda p: plots.plot_pareto(trials, front, objectives, p),
         "param_importances": lambda p: plots.plot_importances(
-            *plots.param_importances(trials), p),
-        "learning_curves": lambda p: plots.plot_learning_curves(trials, epochs, p),
+            *plots.param_importances(trials, metric), p),
+        "learning_curves": lambda p: plots.plot_learning_curves(trials, epochs, p, metric),
     }
     figures, skipped = {}, {}
     for stem in FIGURES:
@@ -161,25 +218,35 @@ def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
 
 
 def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
-            objectives: list[tuple[str, str]], files: ReportFiles) -> list[tuple]:
+            objectives: list[tuple[str, str]], files: ReportFiles,
+            confirmed: pd.DataFrame | None = None) -> list[tuple]:
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    top = trials.sort_values("test_accuracy", ascending=False, kind="mergesort",
-                             na_position="last").head(10)
+    metric, mode, _ = selection_of(trials)
+    ranked = trials.assign(_partial=trials["status"] != "completed")
+    top = ranked.sort_values(["_partial", metric], ascending=[True, mode == "min"],
+                             kind="mergesort", na_position="last").head(10)
     obj_cols = [c for c, _ in objectives]
     front_cols = list(dict.fromkeys(["trial_id", *obj_cols, "prune_rate", "drop_rate",
                                      "epsilon_spent"]))
     failed = trials[trials["status"] == "failed"]
     blocks: list[tuple] = [("h1", f"Study report: {name}"),
+                           ("p", selection_banner(trials)),
                            ("p", f"Results: {uri} - generated {now}"),
                            ("h2", "Summary"), ("table", _table(summary_rows(trials))),
-                           ("h2", "Top 10 trials by test accuracy"),
-                           ("table", top[list(TOP_COLUMNS)]),
+                           ("h2", f"Top 10 trials by {metric} (completed first)"),
+                           ("table", top[[c for c in TOP_COLUMNS if c in top]]),
                            ("h2", "Pareto front (" + ", ".join(f"{c} {d}" for c, d in
                                                                objectives) + ")"),
                            ("table", front[front_cols]) if len(front) else
                            ("p", "No completed trial has all the objectives yet.")]
     if len(failed):
         blocks += [("h2", "Failed trials"), ("table", failed[["trial_id", "error"]])]
+    if confirmed is not None:
+        blocks += [("h2", "Confirmation across seeds"),
+                   ("p", "The chosen configurations re-trained with fresh seeds: test "
+                         "accuracy mean, standard deviation and 95% t-interval, and the "
+                         "paired difference to the baseline (prune 0, drop 0) over the same "
+                         "seeds."), ("table", confirmed)]
     blocks.append(("h2", "Figures"))
     if (trials["status"] == "completed").sum() == 0:
         blocks.append(("p", "No completed trials yet: the figures below show stopped trials "
@@ -191,6 +258,45 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
         elif stem in files.skipped:
             blocks.append(("p", f"{stem}.png not drawn: {files.skipped[stem]}."))
     return blocks
+
+
+AUDIT_COLUMNS = ("audit_id", "trial_id", "mode", "canaries", "confidence", "epsilon_claimed",
+                 "epsilon_audited", "violation", "finished_at")
+
+
+def audit_blocks(uri: str, study: str) -> list[tuple]:
+    """Claimed vs audited epsilon of the study's audits (``audits.parquet``), if any."""
+    directory = uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
+    try:
+        audits = to_frame(read_audits(directory))
+    except FileNotFoundError:
+        return []
+    audits = audits[audits["study"] == study]
+    if not len(audits):
+        return []
+    return [("h2", "Privacy audits: claimed vs audited epsilon"),
+            ("p", "Audited epsilon is an empirical lower bound at the stated confidence "
+                  "(one-run audit, dpstudy audit); violation = 1 when it exceeds the claim."),
+            ("table", audits[list(AUDIT_COLUMNS)])]
+
+
+def privacy_blocks(results_uri: str, study: str | None = None) -> list[tuple]:
+    """The study's (epsilon, delta) under both release models (from the Parquet metadata)."""
+    from study.private_selection import read_study_privacy
+
+    recorded = read_study_privacy(results_uri, study)
+    if recorded is None:
+        return [("h2", "Study-level privacy"),
+                ("p", "Not recorded (results written before study-level accounting).")]
+    rows = [("Everything released (composition of all trials)",
+             f"epsilon {recorded.epsilon_all:.3f}, delta {recorded.delta:g}"),
+            ("Only the selected result released (selection bound)",
+             "does not apply: " + "; ".join(recorded.failed_assumptions)
+             if recorded.epsilon_selected is None else
+             f"epsilon {recorded.epsilon_selected:.3f}, delta {recorded.delta:g}")]
+    return [("h2", "Study-level privacy"), ("table", _table(rows)),
+            ("p", "Each trial is (epsilon_spent, delta)-DP on its own; a study runs many "
+                  "trials on the same data and selects one. See docs/privacy.md.")]
 
 
 def _html_table(df: pd.DataFrame) -> str:
@@ -253,14 +359,25 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    trials, epochs, name = _load(results_uri, study)
+    everything, epochs, name = _load(results_uri, study)
+    confirmed = confirm_table(everything)
+    search = pd.Series([selection.is_search(r) for r in everything.to_dict("records")],
+                       index=everything.index, dtype=bool)
+    trials = everything[search]
+    epochs = epochs[epochs["trial_id"].isin(trials["trial_id"])]
     objectives = list(pareto) if pareto else parse_pareto("accuracy,density")
+    if "val_accuracy" in trials and trials["val_accuracy"].isna().all():
+        objectives = [("test_accuracy", d) if c == "val_accuracy" else (c, d)
+                      for c, d in objectives]  # results without a validation split
     front = pareto_front(trials, objectives)
     os.makedirs(out_dir, exist_ok=True)
     figures, skipped = _draw(trials, epochs, front, objectives, out_dir)
     page = os.path.join(out_dir, f"report.{fmt}")
     files = ReportFiles(page=page, figures=figures, skipped=skipped)
-    blocks = _blocks(name, results_uri, trials, front, objectives, files)
+    blocks = _blocks(name, results_uri, trials, front, objectives, files, confirmed)
+    after = blocks.index(("h2", "Summary")) + 2  # the study's privacy after its summary
+    blocks[after:after] = privacy_blocks(results_uri, name)
+    blocks += audit_blocks(results_uri, name)
     render = _render_html if fmt == "html" else _render_md
     _write_atomic(page, render(blocks, f"Study report: {name}"))
     return files

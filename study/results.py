@@ -34,14 +34,19 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection,
+#                      DP validation score (val_accuracy_dp, val_noise, val_releases)
 SCHEMA_VERSION_KEY = "dpstudy.schema_version"
+STUDY_METADATA_KEY = "dpstudy.study"  # the study a trial part belongs to
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 PART_PREFIX = "part-"
 STATUSES = ("completed", "stopped", "failed")
+STAGES = ("search", "confirm")
+SELECTION_SPLITS = ("validation", "test", "none")
 
 _F, _I, _S, _TS = pa.float64(), pa.int64(), pa.string(), pa.timestamp("us", tz="UTC")
+_B = pa.bool_()
 _UTC = dt.timezone.utc
 
 
@@ -58,6 +63,10 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("study", _S, "study name", key=True),
     _field("trial_id", _S, "trial id, unique within the study", key=True),
     _field("status", _S, "completed | stopped (early, by the scheduler) | failed", key=True),
+    _field("stage", _S, "search (a trial of the search) | confirm (a re-run of a chosen "
+           "configuration with a fresh seed)"),
+    _field("config_id", _S, "the configuration a row trains: the search trial id it comes "
+           "from; the seeds of one configuration share it"),
     _field("prune_rate", _F, "fraction of weights removed before training", "fraction"),
     _field("drop_rate", _F, "fraction of gradient coordinates dropped per step", "fraction"),
     _field("clip_norm", _F, "per-sample gradient clipping bound C", "L2 norm"),
@@ -71,7 +80,18 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("accountant", _S, "privacy accountant (prv | rdp)"),
     _field("steps", _I, "optimizer steps taken", "steps"),
     _field("epochs", _F, "epochs trained (steps * sample_rate)", "epochs"),
+    _field("budget_used", _F, "epsilon_spent / epsilon_target", "fraction"),
     _field("density", _F, "fraction of weights trainable after pruning", "fraction"),
+    _field("val_accuracy", _F, "validation accuracy after the last epoch (what the search "
+           "selects on)", "fraction"),
+    _field("best_val_accuracy", _F, "best validation accuracy over all epochs", "fraction"),
+    _field("val_loss", _F, "validation loss after the last epoch", "nats"),
+    _field("val_accuracy_dp", _F, "DP validation score: (correct + Gaussian noise) / n, "
+           "released once at the end of the trial; null without validation.noise", "fraction"),
+    _field("val_noise", _F, "std of the DP score's Gaussian noise on the count of correct "
+           "predictions (sensitivity 1)", "count"),
+    _field("val_releases", _I, "DP validation scores released (each counted in "
+           "epsilon_spent)", "releases"),
     _field("test_accuracy", _F, "test accuracy after the last epoch", "fraction"),
     _field("best_test_accuracy", _F, "best test accuracy over all epochs", "fraction"),
     _field("test_loss", _F, "test loss after the last epoch", "nats"),
@@ -80,6 +100,10 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("device", _S, "torch device the trial ran on (cpu, cuda:0, ...)"),
     _field("node", _S, "host name of the Ray node"),
     _field("seed", _I, "random seed"),
+    _field("params", _S, "the sampled hyperparameters of the configuration, as JSON (what "
+           "a confirmation run re-trains)"),
+    _field("reproducible_noise", _B, "true: DP noise and batch sampling seeded from seed (the "
+           "guarantee then assumes the seed stays secret); false: from a secret OS-random seed"),
     _field("version", _S, "dpstudy package version that produced the row"),
     _field("error", _S, "error message; null unless status is failed"),
     _field("pruning_criterion", _S, "pruning criterion (random | magnitude | snip)"),
@@ -91,16 +115,23 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("num_params", _I, "total number of weights", "parameters"),
     _field("trainable_params", _I, "weights left trainable after pruning", "parameters"),
     _field("finished_at", _TS, "when the trial finished", "UTC timestamp"),
+    _field("selection_metric", _S, "the study's objective metric(s) the search selected on, "
+           "comma-separated"),
+    _field("selection_split", _S, "the split the selection metric is computed on: "
+           "validation | test (explicitly allowed by the spec) | none"),
 ])
 
 EPOCHS_SCHEMA = _schema("epochs", [
     _field("study", _S, "study name", key=True),
     _field("trial_id", _S, "trial id, unique within the study", key=True),
     _field("epoch", _I, "epoch number, starting at 1", key=True),
+    _field("val_accuracy", _F, "validation accuracy after this epoch", "fraction"),
+    _field("val_loss", _F, "validation loss after this epoch", "nats"),
     _field("test_accuracy", _F, "test accuracy after this epoch", "fraction"),
     _field("test_loss", _F, "test loss after this epoch", "nats"),
     _field("train_loss", _F, "mean training loss over this epoch", "nats"),
     _field("epsilon_spent", _F, "cumulative epsilon spent after this epoch", "epsilon"),
+    _field("budget_used", _F, "epsilon_spent / epsilon_target after this epoch", "fraction"),
     _field("steps", _I, "cumulative optimizer steps after this epoch", "steps"),
     _field("wall_time_s", _F, "cumulative wall-clock time after this epoch", "seconds"),
     _field("samples_per_s", _F, "training throughput during this epoch", "examples/second"),
@@ -133,7 +164,14 @@ def _to_time(value: Any) -> dt.datetime:
     return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
 
 
-_COERCERS: dict[pa.DataType, Callable] = {_F: float, _I: _to_int, _S: str, _TS: _to_time}
+def _to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+_COERCERS: dict[pa.DataType, Callable] = {_F: float, _I: _to_int, _S: str, _TS: _to_time,
+                                          _B: _to_bool}
 
 
 def _coerce(schema: pa.Schema, row: dict[str, Any], what: str) -> dict[str, Any]:
@@ -265,6 +303,29 @@ def _keys(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
 
 
+def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
+    """The file-level metadata of ``study``'s newest trial part in ``trials.parquet`` (or of
+    a single-file table): e.g. the study's privacy statement. Every part carries the
+    statement as it stood when the part was written, so the newest is the current one."""
+    fs, path = _resolve(uri)
+    path = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{TRIALS_FILE}"
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        candidates = [path]
+    elif info.type == pafs.FileType.Directory:
+        parts = fs.get_file_info(pafs.FileSelector(path))
+        candidates = sorted((p.path for p in parts if p.type == pafs.FileType.File
+                             and p.base_name.endswith(".parquet")), reverse=True)
+    else:
+        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
+    for candidate in candidates:
+        meta = {k.decode(): v.decode() for k, v in
+                (pq.read_schema(candidate, filesystem=fs).metadata or {}).items()}
+        if study is None or meta.get(STUDY_METADATA_KEY, study) == study:
+            return meta
+    return {}
+
+
 def read_trials(uri: str) -> pa.Table:
     """This results directory's trials (every study in it, newest part per trial), or one
     ``.parquet`` file's."""
@@ -297,6 +358,7 @@ class ResultsStore:
         self._epochs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
         self._pending: list[tuple[str, str]] = []
+        self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
         self._remove_leftovers()
         self._load()
 
@@ -366,6 +428,12 @@ class ResultsStore:
             raise ValueError(f"{what}: study/trial_id do not match the trial row")
         return _coerce(EPOCHS_SCHEMA, full, what)
 
+    def _part_schema(self) -> pa.Schema:
+        """``TRIALS_SCHEMA`` with this study's name and ``metadata`` (a part's metadata)."""
+        extra = {STUDY_METADATA_KEY: self.study, **self.metadata}
+        return TRIALS_SCHEMA.with_metadata({**TRIALS_SCHEMA.metadata, **{
+            k.encode(): v.encode() for k, v in extra.items()}})
+
     def _all_trials(self) -> pa.Table:
         return pa.Table.from_pylist(list(self._trials.values()), schema=TRIALS_SCHEMA)
 
@@ -385,7 +453,7 @@ class ResultsStore:
             epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
             self._publish(EPOCHS_FILE, name, epochs)
             self._publish(TRIALS_FILE, name, pa.Table.from_pylist([self._trials[key]],
-                                                                  schema=TRIALS_SCHEMA))
+                                                                  schema=self._part_schema()))
             self._pending.pop(0)
             older, self._files[key] = self._files.get(key, []), [self._path(
                 f"{TRIALS_FILE}/{name}")]
@@ -427,3 +495,100 @@ class ResultsStore:
     def trial_ids(self) -> set[str]:
         """The trial ids of this study present in the store."""
         return {tid for study, tid in self._trials if study == self.study}
+
+
+# --- audits.parquet: one row per empirical privacy audit (``dpstudy audit``) -----------
+
+AUDITS_FILE = "audits.parquet"
+AUDIT_MODES = ("white-box", "black-box")
+
+AUDITS_SCHEMA = _schema("audits", [
+    _field("study", _S, "study name", key=True),
+    _field("audit_id", _S, "audit id, unique within the study", key=True),
+    _field("trial_id", _S, "audited trial; null when the spec's fixed configuration was "
+           "audited"),
+    _field("mode", _S, "white-box (gradient canaries) | black-box (mislabeled images)",
+           key=True),
+    _field("canaries", _I, "canaries drawn (m); each included with probability 1/2",
+           "canaries"),
+    _field("included", _I, "canaries included in training", "canaries"),
+    _field("confidence", _F, "confidence of the lower bound (1 - significance)",
+           "probability"),
+    _field("delta", _F, "delta of the claim and of the bound", "probability"),
+    _field("epsilon_target", _F, "privacy budget of the audited configuration", "epsilon"),
+    _field("epsilon_claimed", _F, "epsilon the accountant reports for the audited run",
+           "epsilon"),
+    _field("epsilon_audited", _F, "empirical lower bound on epsilon at `confidence`",
+           "epsilon"),
+    _field("violation", _I, "1 if epsilon_audited > epsilon_claimed (mechanism broken)",
+           "flag"),
+    _field("noise_multiplier", _F, "Gaussian noise std divided by clip_norm", "ratio"),
+    _field("clip_norm", _F, "per-sample gradient clipping bound C", "L2 norm"),
+    _field("sample_rate", _F, "Poisson sampling probability q", "probability"),
+    _field("steps", _I, "optimizer steps of the audited run", "steps"),
+    _field("prune_rate", _F, "fraction of weights removed before training", "fraction"),
+    _field("drop_rate", _F, "fraction of gradient coordinates dropped per step", "fraction"),
+    _field("test_accuracy", _F, "test accuracy of the model trained with canaries",
+           "fraction"),
+    _field("wall_time_s", _F, "wall-clock time of the audit (build, train, score)",
+           "seconds"),
+    _field("node", _S, "host name of the Ray node that ran the audit"),
+    _field("seed", _I, "audit seed (canary draw and inclusion)"),
+    _field("version", _S, "dpstudy package version that produced the row"),
+    _field("finished_at", _TS, "when the audit finished", "UTC timestamp"),
+])
+
+
+def read_audits(uri: str) -> pa.Table:
+    """Every audit of a results directory/URI (``audits.parquet``: one immutable part per
+    audit, or a single file written by older versions), or of one ``.parquet`` path."""
+    fs, path = _resolve(uri)
+    path = path.rstrip("/")
+    if not path.endswith(".parquet"):
+        path = f"{path}/{AUDITS_FILE}"
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        return _read_file(fs, path, AUDITS_SCHEMA)
+    if kind != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no audits table at {uri!r} (looked for {path})")
+    tables = [_read_file(fs, part, AUDITS_SCHEMA) for part in _parts(fs, path)]
+    return pa.concat_tables(tables) if tables else AUDITS_SCHEMA.empty_table()
+
+
+def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Add one audit row to ``audits.parquet`` in ``uri`` as a new immutable part (so
+    concurrent audits sharing a results root never overwrite each other); returns it typed.
+
+    The row is checked against :data:`AUDITS_SCHEMA` before anything is written; an
+    ``audit_id`` already present for the study is refused rather than duplicated."""
+    row = {"version": package_version(), "finished_at": dt.datetime.now(_UTC), **row}
+    typed = _coerce(AUDITS_SCHEMA, row, "audit row")
+    if typed["mode"] not in AUDIT_MODES:
+        raise ValueError(f"audit row: mode must be one of {AUDIT_MODES}, got {typed['mode']!r}")
+    fs, path = _resolve(uri)
+    directory = f"{path.rstrip('/')}/{AUDITS_FILE}"
+    try:
+        known = read_audits(uri).to_pylist()
+    except FileNotFoundError:
+        known = []
+    if any((r["study"], r["audit_id"]) == (typed["study"], typed["audit_id"]) for r in known):
+        raise ValueError(f"audit row: audit_id {typed['audit_id']!r} already recorded for "
+                         f"study {typed['study']!r} in {directory}")
+    if fs.get_file_info(directory).type == pafs.FileType.File:
+        raise ValueError(f"{directory}: a single-file audits table from an older dpstudy; "
+                         f"move it into {directory}/{PART_PREFIX}legacy.parquet to append")
+    fs.create_dir(directory, recursive=True)
+    name = (f"{PART_PREFIX}{dt.datetime.now(_UTC).strftime('%Y%m%dT%H%M%S%fZ')}-"
+            f"{uuid.uuid4().hex[:12]}.parquet")
+    final, tmp = f"{directory}/{name}", f"{directory}/.{name}.tmp"
+    table = pa.Table.from_pylist([typed], schema=AUDITS_SCHEMA)
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object store publishes uploads whole
+        pq.write_table(table, where=final, filesystem=fs)
+        return typed
+    try:
+        pq.write_table(table, where=tmp, filesystem=fs)
+        fs.move(tmp, final)
+    finally:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
+    return typed

@@ -1,20 +1,24 @@
 """Run and resume studies: a spec becomes a Ray Tune experiment.
 
-``run`` validates everything first (spec, data, noise floor) and writes nothing on a bad
-spec. It then builds a ``Tuner``: ``OptunaSearch`` (define-by-run, seeded) behind a
-``ConcurrencyLimiter``, an optional ``ASHAScheduler``, ``tune.with_resources``,
-``FailureConfig(max_failures)`` and ``CheckpointConfig``; experiment state lives under
-``storage/NAME``, next to the resolved spec (``dpstudy-spec.yaml``) that ``resume`` reads.
-Results go to Parquet through :class:`study.callbacks.StudyCallback`, and once more from
-the final ``ResultGrid`` so that no trial is ever missing.
+``run`` validates everything first (spec, data, the noise range that spends the budget)
+and writes nothing on a bad spec. It then builds a ``Tuner``: ``OptunaSearch``
+(define-by-run, seeded) behind a ``ConcurrencyLimiter``, an optional ``ASHAScheduler``,
+``tune.with_resources``, ``FailureConfig(max_failures)`` and ``CheckpointConfig``.
+Experiment state lives under ``storage/NAME``, next to the resolved spec
+(``dpstudy-spec.yaml``) that ``resume`` reads. Results go to Parquet through
+:class:`study.callbacks.StudyCallback`, and once more from the final ``ResultGrid`` so that
+no trial is ever missing. ``confirm`` re-runs the chosen configurations over fresh seeds
+(:mod:`study.confirm`) as a second Tune experiment, ``storage/NAME-confirm-<digest>``,
+restored rather than restarted when an interrupted confirmation is run again.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import posixpath
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +27,19 @@ import pyarrow.fs as pafs
 import yaml
 from ray import tune
 
-from study.callbacks import StudyCallback
+from study import confirm as confirmation
+from study import private_selection, selection
+from study.callbacks import CONFIRM_KEY, StudyCallback
 from study.lock import StudyLock
 from study.paths import LocationError, check_locations, join_location, resolve_paths
-from study.space import check_space, make_search, noise_floor
+from study.selection_spec import selection_metric
+from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
 from trainables.config import load_yaml
 from trainables.data import dataset_size
+from trainables.placement import ALLOC_CONF
+from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
 from trainables.tune_trainable import run_trial
 
 
@@ -46,6 +55,13 @@ class StudyInterruptedError(KeyboardInterrupt):
                          f"nothing was recorded for them. Continue with: "
                          f"dpstudy resume {directory}")
         self.directory = directory
+        self.name, self.unfinished = name, unfinished
+
+    def with_command(self, command: str) -> StudyInterruptedError:
+        """The same interruption, continued with ``command`` instead of ``resume``."""
+        self.args = (f"[{self.name}] interrupted with {self.unfinished} run(s) unfinished; "
+                     f"nothing was recorded for them. Continue with: {command}",)
+        return self
 
 
 @dataclass(frozen=True)
@@ -63,14 +79,16 @@ class Summary:
 
 # --- preparation (nothing written) -----------------------------------------------------
 
-def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, float | None]:
+def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseBudget | None]:
     """Load and fully validate a spec (its locations resolved, see :func:`resolve_paths`);
-    returns it with the one-epoch noise floor."""
+    returns it with the noise budget that cuts each trial's noise range to the values that
+    spend the privacy budget."""
     spec = resolve_paths(load_spec(spec_path))
     check_against_data(spec, cluster=cluster)
-    floor = noise_floor(spec, dataset_size(spec.dataset, seed=spec.seed))
-    check_space(spec, floor)
-    return spec, floor
+    n = dataset_size(spec.dataset, seed=spec.seed)
+    budget = noise_budget(spec, n)
+    check_space(spec, budget, n)
+    return spec, budget
 
 
 def experiment_dir(spec: StudySpec) -> str:
@@ -89,12 +107,45 @@ def _exists(path: str) -> bool:
     return fs.get_file_info(where).type != pafs.FileType.NotFound
 
 
-def save_spec(spec: StudySpec, directory: str) -> None:
-    """Write the resolved spec next to Tune's experiment state."""
+def save_spec(spec: StudySpec, directory: str, name: str = SPEC_FILE) -> None:
+    """Write the resolved spec next to Tune's experiment state (or, named after the study,
+    into its results directory, where ``dpstudy confirm RESULTS`` finds it)."""
     fs, where = _filesystem(directory)
     fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(posixpath.join(where, SPEC_FILE)) as out:
+    with fs.open_output_stream(posixpath.join(where, name)) as out:
         out.write(yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+
+
+def results_spec_name(study: str) -> str:
+    """File name of a study's spec copy in its results directory."""
+    return f"{study}.{SPEC_FILE}"
+
+
+def is_experiment_dir(location: str) -> bool:
+    """Whether ``location`` is an experiment directory (holds the saved spec)."""
+    fs, where = _filesystem(location)
+    return fs.get_file_info(posixpath.join(where, SPEC_FILE)).type == pafs.FileType.File
+
+
+def find_spec(location: str, study: str | None = None) -> StudySpec:
+    """The spec of a study from its experiment directory (``STORAGE/NAME``) or its results
+    directory (``study`` picks one when several studies share it)."""
+    if is_experiment_dir(location):
+        return read_spec(location)
+    fs, where = _filesystem(location)
+    suffix = "." + SPEC_FILE
+    infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+    names = sorted(i.base_name.removesuffix(suffix) for i in infos
+                   if i.base_name.endswith(suffix))
+    if study is not None and study not in names:
+        raise SpecError([f"study: no spec of study {study!r} in {location!r} (found: "
+                         f"{', '.join(names) or 'none'})"])
+    if study is None and len(names) != 1:
+        found = "no study spec" if not names else f"several studies ({', '.join(names)}); " \
+            "pass --study"
+        raise SpecError([f"results: {location!r} holds {found} (got {location!r})"])
+    with fs.open_input_stream(posixpath.join(where, results_spec_name(study or names[0]))) as f:
+        return StudySpec.from_dict(yaml.safe_load(f.read().decode()))
 
 
 def read_spec(directory: str) -> StudySpec:
@@ -124,6 +175,8 @@ def init_ray(address: str | None = None) -> None:
     # or checkpointed before the kill, so it neither re-runs finished trials nor restarts
     # running ones from scratch. Read when the Tuner is built, so setting it here suffices.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF  # inherited by local workers
     if ray.is_initialized():
         return
     if address:
@@ -137,29 +190,72 @@ def init_ray(address: str | None = None) -> None:
              logging_level="WARNING")
 
 
-def dpstudy_trial(config: dict[str, Any], spec: StudySpec) -> None:
-    """The Tune function trainable: sampled params -> trial config -> one DP trial."""
+def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:
+    """GPUs of each live node, and of each node type the autoscaler may still start."""
+    import ray
+
+    nodes = [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    types: dict[str, float] = {}
+    try:  # the autoscaler's node types, as it reported them to the GCS (if it runs)
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 (no autoscaler or an older Ray: nodes only)
+        config = None
+    for group in getattr(config, "node_group_configs", []) or []:
+        if group.max_count != 0:
+            types[group.name] = float(group.resources.get("GPU", 0))
+    return nodes, types
+
+
+def check_gpu_capacity(spec: StudySpec) -> None:
+    """Fail fast when no node, now or after autoscaling, could ever hold one trial's GPUs
+    (its trials would otherwise wait forever)."""
+    gpu = spec.resources_per_trial.gpu
+    if gpu <= 0:
+        return
+    nodes, types = gpu_node_capacity()
+    if max([*nodes, *types.values()], default=0.0) >= gpu:
+        return
+    raise SpecError([
+        f"resources_per_trial.gpu: each trial asks for {gpu:g} GPU(s) on one node, but no "
+        f"node of this cluster can ever offer that (GPUs per live node: {nodes}; autoscaler "
+        f"node types: {types or 'none'}); its trials would wait forever (got {gpu!r})"])
+
+
+def dpstudy_trial(config: dict[str, Any], spec: StudySpec,
+                  budget: private_selection.StudyBudget | None = None) -> None:
+    """The Tune function trainable: sampled params (or a confirmation run: params and a
+    seed) -> trial config (under the study budget, if any) -> one DP trial."""
     resources = spec.resources_per_trial
-    run_trial(spec.trial_config(config), cost_per_second=resources.cpu + resources.gpu)
+    if CONFIRM_KEY in config:
+        run = config[CONFIRM_KEY]
+        trial = spec.trial_config(run["params"], seed=run["seed"])
+    else:
+        trial = spec.trial_config(config)
+    trial = private_selection.study_trial_config(trial, budget)
+    run_trial(trial, cost_per_second=resources.cpu + resources.gpu)
 
 
 def make_trainable(spec: StudySpec) -> Any:
-    """``dpstudy_trial`` bound to the spec, with the spec's per-trial resources."""
+    """``dpstudy_trial`` bound to the spec (and its study budget), with the spec's
+    per-trial resources."""
     resources = {"cpu": spec.resources_per_trial.cpu, "gpu": spec.resources_per_trial.gpu}
-    return tune.with_resources(tune.with_parameters(dpstudy_trial, spec=spec), resources)
+    budget = private_selection.plan_study_budget(spec, private_selection.train_size(spec))
+    return tune.with_resources(tune.with_parameters(dpstudy_trial, spec=spec, budget=budget),
+                               resources)
 
 
 def make_scheduler(spec: StudySpec) -> Any:
-    """ASHA on the primary objective (epochs as time), or None."""
+    """ASHA on the primary objective, its clock the fraction of the budget spent (trials are
+    compared at equal epsilon, whatever their noise and epochs), or None."""
     if spec.scheduler.name != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     metric, mode = spec.objective.primary
-    p = spec.search.max_epochs or spec.search.epochs
-    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
-                         max_t=max(1, math.ceil(p.max_value())),
-                         grace_period=spec.scheduler.grace_period,
+    return ASHAScheduler(time_attr="budget_used", metric=metric, mode=mode, max_t=1.0,
+                         grace_period=spec.scheduler.grace_budget,
                          reduction_factor=spec.scheduler.reduction_factor)
 
 
@@ -174,7 +270,8 @@ def run_config(spec: StudySpec) -> tune.RunConfig:
 
 # --- run and resume -------------------------------------------------------------------
 
-def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> Summary:
+def run(spec: StudySpec, budget: NoiseBudget | None, *,
+        address: str | None = None) -> Summary:
     """Run a new study to completion, holding its lock (:class:`study.lock.StudyLock`)."""
     spec = resolve_paths(spec)
     directory = experiment_dir(spec)
@@ -187,16 +284,26 @@ def run(spec: StudySpec, floor: float | None, *, address: str | None = None) -> 
         _refuse_existing(spec, directory)  # another driver may have won the race
         try:
             init_ray(address)
+            check_gpu_capacity(spec)
+            if spec.reproducible_noise:
+                print(f"WARNING [{spec.name}]: {REPRODUCIBLE_NOISE_WARNING}", file=sys.stderr,
+                      flush=True)
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             save_spec(spec, directory)
+            save_spec(spec, spec.results_path, results_spec_name(spec.name))
         except BaseException:
             if created:  # nothing ran: leave nothing behind
                 lock.release()
                 _remove_tree(directory)
             raise
+        count = private_selection.trial_count(spec, directory)
+        if count == 0:  # a Poisson draw of 0: the study runs and releases nothing
+            print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
+            return _finish(spec, [], False, directory)
+        spec = dataclasses.replace(spec, trials=count)
         tuner = tune.Tuner(
             make_trainable(spec),
-            tune_config=tune.TuneConfig(search_alg=make_search(spec, floor),
+            tune_config=tune.TuneConfig(search_alg=make_search(spec, budget),
                                         scheduler=make_scheduler(spec),
                                         num_samples=spec.trials, reuse_actors=True),
             run_config=run_config(spec))
@@ -207,7 +314,12 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
     """Finish an interrupted study from its experiment directory, holding its lock."""
     spec = read_spec(directory)
     with StudyLock(directory):
+        count = private_selection.trial_count(spec, directory)
+        if count == 0:
+            return _finish(spec, [], False, directory)
+        spec = dataclasses.replace(spec, trials=count)
         init_ray(address)
+        check_gpu_capacity(spec)
         if not tune.Tuner.can_restore(directory):
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                              f"was stopped before its first trial started; run it again)"])
@@ -296,11 +408,71 @@ def _finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Su
         if trial_id and trial_id not in known:
             error = str(result.error) if result.error else None
             callback.record(trial_id, result.config or {}, result.metrics, error=error)
-    rows = callback.store.trials().to_pylist()
-    metric, mode = spec.objective.primary
-    done = [r for r in rows if r["status"] == "completed" and r.get(metric) is not None]
-    best = (max if mode == "max" else min)(done, key=lambda r: r[metric]) if done else None
+    rows = [r for r in callback.store.trials().to_pylist() if selection.is_search(r)]
+    best = selection.best(rows, *selection_metric(spec))
     count = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "failed")}
     return Summary(name=spec.name, experiment=directory, results=spec.results_path,
                    best=best, **count)
 
+
+# --- confirmation across seeds --------------------------------------------------------
+
+def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = None,
+            address: str | None = None) -> tuple[confirmation.Plan, list[dict[str, Any]]]:
+    """Re-run the ``top`` configurations (and the baseline) with ``seeds`` fresh seeds.
+
+    ``spec.results`` is where rows are read and written (``dpstudy confirm DIR`` points it
+    at ``DIR``).
+
+    Runs only what is not recorded yet; an interrupted confirmation of the same plan is
+    restored from its Tune state (unfinished runs continue from their checkpoints).
+    Returns the plan and its summary rows (:func:`study.confirm.summarise`).
+    """
+    from study.results import ResultsStore
+
+    metric, mode = spec.objective.primary
+    rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
+    plan = confirmation.plan(rows, metric=metric, mode=mode, top=top, seeds=seeds,
+                             base_seed=spec.seed, baseline_id=baseline)
+    todo = confirmation.pending(plan, rows)
+    if todo:
+        _run_confirmation(spec, plan, todo, address)
+        rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
+    return plan, confirmation.summarise(plan, rows)
+
+
+def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[str, Any]],
+                      address: str | None) -> None:
+    """Train the pending runs as a Tune experiment of their own (restored if it exists),
+    holding its lock; Ctrl-C raises :class:`StudyInterruptedError` and records nothing
+    for unfinished runs."""
+    name = f"{spec.name}-confirm-{plan.key}"
+    directory = join_location(spec.storage_path, name)
+    trainable = make_trainable(spec)
+    with StudyLock(directory):
+        init_ray(address)
+        if tune.Tuner.can_restore(directory):
+            tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            config = dataclasses.replace(
+                run_config(spec), name=name,
+                callbacks=[StudyCallback(spec, total=len(todo), label=" confirm")])
+            tuner = tune.Tuner(
+                trainable, param_space={CONFIRM_KEY: tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
+                                            reuse_actors=True),
+                run_config=config)
+        grid, interrupted = _fit(tuner)
+    callback = StudyCallback(spec)
+    callback.setup()
+    for result in grid:  # record any run the callback missed (a killed driver)
+        finished = (result.metrics or {}).get("finished")
+        if result.config and CONFIRM_KEY in result.config and (finished or result.error):
+            error = str(result.error) if result.error else None
+            callback.record(result.config[CONFIRM_KEY]["run_id"], result.config,
+                            result.metrics, error=error)
+    if interrupted:
+        left = len(confirmation.pending(plan, callback.store.trials().to_pylist()))
+        raise StudyInterruptedError(f"{spec.name} confirm", directory, left).with_command(
+            f"dpstudy confirm {spec.results_path} (the same --top/--seeds)")

@@ -5,15 +5,22 @@ parameter of the spec. It is a module-level function bound with ``functools.part
 the searcher (and with it the Optuna study) pickles into Tune's experiment state and
 comes back on ``dpstudy resume`` with every trial it has seen.
 
-At a fixed epsilon, a noise multiplier below a floor cannot train even one epoch; the
-floor is computed once per study (:func:`noise_floor`) and the searched range starts
-there, so no trial is wasted on an impossible configuration.
+Budget-exact search: at a fixed (epsilon, delta), a trial's noise multiplier must lie in
+:func:`trainables.accounting.noise_interval` at *that trial's* sample rate and epoch cap:
+below it, not even one epoch fits; above it, the epoch cap comes first and the trial
+leaves budget unspent, so its accuracy is not comparable with the others'. Batch size and
+``max_epochs`` are therefore suggested first, and the noise multiplier is then suggested
+from the spec's range cut to that interval (:class:`NoiseBudget`). A spec whose range
+misses the interval for some batch size it allows is rejected (:func:`check_space`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
@@ -21,69 +28,185 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from study.spec import Param, SpecError, StudySpec
-from trainables.accounting import noise_for_steps, steps_per_epoch
+from trainables.accounting import noise_interval
 
 log = logging.getLogger(__name__)
 
+#: Parameters that the noise interval depends on: suggested before the noise multiplier.
+_FIRST = ("batch_size", "max_epochs")
 
-def batch_sizes(spec: StudySpec) -> list[int]:
-    """The extreme batch sizes a trial can use (fixed value, choices or range ends)."""
-    p = spec.search.batch_size
+
+def extremes(p: Param | None) -> list[float]:
+    """The extreme values a parameter can take (fixed value, choices or range ends)."""
+    if p is None:
+        return []
     if p.is_fixed():
-        return [int(p.value)]
+        return [p.value]
     if p.choices is not None:
-        return sorted({int(v) for v in p.choices})
-    return [int(p.low), int(p.high)]
+        return sorted({min(p.choices), max(p.choices)})
+    return [p.low, p.high]
 
 
-def noise_floor(spec: StudySpec, n: int) -> float | None:
-    """Smallest noise multiplier that allows one epoch at the spec's budget (None when the
-    spec searches epochs instead of noise)."""
+@functools.lru_cache(maxsize=512)
+def _interval(epsilon: float, delta: float, accountant: str, sample_rate: float,
+              max_epochs: float) -> tuple[float, float]:
+    return noise_interval(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate,
+                          max_epochs=max_epochs, accountant=accountant)
+
+
+@dataclass(frozen=True)
+class NoiseBudget:
+    """What a trial's admissible noise range depends on: the budget and the number ``n`` of
+    private training examples (after the validation and public hold-outs)."""
+
+    epsilon: float
+    delta: float
+    accountant: str
+    n: int
+
+    def interval(self, batch_size: float, max_epochs: float) -> tuple[float, float]:
+        """``(low, high)``: the noise multipliers that spend the budget in at most
+        ``max_epochs`` at batch size ``batch_size`` (cached per process)."""
+        q = min(1.0, float(batch_size) / self.n)
+        return _interval(self.epsilon, self.delta, self.accountant, q, float(max_epochs))
+
+    def common_interval(self, batch_size: Param, max_epochs: Param) -> tuple[float, float]:
+        """The noise multipliers that spend the budget at *every* batch size and epoch cap
+        the parameters allow (empty when low > high). Noise ``choices`` are cut to this
+        fixed interval: Optuna needs the same categorical choices in every trial."""
+        ends = [self.interval(b, e) for b, e in
+                itertools.product(extremes(batch_size), extremes(max_epochs))]
+        return max(low for low, _ in ends), min(high for _, high in ends)
+
+
+def noise_budget(spec: StudySpec, n: int) -> NoiseBudget | None:
+    """The :class:`NoiseBudget` of a spec that searches the noise multiplier (None when it
+    searches epochs and calibrates the noise instead)."""
     if spec.search.noise_multiplier is None:
         return None
-    floors = []
-    for batch in batch_sizes(spec):
-        q = min(1.0, batch / n)
-        floors.append(noise_for_steps(target_epsilon=spec.privacy.epsilon,
-                                      delta=spec.privacy.delta, sample_rate=q,
-                                      steps=steps_per_epoch(q),
-                                      accountant=spec.privacy.accountant))
-    return max(floors)
+    p = spec.privacy
+    return NoiseBudget(epsilon=p.epsilon, delta=p.delta, accountant=p.accountant, n=n)
 
 
-def check_space(spec: StudySpec, floor: float | None) -> None:
-    """Reject a noise range that lies wholly below the one-epoch floor."""
+def check_space(spec: StudySpec, budget: NoiseBudget | None, n: int | None = None) -> None:
+    """Reject a budget no noise can meet, and a noise range that misses the
+    budget-spending interval at some extreme batch size and epoch cap the spec allows (both
+    ends of the interval grow with each). In ``epochs`` mode (``budget`` None) check that
+    the noise can be calibrated for every extreme batch size and number of epochs (``n``
+    private training examples)."""
     p = spec.search.noise_multiplier
-    if floor is None or p is None or p.max_value() >= floor:
-        return
-    raise SpecError([f"search.noise_multiplier: must reach at least {floor:.3f}, the "
-                     f"smallest noise that allows one epoch at epsilon="
-                     f"{spec.privacy.epsilon:g}, delta={spec.privacy.delta:g} "
-                     f"(got a maximum of {p.max_value()!r})"])
+    try:
+        if budget is None:
+            if n is not None and spec.search.epochs is not None:
+                _check_epochs(spec, n)
+            return
+        _check_noise(spec, p, budget)
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        if isinstance(err, SpecError):
+            raise
+        raise SpecError([f"privacy.epsilon: no noise multiplier meets epsilon="
+                         f"{spec.privacy.epsilon:g} at delta={spec.privacy.delta:g} with the "
+                         f"{spec.privacy.accountant} accountant ({err}); raise epsilon or "
+                         f"delta, or use accountant: prv (got {spec.privacy.epsilon!r})"]) from None
+
+
+def _check_epochs(spec: StudySpec, n: int) -> None:
+    from trainables.accounting import noise_for_steps
+
+    for batch, epochs in itertools.product(extremes(spec.search.batch_size),
+                                           extremes(spec.search.epochs)):
+        q = min(1.0, batch / n)
+        noise_for_steps(target_epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
+                        sample_rate=q, steps=max(1, round(epochs / q)),
+                        accountant=spec.privacy.accountant)
+
+
+def _check_noise(spec: StudySpec, p: Param, budget: NoiseBudget) -> None:
+    problems = []
+    if p.choices is not None:
+        low, high = budget.common_interval(spec.search.batch_size, spec.search.max_epochs)
+        if not admissible(p, low, high):
+            problems.append(
+                f"search.noise_multiplier: at least one choice must spend "
+                f"epsilon={budget.epsilon:g} (delta={budget.delta:g}) in one to max_epochs "
+                f"epochs at every batch size the spec allows, i.e. lie in "
+                f"[{low:.3f}, {high:.3f}] (an empty interval: give a range instead) "
+                f"(got {list(p.choices)})")
+    for batch, epochs in itertools.product(extremes(spec.search.batch_size),
+                                           extremes(spec.search.max_epochs)):
+        low, high = budget.interval(batch, epochs)
+        if not admissible(p, low, high):
+            got = list(p.choices) if p.choices is not None else (
+                p.value if p.is_fixed() else f"[{p.low:g}, {p.high:g}]")
+            problems.append(
+                f"search.noise_multiplier: must reach into [{low:.3f}, {high:.3f}], the noise "
+                f"multipliers that spend epsilon={budget.epsilon:g} (delta={budget.delta:g}) "
+                f"in one to max_epochs={epochs:g} epochs at batch_size={batch:g} of "
+                f"n={budget.n} training examples (got {got})")
+    if problems:
+        raise SpecError(problems)
+
+
+def admissible(p: Param, low: float, high: float) -> bool:
+    """Whether noise parameter ``p`` can take a value in ``[low, high]``."""
+    if p.choices is not None:
+        return any(low <= c <= high for c in p.choices)
+    if p.is_fixed():
+        return low <= p.value <= high
+    return p.low <= high and p.high >= low
 
 
 def suggest(trial: optuna.Trial, *, space: dict[str, Param | tuple[str, ...]],
-            floor: float | None = None) -> None:
-    """Define-by-run space: ask ``trial`` for each searched parameter."""
-    for name, param in space.items():
+            budget: NoiseBudget | None = None) -> None:
+    """Define-by-run space: ask ``trial`` for each searched parameter; the noise multiplier
+    last but within the interval that spends the budget at the batch size and epoch cap
+    just drawn."""
+    order = sorted(space, key=lambda k: (k not in _FIRST, k == "noise_multiplier"))
+    for name in order:
+        param = space[name]
         if isinstance(param, tuple):
             if len(param) > 1:
                 trial.suggest_categorical(name, list(param))
             continue
+        if name == "noise_multiplier" and budget is not None:
+            if param.choices is not None:
+                low, high = budget.common_interval(space["batch_size"], space["max_epochs"])
+            else:
+                low, high = budget.interval(
+                    trial.params.get("batch_size", space["batch_size"].value),
+                    trial.params.get("max_epochs", space["max_epochs"].value))
+            _suggest_noise(trial, param, low, high)
+            continue
         kind = param.distribution_kind()
         if kind == "categorical":
-            choices = list(param.choices)
-            if name == "noise_multiplier" and floor is not None:
-                choices = [c for c in choices if c >= floor] or [max(choices)]
-            trial.suggest_categorical(name, choices)
+            trial.suggest_categorical(name, list(param.choices))
         elif kind == "int":
             trial.suggest_int(name, int(param.low), int(param.high), log=param.log,
                               step=int(param.step or 1))
         elif kind == "float":
-            low = param.low
-            if name == "noise_multiplier" and floor is not None:
-                low = min(max(low, floor), param.high)
-            trial.suggest_float(name, low, param.high, log=param.log, step=param.step)
+            trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+
+
+def _suggest_noise(trial: optuna.Trial, p: Param, low: float, high: float) -> None:
+    """The noise multiplier from ``p`` cut to ``[low, high]`` (the nearest admissible value
+    if they miss each other, which :func:`check_space` rules out for the extremes)."""
+    name = "noise_multiplier"
+    if p.is_fixed():
+        return
+    if p.choices is not None:
+        inside = [c for c in p.choices if low <= c <= high]
+        nearest = min(p.choices, key=lambda c: min(abs(c - low), abs(c - high)))
+        trial.suggest_categorical(name, inside or [nearest])
+        return
+    lo, hi = max(p.low, low), min(p.high, high)
+    if lo > hi:
+        lo = hi = min(max(p.low, low), p.high) if p.low > high else max(p.low, low)
+    if p.step:  # stay on the spec's grid p.low + k * step inside the cut range
+        first, last = math.ceil((lo - p.low) / p.step - 1e-9), math.floor(
+            (hi - p.low) / p.step + 1e-9)
+        k_lo, k_hi = (first, last) if first <= last else (last, last) if last >= 0 else (0, 0)
+        lo, hi = (round(p.low + k * p.step, 12) for k in (k_lo, k_hi))
+    trial.suggest_float(name, lo, hi, log=p.log, step=p.step)
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -97,12 +220,29 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return samplers[spec.sampler]()
 
 
-def make_search(spec: StudySpec, floor: float | None) -> Searcher:
-    """``OptunaSearch`` over the spec's space, behind a ``ConcurrencyLimiter``."""
+def baseline_point(spec: StudySpec) -> dict[str, float]:
+    """The rates of plain DP-SGD (prune 0, drop 0) for those rates the spec searches and
+    allows 0 for; empty when ``baseline_trial`` is off or no rate is searched."""
+    if not spec.baseline_trial:
+        return {}
+    point = {}
+    for name in ("prune_rate", "drop_rate"):
+        p = getattr(spec.search, name)
+        if not p.is_fixed() and admissible(p, 0.0, 0.0):
+            point[name] = 0.0
+    return point
+
+
+def make_search(spec: StudySpec, budget: NoiseBudget | None) -> Searcher:
+    """``OptunaSearch`` over the spec's space, behind a ``ConcurrencyLimiter``. With
+    ``baseline_trial`` the first trial is plain DP-SGD (its other hyperparameters sampled),
+    so every study has a baseline to compare with."""
     metrics = list(spec.objective.metrics)
     modes = list(spec.objective.modes)
+    point = baseline_point(spec)
     search = StudySearch(
-        space=functools.partial(suggest, space=spec.parameters(), floor=floor),
+        points_to_evaluate=[point] if point else None,
+        space=functools.partial(suggest, space=spec.parameters(), budget=budget),
         metric=metrics if spec.objective.multi else metrics[0],
         mode=modes if spec.objective.multi else modes[0],
         sampler=make_sampler(spec), study_name=spec.name)

@@ -29,6 +29,7 @@ from study.params import (
     trial_space,
     trial_values,
 )
+from study.selection_spec import SelectionSpec, ValidationSpec, selection_problems
 from trainables.config import (
     ACCOUNTANTS,
     DEVICES,
@@ -41,13 +42,17 @@ from trainables.config import (
     read_yaml_file,
 )
 
-METRICS = ("test_accuracy", "best_test_accuracy", "test_loss", "density", "epsilon_spent",
-           "wall_time_s", "trial_cost")
+VALIDATION_METRICS = ("val_accuracy", "best_val_accuracy", "val_loss")
+TEST_METRICS = ("test_accuracy", "best_test_accuracy", "test_loss")
+METRICS = (*VALIDATION_METRICS, *TEST_METRICS, "density", "epsilon_spent", "wall_time_s",
+           "trial_cost", "val_accuracy_dp")
 MODES = ("max", "min")
 SAMPLERS = ("tpe", "random", "nsgaii", "gp")
 SCHEDULERS = ("none", "asha")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_MAXIMISED = ("test_accuracy", "best_test_accuracy")
+_MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
+              "val_accuracy_dp")
+SCOPES = ("trial", "study")
 
 
 class SpecError(ConfigError):
@@ -66,9 +71,11 @@ class PrivacySpec(_Spec):
     epsilon: float | None = None
     delta: float = 1e-5
     accountant: str = "prv"
+    scope: str = "trial"  # trial: (epsilon, delta) per trial; study: for the whole selection
 
     def __post_init__(self) -> None:
         c = _Checks("")
+        c.choice("scope", self.scope, SCOPES)
         if self.epsilon is None:
             c.fail("epsilon", "is required", None)
         else:
@@ -112,10 +119,16 @@ class Resources(_Spec):
 
 @dataclass(frozen=True, kw_only=True)
 class Objective(_Spec):
-    """One or two metrics to optimise; modes default to max for accuracies, min otherwise."""
+    """One or two metrics to optimise; modes default to max for accuracies, min otherwise.
 
-    metrics: tuple[str, ...] = ("test_accuracy",)
+    The search selects on the validation split (``val_accuracy`` by default). Selecting on a
+    test metric biases the reported test accuracy upwards, so it needs
+    ``allow_test_selection: true``, and the study then says so wherever it reports.
+    """
+
+    metrics: tuple[str, ...] = ("val_accuracy",)
     modes: tuple[str, ...] | None = None
+    allow_test_selection: bool = False
 
     def __post_init__(self) -> None:
         c = _Checks("")
@@ -136,7 +149,22 @@ class Objective(_Spec):
                    list(self.modes))
         if not c.problems and len(set(self.metrics)) != len(self.metrics):
             c.fail("metrics", "must not repeat a metric", list(self.metrics))
+        if not isinstance(self.allow_test_selection, bool):
+            c.fail("allow_test_selection", "must be true or false", self.allow_test_selection)
+        elif not c.problems and self.selection_split == "test" and not self.allow_test_selection:
+            c.fail("metrics", "selecting on a test metric biases the reported test accuracy; "
+                   "select on a validation metric (e.g. val_accuracy), or set "
+                   "objective.allow_test_selection: true to do it knowingly",
+                   list(self.metrics))
         c.done()
+
+    @property
+    def selection_split(self) -> str:
+        """``test`` if any metric is a test metric, ``validation`` if any is a validation
+        metric, else ``none`` (e.g. density alone)."""
+        if any(m in TEST_METRICS for m in self.metrics):
+            return "test"
+        return "validation" if any(m in VALIDATION_METRICS for m in self.metrics) else "none"
 
     @classmethod
     def _coerce(cls, key: str, value: Any) -> Any:
@@ -155,16 +183,24 @@ class Objective(_Spec):
 
 @dataclass(frozen=True, kw_only=True)
 class Scheduler(_Spec):
-    """Trial scheduler: ``none`` or ``asha`` (early stopping by epoch)."""
+    """Trial scheduler: ``none`` or ``asha`` (early stopping).
+
+    ASHA's clock is the fraction of the privacy budget a trial has spent
+    (``budget_used``), not its epochs: trials with different noise multipliers spend their
+    budget over different numbers of epochs, and are only comparable at equal epsilon
+    spent. A trial may be stopped once it has spent ``grace_budget`` of its epsilon; rungs
+    follow at ``grace_budget x reduction_factor^k`` up to the whole budget.
+    """
 
     name: str = "none"
-    grace_period: int = 1
+    grace_budget: float = 0.25
     reduction_factor: float = 3
 
     def __post_init__(self) -> None:
         c = _Checks("")
         c.choice("name", self.name, SCHEDULERS)
-        c.number("grace_period", self.grace_period, low=1, integer=True)
+        c.number("grace_budget", self.grace_budget, low=0.0, high=1.0, low_open=True,
+                 high_open=True)
         c.number("reduction_factor", self.reduction_factor, low=2)
         c.done()
 
@@ -172,11 +208,37 @@ class Scheduler(_Spec):
     def _normalize(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else super()._normalize(data)
 
+    @classmethod
+    def parse(cls, data: Any, prefix: str, problems: list[str]) -> Any:
+        """As :meth:`_Spec.parse`, with a pointed message for the retired ``grace_period``."""
+        if isinstance(data, dict) and "grace_period" in data:
+            data = dict(data)
+            problems.append(f"{prefix}grace_period: replaced by grace_budget, the fraction of "
+                            f"epsilon a trial spends before ASHA may stop it (trials are "
+                            f"compared at equal budget spent, e.g. grace_budget: 0.3) "
+                            f"(got {data.pop('grace_period')!r})")
+        return super().parse(data, prefix, problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmSpec(_Spec):
+    """Re-run the ``top`` configurations (by the objective on validation) with ``seeds``
+    fresh seeds each when the search ends (``dpstudy confirm`` does the same on demand)."""
+
+    top: int = 1
+    seeds: int = 3
+
+    def __post_init__(self) -> None:
+        c = _Checks("")
+        c.number("top", self.top, low=1, high=100, integer=True)
+        c.number("seeds", self.seeds, low=2, high=100, integer=True)
+        c.done()
+
 
 _SECTIONS: dict[str, type[_Spec]] = {
     "privacy": PrivacySpec, "pruning": PruningSpec, "dropping": DroppingSpec,
     "optimizer": OptimizerSpec, "search": SearchSpec, "resources_per_trial": Resources,
-    "objective": Objective, "scheduler": Scheduler}
+    "objective": Objective, "scheduler": Scheduler, "validation": ValidationSpec}
 _CONFIGS = {"dataset": DataConfig, "model": ModelConfig}
 
 
@@ -207,20 +269,26 @@ class StudySpec(_Spec):
     dataset: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"
+    reproducible_noise: bool = False
+    deterministic: bool = False
     privacy: PrivacySpec | None = None
     pruning: PruningSpec = field(default_factory=PruningSpec)
     dropping: DroppingSpec = field(default_factory=DroppingSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     search: SearchSpec | None = None
+    selection: SelectionSpec = field(default_factory=SelectionSpec)  # YAML: search.mode/trials
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
     trials: int | None = None
     max_concurrent: int = 1
     resources_per_trial: Resources = field(default_factory=Resources)
     max_failures: int = 2
     objective: Objective = field(default_factory=Objective)
-    sampler: str = "tpe"
+    sampler: str | None = None  # default: tpe, or random in private-selection mode
     scheduler: Scheduler = field(default_factory=Scheduler)
     storage: str = "~/dpstudy-runs"
     results: str | None = None
+    confirm: ConfirmSpec | None = None
+    baseline_trial: bool = True
 
     def __post_init__(self) -> None:
         c = _Checks("")
@@ -232,32 +300,47 @@ class StudySpec(_Spec):
             object.__setattr__(self, "results", f"results/{self.name}")
         c.number("seed", self.seed, low=0, integer=True)
         c.choice("device", self.device, DEVICES)
-        if self.trials is None:
+        for flag in ("reproducible_noise", "deterministic"):
+            if not isinstance(getattr(self, flag), bool):
+                c.fail(flag, "must be true or false", getattr(self, flag))
+        private_selection = isinstance(self.selection, SelectionSpec) and self.selection.private
+        if self.sampler is None:
+            object.__setattr__(self, "sampler", "random" if private_selection else "tpe")
+        if self.trials is None and not private_selection:
             c.fail("trials", "is required", None)
-        else:
+        elif self.trials is not None:
             c.number("trials", self.trials, low=1, integer=True)
         c.number("max_concurrent", self.max_concurrent, low=1, integer=True)
         c.number("max_failures", self.max_failures, low=0, integer=True)
         c.choice("sampler", self.sampler, SAMPLERS)
+        if not isinstance(self.baseline_trial, bool):
+            c.fail("baseline_trial", "must be true or false", self.baseline_trial)
         for key in ("storage", "results") if self.results is not None else ("storage",):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 c.fail(key, "must be a non-empty path or URI string", getattr(self, key))
         sections_ok = True
-        for key, typ in {**_SECTIONS, **_CONFIGS}.items():
+        for key, typ in {**_SECTIONS, **_CONFIGS, "selection": SelectionSpec}.items():
             if not isinstance(getattr(self, key), typ):
                 value, sections_ok = getattr(self, key), False
                 c.fail(key, "is required" if value is None else f"must be a {typ.__name__}", value)
+        if self.confirm is not None and not isinstance(self.confirm, ConfirmSpec):
+            c.fail("confirm", "must be a mapping with top and seeds", self.confirm)
         if sections_ok:
             self._cross_check(c)
         c.done()
 
     def _cross_check(self, c: _Checks) -> None:
-        max_epochs, grace = self.search.max_epochs, self.scheduler.grace_period
-        if self.scheduler.name == "asha" and max_epochs.is_fixed() and grace > max_epochs.value:
-            c.fail("scheduler.grace_period", f"must be <= search.max_epochs = {max_epochs.value}",
-                   grace)
+        uses_validation = any(m in VALIDATION_METRICS for m in self.objective.metrics)
+        if uses_validation and not self.dataset.has_validation:
+            c.fail("objective.metrics", "selecting on a validation metric needs a validation "
+                   "split: set dataset.validation_fraction > 0 or dataset.validation",
+                   list(self.objective.metrics))
         if self.device == "cuda" and self.resources_per_trial.gpu == 0:
             c.fail("device", "cuda needs resources_per_trial.gpu > 0", self.device)
+        if self.device == "cpu" and self.resources_per_trial.gpu > 0:
+            c.fail("device", f"cpu would leave the resources_per_trial.gpu = "
+                   f"{self.resources_per_trial.gpu:g} reserved for each trial unused; use auto "
+                   f"or cuda, or set gpu: 0", self.device)
         needs_public = (("pruning.criterion", "snip", self.pruning.criterion, "prune_rate"),
                         ("dropping.criterion", "public-grad", self.dropping.criterion,
                          "drop_rate"))
@@ -265,6 +348,8 @@ class StudySpec(_Spec):
             searched_rate = getattr(self.search, rate)
             if criterion in chosen and self.dataset.public is None and searched_rate.max_value():
                 c.fail(key, f"{criterion} needs dataset.public (public data)", criterion)
+        for problem in selection_problems(self):
+            c.problems.append(problem)
 
     @classmethod
     def from_dict(cls, data: Any) -> StudySpec:
@@ -273,19 +358,41 @@ class StudySpec(_Spec):
         if not isinstance(data, dict):
             raise SpecError([f"spec: must be a mapping of keys to values (got {data!r})"])
         problems: list[str] = []
-        kwargs = _known(cls._keys(), data, "", problems)
+        data = dict(data)
+        if isinstance(data.get("search"), dict):  # search.mode / search.trials: SelectionSpec
+            search = dict(data["search"])
+            picked = {k: search.pop(k) for k in ("mode", "trials") if k in search}
+            data["search"], data["selection"] = search, picked
+            if picked.get("mode") == "private-selection" and data.get("trials") is not None:
+                problems.append(f"trials: private-selection draws the number of trials from "
+                                f"search.trials; remove trials (got {data.pop('trials')!r})")
+        kwargs = _known([k for k in cls._keys()], data, "", problems)
+        kwargs["selection"] = SelectionSpec.parse(kwargs.get("selection"), "search.", problems)
         for key, section in _SECTIONS.items():
             kwargs[key] = section.parse(kwargs.get(key), f"{key}.", problems)
         for key, config in _CONFIGS.items():
             raw = kwargs.pop(key, None)
             if raw is not None:
                 kwargs[key] = _parse_config(config, raw, key, problems)
-        failed = {k for k, v in kwargs.items() if v is None and k in {**_SECTIONS, **_CONFIGS}}
+        if kwargs.get("confirm") is not None:
+            kwargs["confirm"] = ConfirmSpec.parse(kwargs["confirm"], "confirm.", problems)
+            if kwargs["confirm"] is None:
+                kwargs.pop("confirm")
+        failed = {k for k, v in kwargs.items()
+                  if v is None and k in {**_SECTIONS, **_CONFIGS, "selection": None}}
         kwargs = {k: v for k, v in kwargs.items() if k not in failed}
         spec = _build(cls, kwargs, "", problems, failed)
         if problems:
             raise SpecError(problems)
         return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form; ``selection`` goes back inside ``search`` (mode, trials)."""
+        out = super().to_dict()
+        selection = out.pop("selection")
+        if self.selection.private:
+            out["search"] = {**out["search"], **selection}
+        return out
 
     @property
     def storage_path(self) -> str:
@@ -302,18 +409,23 @@ class StudySpec(_Spec):
         numbers, a tuple of allowed strings for criteria (length 1 = fixed)."""
         return trial_space(self.search, self.pruning, self.dropping)
 
-    def trial_config(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def trial_config(self, params: dict[str, Any] | None = None, *,
+                     seed: int | None = None) -> dict[str, Any]:
         """The :class:`~trainables.config.TrialConfig` dict of one trial: sampled ``params``
-        (keys of :meth:`parameters`), fixed values from the spec for absent keys."""
+        (keys of :meth:`parameters`), fixed values from the spec for absent keys; ``seed``
+        replaces the spec's seed (a confirmation run)."""
         v = trial_values(self.parameters(), params)
         return {
-            "seed": self.seed, "device": self.device,
+            "seed": self.seed if seed is None else seed, "device": self.device,
+            "reproducible_noise": self.reproducible_noise, "deterministic": self.deterministic,
             "dataset": self.dataset.to_dict(), "model": self.model.to_dict(),
             "pruning": {"rate": v["prune_rate"], "criterion": v["pruning_criterion"],
                         "scope": v["pruning_scope"], "granularity": v["pruning_granularity"]},
             "dropping": {"rate": v["drop_rate"], "criterion": v["dropping_criterion"]},
             "privacy": {"epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
                         "accountant": self.privacy.accountant,
+                        "validation_noise": self.validation.noise_for(
+                            self.privacy.epsilon, self.privacy.delta),
                         "noise_multiplier": v.get("noise_multiplier"), "epochs": v.get("epochs")},
             "optim": {**self.optimizer.to_dict(), "learning_rate": v["learning_rate"],
                       "clip_norm": v["clip_norm"], "batch_size": v["batch_size"],

@@ -25,26 +25,63 @@ def find_studies(root: str) -> list[str]:
 def study_status(directory: str) -> str:
     """``NAME  done/total (stopped, failed), remaining, best METRIC VALUE``."""
     spec = StudySpec.from_dict(read_yaml_file(os.path.join(directory, SPEC_FILE), "saved spec"))
-    metric, mode = spec.objective.primary
+    from study import selection
+    from study.selection_spec import selection_metric
+
+    metric, mode = selection_metric(spec)
     counts = {"completed": 0, "stopped": 0, "failed": 0}
-    best = None
+    rows: list[dict] = []
     try:
         from study.results import read_trials
 
-        for row in read_trials(spec.results_path).to_pylist():
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-            value = row.get(metric)
-            if row["status"] == "completed" and value is not None:
-                better = best is None or (value > best if mode == "max" else value < best)
-                best = value if better else best
+        rows = [r for r in read_trials(spec.results_path).to_pylist()
+                if r.get("study") == spec.name and selection.is_search(r)]
     except FileNotFoundError:
         pass
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    best = selection.best(rows, metric, mode)
     finished = sum(counts.values())
-    best_text = f"{best:.4f}" if best is not None else "-"
-    return (f"{spec.name:<24} {finished}/{spec.trials} finished "
+    best_text = "-" if best is None else f"{best[metric]:.4f} (test_accuracy " + (
+        f"{best['test_accuracy']:.4f})" if best.get("test_accuracy") is not None else "-)")
+    split = spec.objective.selection_split
+    warning = " (SELECTED ON TEST: optimistic)" if split == "test" else ""
+    total = spec.trials if spec.trials is not None else recorded_trial_count(directory)
+    total_text = "?" if total is None else str(total)
+    remaining = "?" if total is None else str(max(total - finished, 0))
+    return (f"{spec.name:<24} {finished}/{total_text} finished "
             f"({counts['completed']} completed, {counts['stopped']} stopped early, "
-            f"{counts['failed']} failed), {max(spec.trials - finished, 0)} remaining | "
-            f"best {metric} {best_text} | epsilon {spec.privacy.epsilon:g} | {directory}")
+            f"{counts['failed']} failed), {remaining} remaining | "
+            f"best {metric} on {split}{warning} {best_text} | epsilon "
+            f"{spec.privacy.epsilon:g} ({spec.privacy.scope}) | {directory}"
+            + "".join(f"\n    {line}" for line in
+                      study_privacy_lines(spec.results_path, spec.name)))
+
+
+def recorded_trial_count(directory: str) -> int | None:
+    """The drawn number of trials of a private-selection study, if recorded yet."""
+    import json
+
+    from study.private_selection import TRIAL_COUNT_FILE
+
+    path = os.path.join(directory, TRIAL_COUNT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return int(json.load(f)["trials"])
+
+
+def study_privacy_lines(results: str, study: str | None = None) -> list[str]:
+    """The study's (epsilon, delta) under both release models, from its Parquet metadata."""
+    from study.private_selection import read_study_privacy
+
+    try:
+        recorded = read_study_privacy(results, study)
+    except (FileNotFoundError, OSError, ValueError):
+        return []
+    if recorded is None:
+        return ["study privacy: not recorded (results written before study-level accounting)"]
+    return [f"study privacy, {line}" for line in recorded.lines()]
 
 
 def results_counts(results: str | None) -> str:

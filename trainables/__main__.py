@@ -156,9 +156,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainables.train import train
 
     resume = args.checkpoint_dir if args.resume and checkpoint.exists(args.checkpoint_dir) else None
+    if resume:
+        try:
+            state = checkpoint.load(resume)
+            checkpoint.check_compatible(state, config.to_dict(), resume)
+        except checkpoint.CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if checkpoint.is_finished(state):
+            step = state["progress"]["step"]
+            print(f"checkpoint {resume}: the trial is already finished ({step} of "
+                  f"{state['plan']['steps']} steps); nothing to resume", file=sys.stderr)
+            return 0
     try:
         train(config, report=lambda m, _d: print(json.dumps(m), flush=True), resume_from=resume)
-    except (BudgetError, DataUnavailableError) as err:
+    except (BudgetError, DataUnavailableError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

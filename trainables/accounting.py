@@ -5,8 +5,14 @@ DP-SGD with Poisson sampling rate ``q`` and noise multiplier ``sigma`` spends a 
 ``(epsilon, delta)`` and one of:
 
 - ``sigma``: it may take the largest ``T`` with ``epsilon(T) <= target``
-  (:func:`max_steps`), capped by ``max_epochs``;
+  (:func:`max_steps`), capped by ``max_epochs``; the noise is then lowered to the smallest
+  that still fits those ``T`` steps, so the trial spends its whole budget (to the
+  accountant's resolution) instead of leaving a rounding remainder unspent;
 - a number of epochs: it gets the smallest ``sigma`` that fits (:func:`noise_for_steps`).
+
+A sigma above :func:`noise_interval`'s upper end reaches the ``max_epochs`` cap before the
+budget is spent; the study searches sigma inside that interval only, so every trial that is
+not stopped early spends its target epsilon and trials are compared at the same budget.
 
 :func:`plan_budget` is the one calibrator the train loop calls; the other functions are
 pure (they build a throw-away accountant) so they can be tested and reused alone.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opacus.accountants import IAccountant, create_accountant
@@ -26,6 +33,10 @@ from trainables.config import PrivacyConfig
 
 class BudgetError(ValueError):
     """The requested configuration cannot train even one epoch within the budget."""
+
+
+#: Relative shortfall of the spent epsilon below the target that calibration tolerates.
+SPEND_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +50,7 @@ class PrivacyPlan:
     epsilon_target: float
     delta: float
     accountant: str
+    validation_noise: float | None = None  # one DP validation release, reserved in the plan
 
     @property
     def epochs(self) -> float:
@@ -47,26 +59,39 @@ class PrivacyPlan:
 
 
 def accountant_for(mechanism: str, *, noise_multiplier: float, sample_rate: float,
-                   steps: int) -> IAccountant:
-    """An Opacus accountant holding ``steps`` steps of one (sigma, q) mechanism."""
+                   steps: int, releases: Sequence[float] = ()) -> IAccountant:
+    """An Opacus accountant holding ``steps`` steps of one (sigma, q) mechanism, then one
+    Gaussian release (sensitivity 1, noise std ``s``) per entry of ``releases``."""
     accountant = create_accountant(mechanism=mechanism)
     if steps > 0:
         accountant.history = [(noise_multiplier, sample_rate, steps)]
+    for noise in releases:
+        accountant.history.append(release_entry(noise))
     return accountant
 
 
+def release_entry(noise: float) -> tuple[float, float, int]:
+    """The accountant history entry of one Gaussian mechanism of sensitivity 1 and noise
+    std ``noise``: Opacus' (noise_multiplier, sample_rate, steps) with sample rate 1."""
+    return (float(noise), 1.0, 1)
+
+
 def epsilon_after(steps: int, *, noise_multiplier: float, sample_rate: float,
-                  delta: float, accountant: str = "prv") -> float:
-    """Epsilon spent by ``steps`` Poisson-subsampled Gaussian steps (0 for no steps)."""
-    if steps <= 0:
+                  delta: float, accountant: str = "prv", releases: Sequence[float] = ()) -> float:
+    """Epsilon spent by ``steps`` Poisson-subsampled Gaussian steps and the Gaussian
+    ``releases`` (0 for nothing)."""
+    if steps <= 0 and not releases:
         return 0.0
     acc = accountant_for(accountant, noise_multiplier=noise_multiplier,
-                         sample_rate=sample_rate, steps=steps)
-    return float(acc.get_epsilon(delta=delta))
+                         sample_rate=sample_rate, steps=steps, releases=releases)
+    with warnings.catch_warnings():  # PRV at sample rate 1 takes log(0) on a masked branch
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        return float(acc.get_epsilon(delta=delta))
 
 
 def max_steps(*, target_epsilon: float, delta: float, sample_rate: float,
-              noise_multiplier: float, accountant: str = "prv", cap: int) -> int:
+              noise_multiplier: float, accountant: str = "prv", cap: int,
+              releases: Sequence[float] = ()) -> int:
     """Largest ``T <= cap`` with ``epsilon(T) <= target_epsilon`` (0 if none).
 
     Bisection on T; epsilon is increasing in T. The result is re-checked, so even a
@@ -75,7 +100,8 @@ def max_steps(*, target_epsilon: float, delta: float, sample_rate: float,
 
     def fits(t: int) -> bool:
         return epsilon_after(t, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
-                             delta=delta, accountant=accountant) <= target_epsilon
+                             delta=delta, accountant=accountant,
+                             releases=releases) <= target_epsilon
 
     if fits(cap):
         return cap
@@ -93,19 +119,43 @@ def max_steps(*, target_epsilon: float, delta: float, sample_rate: float,
 
 def noise_for_steps(*, target_epsilon: float, delta: float, sample_rate: float,
                     steps: int, accountant: str = "prv") -> float:
-    """Smallest noise multiplier (to Opacus' tolerance) that fits ``steps`` steps."""
+    """Smallest noise multiplier that fits ``steps`` steps: Opacus' bisection, stopped once
+    ``epsilon`` is within ``SPEND_TOLERANCE`` (relative) below the target."""
+    tolerance = SPEND_TOLERANCE * min(1.0, target_epsilon)
     with warnings.catch_warnings():  # the search probes tiny sigmas; RDP warns about them
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         try:
             return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                               sample_rate=sample_rate, steps=steps,
-                                              accountant=accountant, epsilon_tolerance=0.005))
+                                              accountant=accountant,
+                                              epsilon_tolerance=tolerance))
         except ValueError as err:  # Opacus: "The privacy budget is too low."
             raise BudgetError(
                 f"privacy.epsilon: the {accountant} accountant cannot reach "
                 f"epsilon={target_epsilon:g} at delta={delta:g} for {steps} steps at sample "
                 f"rate {sample_rate:.4g} with any noise multiplier ({err}); use a larger "
                 f"epsilon or the prv accountant (got {target_epsilon!r})") from None
+
+
+def cap_steps(sample_rate: float, max_epochs: float) -> int:
+    """Most steps ``max_epochs`` allows at ``sample_rate`` (at least one)."""
+    return max(1, math.floor(max_epochs / sample_rate + 1e-9))
+
+
+def noise_interval(*, target_epsilon: float, delta: float, sample_rate: float,
+                   max_epochs: float, accountant: str = "prv") -> tuple[float, float]:
+    """The noise multipliers that spend the whole budget: ``(low, high)``.
+
+    ``low`` is the smallest sigma that still trains one epoch (or ``max_epochs``, if
+    less) within the budget; ``high`` is the smallest sigma that trains ``max_epochs``.
+    Any sigma in between spends the budget in at most ``max_epochs``; a larger one hits the
+    cap first and leaves budget unspent.
+    """
+    cap = cap_steps(sample_rate, max_epochs)
+    common = {"target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate,
+              "accountant": accountant}
+    low = noise_for_steps(steps=min(steps_per_epoch(sample_rate), cap), **common)
+    return low, max(low, noise_for_steps(steps=cap, **common))
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -124,20 +174,51 @@ def plan_budget(config: PrivacyConfig, *, sample_rate: float,
     one_epoch = steps_per_epoch(sample_rate)
     common = {"delta": config.delta, "sample_rate": sample_rate,
               "accountant": config.accountant}
+    releases = (config.validation_noise,) if config.validation_noise else ()
     if config.epochs is not None:
         steps = max(1, round(config.epochs / sample_rate))
         sigma = noise_for_steps(target_epsilon=config.epsilon, steps=steps, **common)
+        if releases:
+            sigma = _noise_leaving_room(config, sigma, steps, sample_rate, releases)
     else:
         sigma = float(config.noise_multiplier)
-        cap = max(1, math.floor(max_epochs / sample_rate + 1e-9))
+        cap = cap_steps(sample_rate, max_epochs)
         steps = max_steps(target_epsilon=config.epsilon, noise_multiplier=sigma, cap=cap,
-                          **common)
+                          releases=releases, **common)
         if steps < min(one_epoch, cap):
             _raise_too_little_noise(config, sigma, steps, one_epoch, sample_rate)
-    spent = epsilon_after(steps, noise_multiplier=sigma, **common)
+    spent = epsilon_after(steps, noise_multiplier=sigma, releases=releases, **common)
+    if spent < (1 - SPEND_TOLERANCE) * config.epsilon:  # spend the rounding remainder too
+        exact = noise_for_steps(target_epsilon=config.epsilon, steps=steps, **common)
+        if releases:
+            exact = _noise_leaving_room(config, exact, steps, sample_rate, releases)
+        sigma = min(sigma, exact)
+        spent = epsilon_after(steps, noise_multiplier=sigma, releases=releases, **common)
     return PrivacyPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
                        epsilon=spent, epsilon_target=config.epsilon, delta=config.delta,
-                       accountant=config.accountant)
+                       accountant=config.accountant, validation_noise=config.validation_noise)
+
+
+def _noise_leaving_room(config: PrivacyConfig, sigma: float, steps: int, sample_rate: float,
+                        releases: Sequence[float]) -> float:
+    """The smallest sigma (0.1% resolution) >= ``sigma`` whose steps and ``releases`` fit
+    the budget; :class:`BudgetError` when the releases alone exceed it."""
+    def fits(s: float) -> bool:
+        return epsilon_after(steps, noise_multiplier=s, sample_rate=sample_rate,
+                             delta=config.delta, accountant=config.accountant,
+                             releases=releases) <= config.epsilon
+
+    low, high = sigma, sigma
+    while not fits(high):
+        low, high = high, high * 2
+        if high > 1e4 * max(sigma, 1.0):
+            raise BudgetError(f"privacy.validation_noise: the validation release alone "
+                              f"exceeds epsilon={config.epsilon:g}; use more noise "
+                              f"(got {releases[0]!r})")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 def _raise_too_little_noise(config: PrivacyConfig, sigma: float, steps: int,

@@ -28,6 +28,7 @@ DROPPING_CRITERIA = ("random", "magnitude", "public-grad")
 ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_VALIDATION_FRACTION = 0.1
 # Epsilons the accountants calibrate reliably and quickly: below, RDP cannot reach the
 # budget at any noise; above, PRV calibration takes tens of seconds and then overflows.
 EPSILON_RANGE = (0.1, 20.0)
@@ -180,7 +181,8 @@ class _Section:
 
 
 def _nested_sections(cls: type) -> dict[str, type[_Section]]:
-    hints = {"DataConfig": DataConfig, "PublicConfig": PublicConfig, "ModelConfig": ModelConfig,
+    hints = {"DataConfig": DataConfig, "PublicConfig": PublicConfig,
+             "ValidationConfig": ValidationConfig, "ModelConfig": ModelConfig,
              "PruningConfig": PruningConfig, "DroppingConfig": DroppingConfig,
              "PrivacyConfig": PrivacyConfig, "OptimConfig": OptimConfig}
     out = {}
@@ -212,6 +214,26 @@ class PublicConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationConfig(_Section):
+    """Where the validation split (used to select hyperparameters) comes from, other than a
+    fraction of the training set: another ``dataset`` (its training split; private data,
+    disjoint from the training data), or the ``public`` split (``public: true``), which
+    then serves both public-data criteria and selection.
+    """
+
+    dataset: DataConfig | None = None
+    public: bool = False
+
+    def __post_init__(self) -> None:
+        c = _Checks("")
+        if not isinstance(self.public, bool):
+            c.fail("public", "must be true or false", self.public)
+        elif (self.dataset is None) == (not self.public):
+            c.fail("dataset", "give exactly one of dataset or public: true", self.dataset)
+        c.done()
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig(_Section):
     """Which dataset to train on; see :mod:`trainables.data` for the registry."""
 
@@ -226,12 +248,23 @@ class DataConfig(_Section):
     test: DataConfig | None = None
     test_fraction: float = 0.2
     public: PublicConfig | None = None
+    validation_fraction: float | None = None
+    validation: ValidationConfig | None = None
 
     def __post_init__(self) -> None:
         c = _Checks("")
         c.choice("name", self.name, DATASETS)
         c.number("test_fraction", self.test_fraction, low=0.0, high=1.0, low_open=True,
                  high_open=True)
+        if self.validation_fraction is not None:
+            c.number("validation_fraction", self.validation_fraction, low=0.0, high=0.5)
+            if self.validation is not None and self.validation_fraction:
+                c.fail("validation_fraction", "give either validation_fraction or "
+                       "validation, not both", self.validation_fraction)
+        if (self.validation is not None and self.validation.public
+                and self.public is None):
+            c.fail("validation.public", "needs dataset.public (the public split)",
+                   self.validation.public)
         if self.name == "idx":
             for key in ("train_images", "train_labels"):
                 if not getattr(self, key):
@@ -241,6 +274,19 @@ class DataConfig(_Section):
                 c.fail("test_images", "an idx dataset needs test_images and test_labels, "
                        "or a test dataset", self.test_images)
         c.done()
+
+    @property
+    def carved_validation_fraction(self) -> float:
+        """The fraction of the training set carved off as the validation split: the given
+        ``validation_fraction``, else 0.1 unless ``validation`` names another source."""
+        if self.validation_fraction is not None:
+            return float(self.validation_fraction)
+        return 0.0 if self.validation is not None else DEFAULT_VALIDATION_FRACTION
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether trials of this dataset get a validation split."""
+        return self.validation is not None or self.carved_validation_fraction > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,10 +353,13 @@ class PrivacyConfig(_Section):
     accountant: str = "prv"
     noise_multiplier: float | None = None
     epochs: float | None = None
+    validation_noise: float | None = None  # std of the DP validation score's noise (a count)
 
     def __post_init__(self) -> None:
         c = _Checks("")
         check_epsilon(c, self.epsilon)
+        if self.validation_noise is not None:
+            c.number("validation_noise", self.validation_noise, low=0.0, low_open=True)
         c.number("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
         c.choice("accountant", self.accountant, ACCOUNTANTS)
         if (self.noise_multiplier is None) == (self.epochs is None):
@@ -350,10 +399,16 @@ class OptimConfig(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class TrialConfig(_Section):
-    """Everything one trial needs. ``checkpoint_dir`` enables per-epoch checkpoints."""
+    """Everything one trial needs. ``checkpoint_dir`` enables per-epoch checkpoints.
+
+    ``reproducible_noise`` (research only) seeds the DP noise and batch sampling from
+    ``seed`` instead of a secret seed (see :mod:`trainables.randomness`);
+    ``deterministic`` asks torch for deterministic algorithms and no TF32."""
 
     seed: int = 0
     device: str = "auto"
+    reproducible_noise: bool = False
+    deterministic: bool = False
     eval_batch_size: int = 1024
     checkpoint_dir: str | None = None
     dataset: DataConfig = field(default_factory=DataConfig)
@@ -367,6 +422,9 @@ class TrialConfig(_Section):
         c = _Checks("")
         c.number("seed", self.seed, low=0, integer=True)
         c.choice("device", self.device, DEVICES)
+        for flag in ("reproducible_noise", "deterministic"):
+            if not isinstance(getattr(self, flag), bool):
+                c.fail(flag, "must be true or false", getattr(self, flag))
         c.number("eval_batch_size", self.eval_batch_size, low=1, integer=True)
         if self.dropping.criterion == "public-grad" and self.dropping.rate > 0:
             if self.dataset.public is None:

@@ -18,6 +18,7 @@ Registry (:data:`LOADERS`):
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -61,10 +62,17 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: torch.device | str) -> Split:
+        """This split on ``device`` (moved once per trial; indexed there every step)."""
+        return Split(self.images.to(device), self.labels.to(device))
+
 
 @dataclass(frozen=True)
 class Datasets:
-    """Private training data, test data and optional public data disjoint from ``train``."""
+    """Private training data, validation data (for selecting hyperparameters; None when the
+    dataset config has none), test data (for reporting) and optional public data, all
+    disjoint from ``train``. ``validation_is_public`` says whether the validation split is
+    the public split (then scores on it cost no privacy)."""
 
     name: str
     train: Split
@@ -72,18 +80,39 @@ class Datasets:
     public: Split | None
     num_classes: int
     image_shape: tuple[int, int, int]
+    validation: Split | None = None
+    validation_is_public: bool = False
+
+    def to(self, device: torch.device | str) -> Datasets:
+        """Every split (whatever splits there are) on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), Split)}
+        return dataclasses.replace(self, **moved)
 
 
 def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:
-    """Load ``config``'s dataset into memory; ``seed`` picks the public hold-out only."""
+    """Load ``config``'s dataset into memory.
+
+    The validation split is carved first, stratified with a fixed seed (the same for every
+    trial and seed of a study); ``seed`` picks the public hold-out only, out of what
+    remains. The DP sample rate is computed on the final ``train`` split.
+    """
     train, test = _load_raw(config)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     mean, std = _statistics(config.name, train.images)
+    keep, held = validation_indices(train.labels, config.carved_validation_fraction)
+    train, validation = _take(train, keep), (_take(train, held) if len(held) else None)
     public = None
     if config.public is not None and config.public.size is not None:
         train, public = _hold_out(train, config.public.size, seed)
     elif config.public is not None and config.public.dataset is not None:
         public = _public_dataset(config.public.dataset, train, num_classes)
+    if config.validation is not None and config.validation.public:
+        validation = public
+    elif config.validation is not None and config.validation.dataset is not None:
+        validation = _validation_dataset(config.validation.dataset, train, num_classes)
+        _check_disjoint("dataset.validation.dataset", config.validation.dataset.name,
+                        validation, test, "test")
     return Datasets(
         name=config.name,
         train=_normalise(train, mean, std),
@@ -91,21 +120,59 @@ def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:
         public=None if public is None else _normalise(public, mean, std),
         num_classes=num_classes,
         image_shape=tuple(train.images.shape[1:]),
+        validation=None if validation is None else _normalise(validation, mean, std),
+        validation_is_public=config.validation is not None and config.validation.public,
     )
 
 
 def dataset_size(config: DataConfig, *, seed: int = 0) -> int:
-    """Number of private training examples (public hold-out removed); downloads nothing."""
+    """Number of private training examples (validation and public hold-outs removed);
+    downloads nothing."""
     if config.name in TORCHVISION_TRAIN_SIZES:
         total = TORCHVISION_TRAIN_SIZES[config.name]
     elif config.name == "idx":
         total = len(_read_idx(config.train_labels or "", "labels", _LABELS_MAGIC))
     else:
         total = len(_load_raw(config)[0])
+    total -= validation_size(total, config.carved_validation_fraction)
     size = config.public.size if config.public is not None else None
     if size is not None:
         _check_public_size(size, total)
     return total - (size or 0)
+
+
+def validation_size(total: int, fraction: float) -> int:
+    """How many of ``total`` training examples the validation split takes: ``round(total x
+    fraction)``, at least one when the fraction is positive, never all of them."""
+    if fraction <= 0 or total < 2:
+        return 0
+    return min(total - 1, max(1, round(total * fraction)))
+
+
+def validation_indices(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:
+    """(train, validation) indices into ``labels``: a stratified, deterministic split.
+
+    The validation split has exactly :func:`validation_size` examples, allotted to classes
+    in proportion to their sizes (largest remainder), chosen with a fixed seed so every
+    trial of a study sees the same split; both index tensors are sorted.
+    """
+    k = validation_size(len(labels), fraction)
+    if k == 0:
+        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.int64)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * k / len(labels)
+    take = quota.floor().long()
+    order = torch.argsort(quota - take, descending=True, stable=True)
+    take[order[:k - int(take.sum())]] += 1
+    generator = torch.Generator().manual_seed(_SPLIT_SEED)
+    held = []
+    for label, n in zip(classes.tolist(), take.tolist(), strict=True):
+        index = torch.nonzero(labels == label).flatten()
+        held.append(index[torch.randperm(len(index), generator=generator)[:n]])
+    held_index = torch.cat(held).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_index] = False
+    return torch.nonzero(mask).flatten(), held_index
 
 
 def _load_raw(config: DataConfig) -> tuple[Split, Split]:
@@ -240,19 +307,32 @@ def _read_idx(path: str, kind: str, magics: tuple[int, ...]) -> torch.Tensor:
 
 
 def _public_dataset(config: DataConfig, train: Split, num_classes: int) -> Split:
-    public = _load_raw(config)[0]
-    _check_shape("dataset.public.dataset", config.name, public, train)
-    public_classes = int(public.labels.max()) + 1
-    if public_classes > num_classes:
-        raise ValueError(f"dataset.public.dataset: may have at most the {num_classes} classes "
-                         f"of the training data (got {public_classes} in {config.name!r})")
-    private = {hash(row.tobytes()) for row in train.images.flatten(1).numpy()}
-    shared = sum(hash(row.tobytes()) in private for row in public.images.flatten(1).numpy())
+    return _other_dataset("dataset.public.dataset", config, train, num_classes)
+
+
+def _validation_dataset(config: DataConfig, train: Split, num_classes: int) -> Split:
+    return _other_dataset("dataset.validation.dataset", config, train, num_classes)
+
+
+def _other_dataset(field: str, config: DataConfig, train: Split, num_classes: int) -> Split:
+    """The training split of another dataset, checked to fit and to share no training image."""
+    other = _load_raw(config)[0]
+    _check_shape(field, config.name, other, train)
+    other_classes = int(other.labels.max()) + 1
+    if other_classes > num_classes:
+        raise ValueError(f"{field}: may have at most the {num_classes} classes "
+                         f"of the training data (got {other_classes} in {config.name!r})")
+    _check_disjoint(field, config.name, other, train, "training")
+    return other
+
+
+def _check_disjoint(field: str, name: str, other: Split, split: Split, what: str) -> None:
+    """Refuse ``other`` if any of its images is also one of ``split``'s."""
+    known = {hash(row.tobytes()) for row in split.images.flatten(1).numpy()}
+    shared = sum(hash(row.tobytes()) in known for row in other.images.flatten(1).numpy())
     if shared:
-        raise ValueError(f"dataset.public.dataset: must be disjoint from the private training "
-                         f"data, but {shared} of its {len(public)} images ({config.name!r}) "
-                         f"are also training images")
-    return public
+        raise ValueError(f"{field}: must be disjoint from the {what} data, but {shared} of "
+                         f"its {len(other)} images ({name!r}) are also {what} images")
 
 
 def _hold_out(train: Split, size: int, seed: int) -> tuple[Split, Split]:

@@ -39,7 +39,8 @@ class Selector(ABC):
         """Bool keep-masks, one per parameter, a subset of ``trainable``."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Random state to checkpoint (none by default)."""
+        """State to checkpoint beyond the generator (none by default; the generator a
+        selector draws from belongs to the trial, which checkpoints it portably)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
@@ -61,12 +62,6 @@ class RandomSelector(Selector):
             masks.append(keep if t is None else keep & t)
         return masks
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
 
 class TopScoreSelector(Selector):
     """Keeps, per parameter tensor, the ``1 - rate`` trainable coordinates scoring highest."""
@@ -76,10 +71,19 @@ class TopScoreSelector(Selector):
         raise NotImplementedError
 
     def select(self, params: list[nn.Parameter], trainable: Masks) -> list[torch.Tensor]:
-        masks = []
-        for s, t in zip(self.scores(params), trainable, strict=True):
-            masks.append(_top_fraction(s, 1.0 - self.rate, t))
-        return masks
+        counts = self._kept_counts(params, trainable)
+        return [top_scores(s, k, t) for s, k, t in
+                zip(self.scores(params), counts, trainable, strict=True)]
+
+    def _kept_counts(self, params: list[nn.Parameter], trainable: Masks) -> list[int]:
+        """Coordinates kept per tensor: fixed for a trial, so counted (synced) only once."""
+        key = [id(t) for t in trainable]
+        if getattr(self, "_counts_key", None) != key:
+            self._counts_key = key
+            self._counts = [round((1.0 - self.rate) * (p.numel() if t is None else
+                                                       int(t.sum())))
+                            for p, t in zip(params, trainable, strict=True)]
+        return self._counts
 
 
 class MagnitudeSelector(TopScoreSelector):
@@ -100,8 +104,9 @@ class PublicGradientSelector(TopScoreSelector):
 
     def scores(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         idx = torch.randperm(len(self.public), generator=self.generator,
-                             device=self.generator.device)[: self.batch_size].cpu()
+                             device=self.generator.device)[: self.batch_size]
         device = params[0].device
+        idx = idx.to(self.public.labels.device)  # a no-op when data and generator share it
         x, y = self.public.images[idx].to(device), self.public.labels[idx].to(device)
         disable = getattr(self.model, "disable_hooks", None)  # Opacus GradSampleModule
         if disable:
@@ -115,24 +120,18 @@ class PublicGradientSelector(TopScoreSelector):
         return [torch.zeros_like(p) if g is None else g.abs()
                 for p, g in zip(params, grads, strict=True)]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+def top_scores(scores: torch.Tensor, k: int, trainable: torch.Tensor | None) -> torch.Tensor:
+    """Mask of the ``k`` highest scores among the trainable coordinates.
 
-
-def _top_fraction(scores: torch.Tensor, fraction: float,
-                  trainable: torch.Tensor | None) -> torch.Tensor:
-    """Mask of the ``round(fraction * n_trainable)`` highest scores among trainable ones."""
-    flat = scores.flatten().clone()
-    n = flat.numel() if trainable is None else int(trainable.sum())
+    No host synchronisation: untrainable scores are pushed to -inf with ``torch.where``
+    (not a boolean-mask assignment) and ``topk`` need not sort its result."""
+    flat = scores.flatten()
     if trainable is not None:
-        flat[~trainable.flatten()] = -float("inf")
-    k = round(fraction * n)
+        flat = torch.where(trainable.flatten(), flat, -float("inf"))
     keep = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        keep[torch.topk(flat, k).indices] = True
+        keep.index_fill_(0, torch.topk(flat, k, sorted=False).indices, True)
     return keep.view_as(scores)
 
 

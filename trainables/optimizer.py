@@ -33,15 +33,24 @@ class MaskedDPOptimizer(DPOptimizer):
     def __init__(self, optimizer: Optimizer, *, trainable: Masks | None = None,
                  selector: Selector | None = None, **dp_kwargs: Any) -> None:
         super().__init__(optimizer, **dp_kwargs)
-        self.trainable: Masks = list(trainable) if trainable else [None] * len(self.params)
-        if len(self.trainable) != len(self.params):
-            raise ValueError(f"trainable: one mask per parameter needed "
-                             f"(got {len(self.trainable)} for {len(self.params)})")
         self.selector = selector
+        self.set_trainable(trainable)
+
+    def set_trainable(self, trainable: Masks | None) -> None:
+        """Fix the pre-pruning masks (one per parameter, None = all trainable)."""
+        masks = list(trainable) if trainable else [None] * len(self.params)
+        if len(masks) != len(self.params):
+            raise ValueError(f"trainable: one mask per parameter needed "
+                             f"(got {len(masks)} for {len(self.params)})")
+        self.trainable: Masks = [None if t is None else t.to(p.device, torch.bool)
+                                 for p, t in zip(self.params, masks, strict=True)]
         self.keep: Masks = self.trainable
         self.trainable_count = sum(p.numel() if t is None else int(t.sum())
                                    for p, t in zip(self.params, self.trainable, strict=True))
-        self.kept_fraction = 1.0  # of trainable coordinates, at the last step
+        #: coordinates kept at the last step, a 0-dim tensor on the parameters' device
+        #: (summed without a host synchronisation; read :attr:`kept_fraction` to get a float)
+        self._all_kept = torch.tensor(float(self.trainable_count), device=self.params[0].device)
+        self.kept_count = self._all_kept
 
     # -- the three changed steps of the DP pipeline -----------------------------------
 
@@ -71,7 +80,7 @@ class MaskedDPOptimizer(DPOptimizer):
     def pre_step(self, closure: Any = None) -> bool:
         """Choose this step's coordinates, then run Opacus' clip/noise/scale steps."""
         self.keep = self.select()
-        self.kept_fraction = self._kept_fraction()
+        self.kept_count = self._kept_count()
         return super().pre_step(closure)
 
     def step(self, closure: Any = None) -> float | None:
@@ -88,12 +97,18 @@ class MaskedDPOptimizer(DPOptimizer):
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _kept_fraction(self) -> float:
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of the trainable coordinates kept at the last step (synchronises)."""
+        return float(self.kept_count) / self.trainable_count if self.trainable_count else 1.0
+
+    def _kept_count(self) -> torch.Tensor:
         if self.keep is self.trainable:
-            return 1.0
-        kept = sum(p.numel() if keep is None else int(keep.sum())
-                   for p, keep in zip(self.params, self.keep, strict=True))
-        return kept / self.trainable_count if self.trainable_count else 1.0
+            return self._all_kept
+        full = sum(p.numel() for p, keep in zip(self.params, self.keep, strict=True)
+                   if keep is None)
+        counts = [keep.sum() for keep in self.keep if keep is not None]
+        return torch.stack(counts).sum().to(self.kept_count) + full
 
     def _snapshot_frozen(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None]:
         snaps: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = []

@@ -8,6 +8,12 @@ restarting it, and never takes more steps than its plan allows.
 
 Each report also carries ``epoch_history`` (all epochs so far, as JSON), so that whoever
 records results sees every epoch even when some were reported before a restart.
+
+Placement (see :mod:`trainables.placement`): ``device: auto`` follows the GPUs Ray
+assigned to this trial (``ray.get_gpu_ids()``), a fractional GPU share caps the process'
+GPU memory, the allocator is asked for expandable segments before CUDA is first used, and
+cached GPU memory is released when the trial ends (the process lives on with
+``reuse_actors``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from trainables import placement
 from trainables.train import train
 
 
@@ -26,8 +33,12 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
 
     ``trial_cost`` (reported alongside) is wall time x ``cost_per_second``, e.g. the
     resources the trial holds, so studies can trade accuracy against cost."""
+    import ray
     from ray import tune
 
+    placement.prepare_allocator()  # before this process first touches CUDA
+    assigned_gpus = list(ray.get_gpu_ids())
+    gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU")
     work = tempfile.mkdtemp(prefix="dpstudy-trial-")
     resume_dir = None
     checkpoint = tune.get_checkpoint()
@@ -43,10 +54,14 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
         tune.report(payload, checkpoint=ckpt)
 
     config = {**trial_config, "checkpoint_dir": os.path.join(work, "checkpoint")}
+    device = placement.choose_device(config.get("device", "auto"), assigned_gpus=assigned_gpus)
+    placement.claim_gpu_share(device, gpu_share)
     try:
-        return train(config, report=report, resume_from=resume_dir)
+        return train(config, report=report, resume_from=resume_dir,
+                     assigned_gpus=assigned_gpus)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        placement.release_memory(device)
 
 
 def _earlier_epochs(resume_dir: str | None) -> list[dict[str, Any]]:

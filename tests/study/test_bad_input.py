@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GOOD: dict[str, Any] = {
     "name": "hostile", "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},
     "privacy": {"epsilon": 3.0, "delta": 1e-5},
-    "search": {"clip_norm": 1.0, "noise_multiplier": {"low": 1.0, "high": 2.0},
+    "search": {"clip_norm": 1.0, "noise_multiplier": {"low": 0.5, "high": 2.0},
                "learning_rate": 1.0, "batch_size": 256, "max_epochs": 1},
     "trials": 2,
 }

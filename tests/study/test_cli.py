@@ -38,7 +38,7 @@ CASES = {
     "negative drop rate": (lambda s: s["search"].update(drop_rate=-0.1),
                            ["search.drop_rate", ">= 0", "-0.1"]),
     "delta >= 1/n": (lambda s: s["privacy"].update(delta=1e-3),
-                     ["privacy.delta", "1/n", "4000", "0.001"]),
+                     ["privacy.delta", "1/n", "3600", "0.001"]),
     "unknown key": (lambda s: s.update(serach=s.pop("search")),
                     ["serach", "unknown key", "did you mean 'search'"]),
     "missing dataset files": (lambda s: s.update(dataset={
@@ -51,7 +51,13 @@ CASES = {
                           ["resources_per_trial.gpu", "no GPU"]),
     "noise too small for one epoch": (
         lambda s: s["search"].update(noise_multiplier={"low": 0.1, "high": 0.2}),
-        ["search.noise_multiplier", "one epoch", "0.2"]),
+        ["search.noise_multiplier", "must reach into", "0.2"]),
+    "range only above the budget-spending interval": (
+        lambda s: s["search"].update(noise_multiplier={"low": 20.0, "high": 30.0}),
+        ["search.noise_multiplier", "must reach into", "30"]),
+    "selecting on test without saying so": (
+        lambda s: s.update(objective={"metrics": ["test_accuracy"]}),
+        ["objective.metrics", "allow_test_selection", "test_accuracy"]),
 }
 
 
@@ -86,13 +92,14 @@ def test_missing_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 
 def fixture_results(tmp_path: Path) -> Path:
     store = ResultsStore(str(tmp_path / "results"), "fix")
-    for i, (prune, acc, density, status) in enumerate([
-            (0.0, 0.90, 1.0, "completed"), (0.5, 0.88, 0.5, "completed"),
-            (0.9, 0.70, 0.1, "completed"), (0.6, 0.80, 0.6, "completed"),
-            (0.95, 0.99, 0.05, "stopped")]):
+    # t0 is best on test, t1 on validation: selection must follow validation
+    for i, (prune, val, acc, density, status) in enumerate([
+            (0.0, 0.89, 0.90, 1.0, "completed"), (0.5, 0.91, 0.88, 0.5, "completed"),
+            (0.9, 0.70, 0.70, 0.1, "completed"), (0.6, 0.80, 0.80, 0.6, "completed"),
+            (0.95, 0.99, 0.99, 0.05, "stopped")]):
         store.add_trial({"trial_id": f"t{i}", "status": status, "prune_rate": prune,
-                         "test_accuracy": acc, "density": density, "epsilon_target": 3.0,
-                         "epsilon_spent": 2.9}, [])
+                         "val_accuracy": val, "test_accuracy": acc, "density": density,
+                         "epsilon_target": 3.0, "epsilon_spent": 2.9}, [])
     store.flush()
     return tmp_path / "results"
 
@@ -107,7 +114,10 @@ def test_query_filters_sorts_and_pareto(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["query", results, "--pareto", "accuracy,density", "--columns", "trial_id",
                  "--format", "csv"]) == 0
     front = capsys.readouterr().out.strip().splitlines()[1:]
-    assert sorted(front) == ["t0", "t1", "t2"]  # t3 dominated by t1, t4 only stopped early
+    assert sorted(front) == ["t1", "t2"]  # on validation: t0, t3 dominated by t1; t4 stopped
+    assert main(["query", results, "--pareto", "test_accuracy,density", "--columns",
+                 "trial_id", "--format", "csv"]) == 0
+    assert sorted(capsys.readouterr().out.strip().splitlines()[1:]) == ["t0", "t1", "t2"]
 
 
 def test_query_bad_filter_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -125,4 +135,10 @@ def test_status_lists_studies(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert main(["status", "--storage", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "fix" in out and "5/6 finished" in out and "1 stopped early" in out
-    assert "best test_accuracy 0.9000" in out
+    assert "best val_accuracy on validation 0.9100 (test_accuracy 0.8800)" in out
+    test_spec = spec | {"objective": {"metrics": ["test_accuracy"],
+                                      "allow_test_selection": True}}
+    (study_dir / "dpstudy-spec.yaml").write_text(yaml.safe_dump(test_spec))
+    assert main(["status", "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "best test_accuracy on test (SELECTED ON TEST: optimistic) 0.9000" in out

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 SEARCH: dict[str, Any] = {"prune_rate": {"low": 0.0, "high": 0.8}, "drop_rate": 0.0,
-                          "clip_norm": 1.0, "noise_multiplier": {"low": 1.0, "high": 2.0},
+                          "clip_norm": 1.0, "noise_multiplier": {"low": 0.5, "high": 3.0},
                           "learning_rate": 1.0, "batch_size": 500, "max_epochs": 1}
 
 
@@ -121,7 +121,7 @@ def test_ctrl_c_exits_130_records_nothing_unfinished_and_resumes(tmp_path: Path)
     results = tmp_path / "results"
     spec = tiny_spec(tmp_path, "interrupted", str(results), max_concurrent=2,
                      search={"prune_rate": 0.5, "drop_rate": 0.0, "clip_norm": 1.0,
-                             "noise_multiplier": {"low": 1.0, "high": 2.0},
+                             "noise_multiplier": {"low": 0.5, "high": 3.0},
                              "learning_rate": 1.0, "batch_size": 500, "max_epochs": 3})
     driver = start("run", str(spec), cwd=tmp_path)
     experiment = tmp_path / "runs" / "interrupted"

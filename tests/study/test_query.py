@@ -49,6 +49,8 @@ def table() -> pa.Table:
         row.update(study="q", steps=100 * (i + 1),
                    finished_at=dt.datetime(2024, 5, 1, i, tzinfo=dt.timezone.utc))
     rows[6]["error"] = "CUDA out of memory"
+    for row in rows:  # validation agrees with test here; see the disagreement test below
+        row["val_accuracy"] = row["test_accuracy"]
     return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA)
 
 
@@ -140,7 +142,9 @@ def test_sort(table: pa.Table) -> None:
 
 
 def test_parse_pareto() -> None:
-    assert parse_pareto("accuracy,density") == [("test_accuracy", "max"), ("density", "min")]
+    assert parse_pareto("accuracy,density") == [("val_accuracy", "max"), ("density", "min")]
+    assert parse_pareto("test_accuracy,val") == [("test_accuracy", "max"),
+                                                 ("val_accuracy", "max")]
     assert parse_pareto("epsilon, cost") == [("epsilon_spent", "min"), ("wall_time_s", "min")]
     assert parse_pareto("time,loss") == [("wall_time_s", "min"), ("test_loss", "min")]
     assert parse_pareto("samples_per_s:max,epsilon:max") == [
@@ -156,6 +160,14 @@ def test_pareto_front_accuracy_density(table: pa.Table) -> None:
     assert ids(front) == FRONT
     assert "t06" not in ids(front)  # stopped by ASHA: excluded although it dominates
     assert "t10" not in ids(front)  # NaN objective
+
+
+def test_pareto_accuracy_selects_on_validation_not_test(table: pa.Table) -> None:
+    df = table.to_pandas()
+    df.loc[df.trial_id == "t01", "val_accuracy"] = 0.50  # best on test, poor on validation
+    front = ids(pareto_front(df, parse_pareto("accuracy,density")))
+    assert "t01" not in front and "t02" in front
+    assert "t01" in ids(pareto_front(df, parse_pareto("test_accuracy,density")))
 
 
 def test_pareto_front_without_status_column(table: pa.Table) -> None:

@@ -139,7 +139,8 @@ def test_html_page_content(html_report: ReportFiles) -> None:
     assert "<td>Trials stopped</td><td>2</td>" in summary
     assert "<td>Trials failed</td><td>2</td>" in summary
     assert "<td>Epsilon target</td><td>3, 8</td>" in summary
-    assert f"0.962 (trial {BEST})" in summary and "prune_rate=0.5" in summary
+    assert f"trial {BEST}: test_accuracy 0.962" in summary and "prune_rate=0.5" in summary
+    assert "<td>Selected on</td><td>test_accuracy (test split)</td>" in summary  # legacy rows
     top = _section(page, "<h2>Top 10")
     assert top.count("<tr>") == 11  # header + 10 rows
     assert "<th>epsilon_spent</th>" in top and "<th>noise_multiplier</th>" in top
@@ -225,3 +226,22 @@ def test_study_selection_and_objectives(tmp_path: Path) -> None:
     _check_png(files.figures["pareto_front"])
     with pytest.raises(ValueError, match="unknown report format"):
         build_report(str(res), str(tmp_path / "out"), study="b", fmt="pdf")
+
+
+def test_report_says_how_the_noise_was_seeded(tmp_path: Path) -> None:
+    store = ResultsStore(str(tmp_path / "r"), "seeded")
+    for i, flag in enumerate((False, True, False)):
+        row, epochs = _row(f"t{i:02d}", "completed", 0.1, 0.1, 1.0, 1.0, 0.1, 256, 3.0, 0.9)
+        store.add_trial({**row, "reproducible_noise": flag}, epochs)
+    store.flush()
+    summary = render_markdown_summary(read_trials(str(tmp_path / "r")))
+    assert "reproducible_noise in 1 of 3 trials" in summary
+    assert "assumes that seed stays secret" in summary
+    page = build_report(str(tmp_path / "r"), str(tmp_path / "out"), fmt="md").page
+    assert "assumes that seed stays secret" in Path(page).read_text()
+
+    store = ResultsStore(str(tmp_path / "s"), "secret")
+    row, epochs = _row("t00", "completed", 0.1, 0.1, 1.0, 1.0, 0.1, 256, 3.0, 0.9)
+    store.add_trial({**row, "reproducible_noise": False}, epochs)
+    store.flush()
+    assert "secret seed per trial" in render_markdown_summary(read_trials(str(tmp_path / "s")))

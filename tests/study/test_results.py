@@ -315,3 +315,18 @@ def test_concurrent_studies_sharing_a_results_root_lose_nothing(where: str, tmp_
     assert read_epochs(uri).num_rows == 150
     for name in ("one", "two", "three"):  # each study's own view, as its resume sees it
         assert len(ResultsStore(uri, name).trial_ids()) == 25
+
+
+def test_reproducible_noise_column_is_a_strict_bool(tmp_path: Path) -> None:
+    s = ResultsStore(str(tmp_path), "flags")
+    s.add_trial(trial("secret", reproducible_noise=False), [])
+    s.add_trial(trial("seeded", reproducible_noise=True), [])
+    s.add_trial(trial("unknown"), [])
+    s.flush()
+    table = read_trials(str(tmp_path))
+    assert table.schema.field("reproducible_noise").type == pa.bool_()
+    flags = dict(zip(table["trial_id"].to_pylist(), table["reproducible_noise"].to_pylist(),
+                     strict=True))
+    assert flags == {"secret": False, "seeded": True, "unknown": None}
+    with pytest.raises(ValueError, match="reproducible_noise"):
+        s.add_trial(trial("bad", reproducible_noise="yes"), [])

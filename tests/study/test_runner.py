@@ -34,7 +34,7 @@ def write_spec(tmp_path: Path, name: str, **overrides: Any) -> Path:
                    "learning_rate": {"low": 0.5, "high": 3.0, "log": True},
                    "batch_size": 500, "max_epochs": 2},
         "trials": 4, "max_concurrent": 2, "resources_per_trial": {"cpu": 1, "gpu": 0},
-        "objective": {"metrics": ["test_accuracy"], "modes": ["max"]},
+        "objective": {"metrics": ["val_accuracy"], "modes": ["max"]},
         "sampler": "tpe", "scheduler": "none",
         "storage": str(tmp_path / "runs"), "results": str(tmp_path / "results" / name),
     }
@@ -54,7 +54,7 @@ def trials_table(results: Path) -> list[dict[str, Any]]:
 
 
 def test_four_trial_study_end_to_end(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, "e2e", scheduler={"name": "asha", "grace_period": 1})
+    spec = write_spec(tmp_path, "e2e", scheduler={"name": "asha", "grace_budget": 0.5})
     done = dpstudy("run", str(spec))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[e2e] 4/4 done" in done.stdout
@@ -67,6 +67,10 @@ def test_four_trial_study_end_to_end(tmp_path: Path) -> None:
     for row in rows:
         assert row["epsilon_spent"] <= row["epsilon_target"] == 3.0
         assert 0.0 <= row["prune_rate"] <= 0.8 and row["node"] == "127.0.0.1"
+        assert row["stage"] == "search" and row["selection_split"] == "validation"
+        if row["status"] == "completed":  # budget-exact: every completed trial spends it
+            assert 0.97 <= row["budget_used"] <= 1.0, row
+    assert any(r["prune_rate"] == 0.0 and r["drop_rate"] == 0.0 for r in rows)  # baseline
     epochs = pq.read_table(results / "epochs.parquet").to_pylist()
     for row in rows:
         mine = [e for e in epochs if e["trial_id"] == row["trial_id"]]

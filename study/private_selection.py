@@ -1,0 +1,267 @@
+"""Study-level privacy at run time: private selection, study budgets and the study's
+(epsilon, delta) from its results.
+
+- :func:`trial_count`: a private-selection study's number of trials, drawn once from the
+  declared distribution with a fresh OS-entropy seed and recorded in the (private)
+  experiment directory, so ``resume`` runs the same number and nothing released reveals it.
+- :func:`plan_study_budget`: for ``privacy: {scope: study}``, the per-trial noise multiplier
+  that makes the selection bound meet the study budget (the calibrator of
+  :mod:`study.tuning_privacy`), and :func:`study_trial_config` that applies it to a trial.
+- :func:`study_privacy_of`: both release models for a results table, with the assumption
+  checks; it is what ``status``, the report, the Parquet metadata and ``release`` state.
+
+The bounds themselves are pure functions in :mod:`study.tuning_privacy`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import posixpath
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from study.selection_spec import validation_noise, validation_public
+from study.spec import SpecError, StudySpec
+from study.tuning_privacy import (
+    StudyPrivacy,
+    TrialMechanism,
+    calibrate_noise,
+    draw_trial_count,
+    epsilon_of,
+    selection_assumptions,
+    selection_epsilon,
+    study_privacy,
+)
+from trainables.accounting import BudgetError, cap_steps, epsilon_after, plan_budget
+from trainables.config import PrivacyConfig
+
+TRIAL_COUNT_FILE = "dpstudy-trial-count.json"
+PRIVACY_METADATA_KEY = "dpstudy.study_privacy"
+_BOUNDED = ("batch_size", "epochs", "max_epochs", "noise_multiplier")
+
+
+# --- the number of trials -------------------------------------------------------------
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def trial_count(spec: StudySpec, directory: str) -> int:
+    """The drawn number of trials of a private-selection study (``spec.trials`` otherwise):
+    read from ``directory`` if recorded there, else drawn and recorded."""
+    if not spec.selection.private:
+        return int(spec.trials)
+    fs, where = _fs(directory)
+    path = posixpath.join(where, TRIAL_COUNT_FILE)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            return int(json.loads(f.read().decode())["trials"])
+    t = spec.selection.trials
+    seed = secrets.randbits(63)  # never derived from anything written out but this file
+    count = draw_trial_count(t.distribution, mean=t.mean, shape=t.shape, seed=seed)
+    fs.create_dir(where, recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps({"trials": count, "seed": seed, "distribution": t.distribution,
+                              "mean": t.mean, "shape": t.shape}).encode())
+    return count
+
+
+# --- the possible mechanisms of one trial ---------------------------------------------
+
+def _values(spec: StudySpec, name: str) -> list[float] | None:
+    """The finite values a search parameter can take (None: absent; [] continuous)."""
+    p = getattr(spec.search, name)
+    if p is None:
+        return None
+    if p.is_fixed():
+        return [p.value]
+    return list(p.choices) if p.choices is not None else []
+
+
+def continuous_ranges(spec: StudySpec) -> list[str]:
+    """The parameters that shape a trial's mechanism but are continuous ranges."""
+    return [f"search.{n}" for n in _BOUNDED if _values(spec, n) == []]
+
+
+def designs(spec: StudySpec, n: int) -> list[tuple[float, float, float | None]]:
+    """Every (batch size, epochs or epoch cap, noise multiplier or None) a trial can draw."""
+    epochs = _values(spec, "epochs")
+    epochs = epochs if epochs is not None else _values(spec, "max_epochs")
+    noises = _values(spec, "noise_multiplier")
+    noises = noises if noises is not None else [None]
+    return [(float(b), float(e), s) for b, e, s in itertools.product(
+        _values(spec, "batch_size"), epochs, noises)]
+
+
+def possible_mechanisms(spec: StudySpec, n: int,
+                        noise: float | None = None) -> list[TrialMechanism]:
+    """Each mechanism one trial can run (``noise``: the calibrated study-scope noise)."""
+    val_noise = validation_noise(spec)
+    releases = 1 if val_noise else 0
+    out = []
+    for batch, epochs, sigma in designs(spec, n):
+        q = min(1.0, batch / n)
+        if spec.privacy.scope == "study":
+            steps, sigma = cap_steps(q, epochs), noise
+        else:
+            config = PrivacyConfig(
+                epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
+                accountant=spec.privacy.accountant, noise_multiplier=sigma,
+                epochs=epochs if spec.search.epochs is not None else None,
+                validation_noise=val_noise)
+            try:
+                plan = plan_budget(config, sample_rate=q, max_epochs=epochs)
+            except BudgetError:  # not admissible: no trial runs it
+                continue
+            steps, sigma = plan.steps, plan.noise_multiplier
+        out.append(TrialMechanism(sample_rate=q, noise_multiplier=sigma, steps=steps,
+                                  val_noise=val_noise, val_releases=releases))
+    return out
+
+
+# --- scope: study ---------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class StudyBudget:
+    """The calibrated per-trial noise of a ``scope: study`` study and what it implies."""
+
+    noise_multiplier: float
+    n: int
+    epsilon: float  # the study bound (selection) the calibration reached
+    per_trial_epsilon: float  # the worst trial's own epsilon (dp-accounting RDP)
+
+    def describe(self, spec: StudySpec) -> str:
+        """The line printed before running."""
+        return (f"study budget epsilon={spec.privacy.epsilon:g}, delta={spec.privacy.delta:g} "
+                f"(selection bound {self.epsilon:.3f}); per trial: noise multiplier "
+                f"{self.noise_multiplier:.4g}, epsilon <= {self.per_trial_epsilon:.3f}")
+
+
+@functools.lru_cache(maxsize=8)
+def plan_study_budget(spec: StudySpec, n: int) -> StudyBudget | None:
+    """Calibrate the per-trial noise of a ``scope: study`` spec (None for scope: trial)."""
+    if spec.privacy.scope != "study":
+        return None
+    t, val_noise = spec.selection.trials, validation_noise(spec)
+    points = [(min(1.0, b / n), cap_steps(min(1.0, b / n), e)) for b, e, _ in designs(spec, n)]
+    try:
+        sigma = calibrate_noise(epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
+                                designs=points, mean=t.mean, shape=t.event_shape,
+                                val_noise=val_noise, val_releases=1 if val_noise else 0)
+    except ValueError as err:
+        raise SpecError([f"privacy.epsilon: {err} (got {spec.privacy.epsilon!r})"]) from None
+    mechanisms = possible_mechanisms(spec, n, noise=sigma)
+    spent = selection_epsilon(mechanisms, mean=t.mean, shape=t.event_shape,
+                              delta=spec.privacy.delta)
+    worst = max(epsilon_of(m.event(), spec.privacy.delta) for m in mechanisms)
+    return StudyBudget(noise_multiplier=sigma, n=n, epsilon=spent, per_trial_epsilon=worst)
+
+
+def study_trial_config(trial: dict[str, Any], budget: StudyBudget | None) -> dict[str, Any]:
+    """A trial config under the study budget: the calibrated noise, all the steps of its
+    epochs, and as its own target exactly what its accountant says those cost."""
+    if budget is None:
+        return trial
+    privacy, optim = dict(trial["privacy"]), dict(trial["optim"])
+    epochs = privacy.pop("epochs") or optim["max_epochs"]
+    q = min(1.0, optim["batch_size"] / budget.n)
+    noise = privacy.get("validation_noise")
+    privacy.update(noise_multiplier=budget.noise_multiplier, epochs=None, epsilon=epsilon_after(
+        cap_steps(q, epochs), noise_multiplier=budget.noise_multiplier, sample_rate=q,
+        delta=privacy["delta"], accountant=privacy["accountant"],
+        releases=(noise,) if noise else ()))
+    optim["max_epochs"] = epochs
+    return {**trial, "privacy": privacy, "optim": optim}
+
+
+# --- the study's (epsilon, delta) -----------------------------------------------------
+
+def mechanism_of(row: dict[str, Any]) -> TrialMechanism | None:
+    """The mechanism a results row ran (None if it never took a step)."""
+    if not row.get("steps") or not row.get("sample_rate") or not row.get("noise_multiplier"):
+        return None
+    return TrialMechanism(sample_rate=row["sample_rate"],
+                          noise_multiplier=row["noise_multiplier"], steps=int(row["steps"]),
+                          val_noise=row.get("val_noise"),
+                          val_releases=int(row.get("val_releases") or 0))
+
+
+def assumptions(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
+    """Why the selection bound does not apply to this study (empty: it applies)."""
+    failed = selection_assumptions(
+        mode=spec.selection.mode, sampler=spec.sampler, scheduler=spec.scheduler.name,
+        scores_private=not validation_public(spec), scores_dp=spec.validation.dp)
+    failed += [f"{name} is a continuous range: one trial's mechanism has no finite worst "
+               f"case (give a fixed value or choices)" for name in continuous_ranges(spec)]
+    if any(r.get("stage") == "confirm" for r in rows):
+        failed.append("confirmation re-runs are further releases outside the selection")
+    return failed
+
+
+def study_privacy_of(spec: StudySpec, rows: list[dict[str, Any]], n: int) -> StudyPrivacy:
+    """Both release models for the trials in ``rows`` (all stages: each one ran)."""
+    run = [m for m in map(mechanism_of, rows) if m is not None]
+    failed = assumptions(spec, rows)
+    mean = shape = None
+    possible: list[TrialMechanism] = []
+    if not failed:
+        t = spec.selection.trials
+        mean, shape = t.mean, t.event_shape
+        possible = list(_possible(spec, n))
+    return study_privacy(run, delta=spec.privacy.delta, failed_assumptions=failed,
+                         possible=possible, mean=mean, shape=shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _possible(spec: StudySpec, n: int) -> tuple[TrialMechanism, ...]:
+    budget = plan_study_budget(spec, n)
+    noise = budget.noise_multiplier if budget else None
+    return tuple(possible_mechanisms(spec, n, noise=noise))
+
+
+def privacy_metadata(sp: StudyPrivacy) -> dict[str, str]:
+    """The Parquet metadata entry stating the study's (epsilon, delta)."""
+    return {PRIVACY_METADATA_KEY: json.dumps(sp.to_dict())}
+
+
+@functools.lru_cache(maxsize=8)
+def train_size(spec: StudySpec) -> int:
+    """The number n of private training examples of the spec's dataset."""
+    from trainables.data import dataset_size
+
+    return dataset_size(spec.dataset, seed=spec.seed)
+
+
+def study_privacy_metadata(spec: StudySpec, store: Any) -> dict[str, str]:
+    """:func:`privacy_metadata` of the trials in a results store."""
+    rows = store.trials().to_pylist()
+    return privacy_metadata(study_privacy_of(spec, rows, train_size(spec)))
+
+
+def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy | None:
+    """The study's (epsilon, delta) as recorded in its Parquet metadata (None if absent)."""
+    from study.results import read_metadata
+
+    raw = read_metadata(results, study).get(PRIVACY_METADATA_KEY)
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return StudyPrivacy(delta=data["delta"], trials=data["trials"],
+                        epsilon_all=data["epsilon_all"],
+                        epsilon_selected=data["epsilon_selected"],
+                        failed_assumptions=tuple(data["failed_assumptions"]))
+
+
+def is_finite(value: float | None) -> bool:
+    """Whether a bound is a finite number."""
+    return value is not None and math.isfinite(value)

@@ -1,0 +1,131 @@
+"""``dpstudy release``: write out only what a private-selection study's guarantee covers.
+
+The Papernot-Steinke bound covers *the selected result*: the chosen configuration, its
+model weights and its DP validation score. It does not cover the rest of the results
+table (every other trial's scores, the non-DP validation and test metrics), Tune's
+experiment state and checkpoints (optimizer state, random generator states from which the
+noise could be recomputed), the trial seeds or the drawn number of trials: those stay
+private, and ``PRIVATE.txt`` in the release says so.
+
+A study whose selection bound does not apply (see :mod:`study.private_selection`) is
+refused: nothing is written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from study import selection
+from study.private_selection import read_study_privacy, study_privacy_of, train_size
+from study.selection_spec import selection_metric
+from study.spec import StudySpec
+
+RELEASE_FILE = "release.json"
+MODEL_FILE = "model.pt"
+NOTE_FILE = "PRIVATE.txt"
+_CONFIG_KEYS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
+                "batch_size", "sample_rate", "steps", "epochs", "pruning_criterion",
+                "pruning_scope", "pruning_granularity", "dropping_criterion", "model",
+                "dataset", "delta", "accountant", "val_noise")
+NOTE = """What this release contains is covered by the study-level guarantee stated in
+release.json (the selection bound of Papernot & Steinke 2022, computed with dp-accounting):
+the chosen configuration, its final model weights and its DP validation score.
+
+What must stay private (not covered; releasing it voids or weakens the guarantee):
+- the results table (trials.parquet, epochs.parquet): every trial's scores, including the
+  non-DP validation and test accuracies, and the number of trials that ran;
+- the Tune experiment directory: checkpoints (optimizer state, random generator states from
+  which the DP noise could be recomputed), the trial seeds, and dpstudy-trial-count.json;
+- any test-set metric of the chosen model (computed on held-out data, not DP).
+"""
+
+
+class ReleaseError(ValueError):
+    """The study cannot be released (its guarantee does not cover a release)."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """What :func:`release` wrote."""
+
+    directory: str
+    trial_id: str
+    score: float
+    epsilon: float
+    delta: float
+
+
+def chosen_trial(spec: StudySpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The study's selected trial: the best completed search trial by its DP score."""
+    metric, mode = selection_metric(spec)
+    best = selection.best(rows, metric, mode)
+    if best is None:
+        raise ReleaseError(f"release: no completed trial with a {metric} to release")
+    return best
+
+
+def model_weights(experiment: str, trial_id: str) -> dict[str, Any]:
+    """The final model weights of ``trial_id`` from its last Tune checkpoint."""
+    from trainables import checkpoint
+
+    found = sorted(glob.glob(os.path.join(experiment, f"*{trial_id}*", "checkpoint_*")))
+    if not found:
+        raise ReleaseError(f"release: no checkpoint of trial {trial_id!r} under "
+                           f"{experiment!r} (the experiment directory is needed for the "
+                           f"model weights)")
+    return checkpoint.load(found[-1])["model"]
+
+
+def release(spec: StudySpec, rows: list[dict[str, Any]], results: str, out: str, *,
+            experiment: str) -> Release:
+    """Write the chosen configuration, its weights, its DP score and the study's
+    (epsilon, delta) into ``out`` (a new or empty directory), atomically."""
+    if os.path.isdir(out) and os.listdir(out):
+        raise ReleaseError(f"--out: must be a new or empty directory (got {out!r})")
+    privacy = read_study_privacy(results, spec.name) or study_privacy_of(
+        spec, rows, train_size(spec))
+    if privacy.epsilon_selected is None:
+        raise ReleaseError("release: the selection bound does not apply to this study, so "
+                           "no release is covered by it: "
+                           + "; ".join(privacy.failed_assumptions))
+    search = [r for r in rows if selection.is_search(r)]
+    best = chosen_trial(spec, search)
+    metric = selection_metric(spec)[0]
+    weights = model_weights(experiment, best["trial_id"])
+    document = {
+        "study": spec.name, "trial_id": best["trial_id"],
+        "configuration": {k: best.get(k) for k in _CONFIG_KEYS},
+        "score": {"metric": metric, "value": best[metric]},
+        "study_privacy": {"epsilon": privacy.epsilon_selected, "delta": privacy.delta,
+                          "release_model": "only the selected result released",
+                          "trials": spec.selection.trials.to_dict()},
+    }
+    _write(out, document, weights)
+    return Release(directory=out, trial_id=best["trial_id"], score=best[metric],
+                   epsilon=privacy.epsilon_selected, delta=privacy.delta)
+
+
+def _write(out: str, document: dict[str, Any], weights: dict[str, Any]) -> None:
+    import torch
+
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".release-", dir=parent)
+    try:
+        with open(os.path.join(staging, RELEASE_FILE), "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2, default=str)
+        with open(os.path.join(staging, NOTE_FILE), "w", encoding="utf-8") as f:
+            f.write(NOTE)
+        torch.save(weights, os.path.join(staging, MODEL_FILE))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

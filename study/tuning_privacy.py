@@ -1,0 +1,284 @@
+"""Study-level privacy: what the whole tuning costs, computed with ``dp-accounting``.
+
+Every trial is a DP mechanism on the private data; a study runs many of them and selects
+one. Two release models, both bounded with ``dp_accounting.rdp.RdpAccountant`` (no
+hand-written privacy math):
+
+- *everything released* (:func:`composition_epsilon`): every trial's scores and models are
+  public, so the study costs the composition of every trial actually run;
+- *only the selected result released* (:func:`selection_epsilon`): Papernot & Steinke
+  (ICLR 2022) bound the best of a *random* number K of independent runs
+  (``RepeatAndSelectDpEvent``). It holds only under the assumptions that
+  :func:`selection_assumptions` checks.
+
+One trial's mechanism (:class:`TrialMechanism`) is its DP-SGD steps
+(``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` self-composed ``steps`` times) plus
+its DP validation releases (a ``GaussianDpEvent`` each: Gaussian noise of std ``sigma_v``
+on a count of sensitivity 1). When trials may draw different (q, sigma, steps), the
+selection bound uses :class:`WorstOfDpEvent`: the pointwise maximum of their RDP curves
+(Renyi divergence is quasi-convex, so a data-independent random choice among mechanisms
+costs at most the worst of them, order by order).
+
+:func:`calibrate_noise` is the one calibrator: the per-trial noise multiplier such that
+the selection bound meets a study budget (E, D).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import attr
+import numpy as np
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
+
+# name -> RepeatAndSelectDpEvent shape (None: the spec's own ``shape``, in (0, inf))
+DISTRIBUTIONS: dict[str, float | None] = {
+    "poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0,
+    "truncated-negative-binomial": None}
+RANDOM_SAMPLERS = ("random",)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class WorstOfDpEvent(dp_event.DpEvent):
+    """One of ``events``, chosen independently of the data: bounded by the pointwise
+    maximum of their RDP curves (supported by :class:`StudyRdpAccountant`)."""
+
+    events: Sequence[dp_event.DpEvent]
+
+
+class StudyRdpAccountant(RdpAccountant):
+    """``RdpAccountant`` that also composes :class:`WorstOfDpEvent` (each sub-event is
+    accounted by a fresh ``RdpAccountant`` on the same orders; the maximum is taken order
+    by order). Everything else is the library's own composition, including
+    ``RepeatAndSelectDpEvent`` wrapped around a ``WorstOfDpEvent``."""
+
+    def _maybe_compose(self, event: dp_event.DpEvent, count: int, do_compose: bool):
+        if not isinstance(event, WorstOfDpEvent):
+            return super()._maybe_compose(event, count, do_compose)
+        curves = []
+        for sub in event.events:
+            acc = StudyRdpAccountant(orders=self._orders,
+                                     neighboring_relation=self.neighboring_relation)
+            error = acc._maybe_compose(sub, 1, True)
+            if error is not None:
+                return error
+            curves.append(acc.rdp_curve())
+        if do_compose:
+            self._rdp = self._rdp + count * np.max(np.stack(curves), axis=0)
+        return None
+
+    def rdp_curve(self) -> np.ndarray:
+        """The RDP of everything composed so far, one value per order."""
+        return np.array(self._rdp, dtype=np.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialMechanism:
+    """What one trial does to the private data: ``steps`` DP-SGD steps at Poisson rate
+    ``sample_rate`` and noise multiplier ``noise_multiplier``, then ``val_releases``
+    Gaussian releases of a count (sensitivity 1) with noise std ``val_noise``."""
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    val_noise: float | None = None
+    val_releases: int = 0
+
+    def event(self) -> dp_event.DpEvent:
+        """The trial's ``DpEvent``."""
+        sgd = dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(self.sample_rate,
+                                           dp_event.GaussianDpEvent(self.noise_multiplier)),
+            self.steps)
+        if not self.val_releases:
+            return sgd
+        if not self.val_noise or self.val_noise <= 0:  # a count released without noise
+            return dp_event.ComposedDpEvent([sgd, dp_event.NonPrivateDpEvent()])
+        score = dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(self.val_noise),
+                                             self.val_releases)
+        return dp_event.ComposedDpEvent([sgd, score])
+
+
+def distribution_shape(distribution: str, shape: float | None = None) -> float:
+    """The ``RepeatAndSelectDpEvent`` shape of a named trial-count distribution."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution: must be one of {', '.join(DISTRIBUTIONS)} "
+                         f"(got {distribution!r})")
+    fixed = DISTRIBUTIONS[distribution]
+    if fixed is not None:
+        return fixed
+    if shape is None or not 0 < shape < math.inf:
+        raise ValueError(f"shape: truncated-negative-binomial needs a shape in (0, inf) "
+                         f"(got {shape!r})")
+    return float(shape)
+
+
+def epsilon_of(event: dp_event.DpEvent, delta: float) -> float:
+    """Epsilon of ``event`` at ``delta`` (RDP accounting). dp-accounting drops, with a
+    warning, the few orders whose series does not converge (a conservative choice); the
+    warnings are silenced here."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc = StudyRdpAccountant()
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
+
+
+def worst_of(mechanisms: Sequence[TrialMechanism]) -> dp_event.DpEvent:
+    """The event bounding a data-independent choice among ``mechanisms``."""
+    events = list({m: m.event() for m in mechanisms}.values())
+    return events[0] if len(events) == 1 else WorstOfDpEvent(events)
+
+
+def composition_epsilon(mechanisms: Sequence[TrialMechanism], delta: float) -> float:
+    """*Everything released*: epsilon of the composition of every trial run."""
+    if not mechanisms:
+        return 0.0
+    return epsilon_of(dp_event.ComposedDpEvent([m.event() for m in mechanisms]), delta)
+
+
+def selection_event(trial: dp_event.DpEvent, *, mean: float,
+                    shape: float) -> dp_event.RepeatAndSelectDpEvent:
+    """The best of a random number of runs of ``trial`` (mean ``mean``, ``shape``)."""
+    return dp_event.RepeatAndSelectDpEvent(trial, float(mean), float(shape))
+
+
+def selection_epsilon(trial: dp_event.DpEvent | Sequence[TrialMechanism], *, mean: float,
+                      shape: float, delta: float) -> float:
+    """*Only the selected result released*: the Papernot-Steinke bound of the best of a
+    random number of independent runs of ``trial`` (an event, or the possible mechanisms
+    of one trial, bounded by their worst)."""
+    event = trial if isinstance(trial, dp_event.DpEvent) else worst_of(trial)
+    return epsilon_of(selection_event(event, mean=mean, shape=shape), delta)
+
+
+def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
+                     seed: int) -> int:
+    """The number of trials of a private-selection study, drawn (seeded) from the declared
+    distribution, parameterised exactly as ``RepeatAndSelectDpEvent`` is: Poisson(mean)
+    (may be 0), or a truncated negative binomial (geometric: shape 1, logarithmic:
+    shape 0) whose parameter gamma ``dp-accounting`` derives from the mean."""
+    rng = np.random.default_rng([seed, 0x5E1EC7])
+    eta = distribution_shape(distribution, shape)
+    if eta == math.inf:
+        return int(rng.poisson(mean))
+    if mean == 1:
+        return 1
+    gamma = rdp_module._gamma_truncated_negative_binomial(eta, mean)
+    if eta == 0:
+        return int(rng.logseries(1.0 - gamma))
+    if eta == 1:
+        return int(rng.geometric(gamma))
+    while True:  # negative binomial conditioned on K > 0
+        k = int(rng.negative_binomial(eta, gamma))
+        if k > 0:
+            return k
+
+
+def selection_assumptions(*, mode: str, sampler: str, scheduler: str,
+                          scores_private: bool, scores_dp: bool) -> list[str]:
+    """Why the selection bound does *not* apply to a study (empty: it applies).
+
+    Its assumptions: independent trials (random search), a random number of trials from a
+    declared distribution, no cross-trial early stopping, and selection scores that are DP
+    or computed on public data."""
+    failed = []
+    if sampler not in RANDOM_SAMPLERS:
+        failed.append(f"trials are not independent: sampler {sampler!r} adapts to earlier "
+                      f"trials' scores (only random search keeps them independent)")
+    if mode != "private-selection":
+        failed.append("the number of trials is fixed, not drawn from a declared "
+                      "distribution (use search.mode: private-selection)")
+    if scheduler != "none":
+        failed.append(f"scheduler {scheduler!r} stops trials by comparing them with each "
+                      f"other (cross-trial early stopping)")
+    if scores_private and not scores_dp:
+        failed.append("the selection score is computed on private validation data without "
+                      "noise (it is not DP; set validation.noise)")
+    return failed
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyPrivacy:
+    """The (epsilon, delta) of a study under both release models."""
+
+    delta: float
+    trials: int
+    epsilon_all: float
+    epsilon_selected: float | None
+    failed_assumptions: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        """Human-readable statement of both bounds."""
+        out = [f"everything released: epsilon {self.epsilon_all:.3f}, delta {self.delta:g} "
+               f"(composition of {self.trials} trials)"]
+        if self.epsilon_selected is not None:
+            out.append(f"only the selected result released: epsilon "
+                       f"{self.epsilon_selected:.3f}, delta {self.delta:g} "
+                       f"(Papernot-Steinke selection bound)")
+        else:
+            out.append("only the selected result released: bound does not apply: "
+                       + "; ".join(self.failed_assumptions))
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain data (for Parquet metadata and JSON)."""
+        return {"delta": self.delta, "trials": self.trials, "epsilon_all": self.epsilon_all,
+                "epsilon_selected": self.epsilon_selected,
+                "failed_assumptions": list(self.failed_assumptions)}
+
+
+def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
+                  failed_assumptions: Sequence[str],
+                  possible: Sequence[TrialMechanism] = (), mean: float | None = None,
+                  shape: float | None = None) -> StudyPrivacy:
+    """Both bounds of a study: composition of the trials ``run``; the selection bound over
+    the ``possible`` mechanisms of one trial (default: those run), when no assumption
+    failed."""
+    selected = None
+    if not failed_assumptions and mean is not None and (possible or run):
+        selected = selection_epsilon(list(possible or run), mean=mean, shape=shape,
+                                     delta=delta)
+    return StudyPrivacy(delta=delta, trials=len(run),
+                        epsilon_all=composition_epsilon(run, delta),
+                        epsilon_selected=selected,
+                        failed_assumptions=tuple(failed_assumptions))
+
+
+def calibrate_noise(*, epsilon: float, delta: float, designs: Sequence[tuple[float, int]],
+                    mean: float, shape: float, val_noise: float | None = None,
+                    val_releases: int = 0, tolerance: float = 1e-3) -> float:
+    """The calibrator of ``privacy: {scope: study}``: the smallest noise multiplier sigma
+    (to ``tolerance`` relative) such that the best of a random number of trials, each one
+    of the ``designs`` (sample rate, steps) at sigma, is (``epsilon``, ``delta``)-DP.
+    Raises ``ValueError`` when even the validation releases alone exceed the budget."""
+
+    def spent(sigma: float) -> float:
+        mechanisms = [TrialMechanism(sample_rate=q, noise_multiplier=sigma, steps=t,
+                                     val_noise=val_noise, val_releases=val_releases)
+                      for q, t in designs]
+        return selection_epsilon(mechanisms, mean=mean, shape=shape, delta=delta)
+
+    high = 1.0
+    while spent(high) > epsilon:
+        high *= 2
+        if high > 1e4:
+            raise ValueError(f"the study budget {epsilon:g} cannot be met even "
+                             f"with noise multiplier 1e4 (the validation releases or the "
+                             f"number of trials cost too much)")
+    low = high / 2
+    while spent(low) <= epsilon and low > 1e-3:
+        high, low = low, low / 2
+    while (high - low) / high > tolerance:  # spent(low) > epsilon >= spent(high)
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
+    return high

@@ -1,0 +1,240 @@
+"""Private selection and study budgets: spec rules, the assumption checks behind `status`,
+the scope: study calibration as the trials will run it, the recorded trial count, and
+(slow) a real private-selection study through run, status and release."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from study import private_selection as ps
+from study.release import ReleaseError, release
+from study.results import ResultsStore
+from study.spec import SpecError, StudySpec
+from study.status import study_privacy_lines
+from study.tuning_privacy import (
+    TrialMechanism,
+    composition_epsilon,
+    epsilon_of,
+    selection_epsilon,
+)
+from trainables.accounting import epsilon_after, plan_budget
+from trainables.config import PrivacyConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+PRIVATE: dict[str, Any] = {
+    "name": "ps", "dataset": {"name": "mnist-5k"},
+    "privacy": {"scope": "study", "epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"},
+    "search": {"mode": "private-selection", "trials": {"distribution": "geometric", "mean": 4},
+               "prune_rate": [0.0, 0.5], "clip_norm": 1.0,
+               "learning_rate": {"low": 1.0, "high": 3.0}, "batch_size": [256, 512],
+               "epochs": [1, 2]},
+    "validation": {"noise": 10.0}, "scheduler": "none",
+}
+
+
+def spec_of(**changes: Any) -> StudySpec:
+    data = copy.deepcopy(PRIVATE)
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return StudySpec.from_dict(data)
+
+
+def problems(**changes: Any) -> list[str]:
+    with pytest.raises(SpecError) as err:
+        spec_of(**changes)
+    return err.value.problems
+
+
+def test_private_spec_round_trips_and_defaults_to_random_search() -> None:
+    spec = spec_of()
+    assert spec.sampler == "random" and spec.trials is None
+    assert spec.selection.trials.event_shape == 1.0
+    assert StudySpec.from_dict(spec.to_dict()) == spec
+    assert spec.to_dict()["search"]["mode"] == "private-selection"
+
+
+@pytest.mark.parametrize("change,field,words", [
+    ({"sampler": "tpe"}, "sampler:", "random"),
+    ({"scheduler": "asha"}, "scheduler:", "ASHA"),
+    ({"trials": 20}, "trials:", "remove trials"),
+    ({"validation": None}, "validation.noise:", "DP score"),
+    ({"search__epochs": {"low": 1, "high": 3}}, "search.epochs:", "continuous range"),
+    ({"search__batch_size": {"low": 128, "high": 512}}, "search.batch_size:", "finite"),
+    ({"search__noise_multiplier": 2.0, "search__epochs": None}, "search.noise_multiplier:",
+     "calibrated"),
+    ({"search__trials": {"distribution": "truncated-negative-binomial", "mean": 5}},
+     "search.trials.shape:", "required"),
+    ({"search__trials": {"distribution": "uniform", "mean": 5}}, "search.trials.distribution:",
+     "must be one of"),
+    ({"search__mode": "optimize", "search__trials": None, "trials": 4},
+     "privacy.scope:", "private-selection"),
+])
+def test_spec_rules_name_the_field(change: dict[str, Any], field: str, words: str) -> None:
+    found = [p for p in problems(**change) if p.startswith(field)]
+    assert found and words in found[0], problems(**change)
+
+
+def test_adaptive_fixed_asha_study_says_why_the_selection_bound_does_not_apply() -> None:
+    quick = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    spec = StudySpec.from_dict(quick)
+    reasons = ps.assumptions(spec, [])
+    text = " | ".join(reasons)
+    assert "'tpe'" in text and "fixed" in text and "'asha'" in text and "not DP" in text
+    assert "continuous range" in text  # its noise multiplier is a range
+
+
+def test_status_states_both_models(tmp_path: Path) -> None:
+    spec = spec_of(**{"results": str(tmp_path / "r"), "privacy__scope": "trial",
+                      "search__epochs": 1, "search__batch_size": 256})
+    mechanism = ps.possible_mechanisms(spec, ps.train_size(spec))[0]
+    store = ResultsStore(spec.results_path, spec.name)
+    for i in range(3):
+        store.add_trial({"trial_id": f"t{i}", "status": "completed", "stage": "search",
+                         "sample_rate": mechanism.sample_rate,
+                         "noise_multiplier": mechanism.noise_multiplier,
+                         "steps": mechanism.steps, "val_noise": 10.0, "val_releases": 1,
+                         "val_accuracy_dp": 0.5 + i / 10}, [])
+    store.metadata.update(ps.study_privacy_metadata(spec, store))
+    store.flush()
+    recorded = ps.read_study_privacy(spec.results_path)
+    assert recorded.epsilon_all == composition_epsilon([mechanism] * 3, 1e-5)
+    assert recorded.epsilon_selected == selection_epsilon([mechanism], mean=4, shape=1.0,
+                                                          delta=1e-5)
+    lines = study_privacy_lines(spec.results_path)
+    assert "everything released: epsilon" in lines[0]
+    assert "only the selected result released: epsilon" in lines[1]
+    # a TPE study over the same rows: the selection bound does not apply, and why
+    tpe = spec_of(**{"results": str(tmp_path / "r"), "privacy__scope": "trial",
+                     "search__mode": "optimize", "search__trials": None, "trials": 3,
+                     "sampler": "tpe", "scheduler": "asha"})
+    store.metadata.update(ps.study_privacy_metadata(tpe, store))
+    store.add_trial(store.trials().to_pylist()[0], [])  # statements travel with new parts
+    store.flush()
+    lines = study_privacy_lines(spec.results_path)
+    assert "does not apply" in lines[1] and "'tpe'" in lines[1] and "'asha'" in lines[1]
+    assert "fixed" in lines[1]
+
+
+    # release is refused, and nothing written, when the selection bound does not apply
+    with pytest.raises(ReleaseError, match="does not apply"):
+        release(tpe, store.trials().to_pylist(), spec.results_path, str(tmp_path / "out"),
+                experiment=str(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_trial_everything_released_equals_its_epsilon() -> None:
+    spec = spec_of(**{"privacy__scope": "trial", "search__epochs": 1,
+                      "search__batch_size": 256})
+    n = ps.train_size(spec)
+    m = ps.possible_mechanisms(spec, n)[0]
+    row = {"trial_id": "a", "status": "completed", "sample_rate": m.sample_rate,
+           "noise_multiplier": m.noise_multiplier, "steps": m.steps, "val_noise": 10.0,
+           "val_releases": 1}
+    sp = ps.study_privacy_of(spec, [row], n)
+    assert sp.epsilon_all == epsilon_of(m.event(), 1e-5)
+    assert sp.epsilon_selected > sp.epsilon_all  # a random K of mean 4 costs more
+
+
+def test_scope_study_trials_meet_the_budget_as_they_will_run() -> None:
+    spec = spec_of()
+    n = ps.train_size(spec)
+    budget = ps.plan_study_budget(spec, n)
+    run = []
+    for batch in (256, 512):
+        for epochs in (1, 2):
+            trial = ps.study_trial_config(spec.trial_config(
+                {"prune_rate": 0.0, "learning_rate": 2.0, "batch_size": batch,
+                 "epochs": epochs}), budget)
+            q = batch / n
+            plan = plan_budget(PrivacyConfig(**trial["privacy"]), sample_rate=q,
+                               max_epochs=trial["optim"]["max_epochs"])
+            assert plan.noise_multiplier == budget.noise_multiplier
+            assert plan.steps == math.floor(epochs / q + 1e-9)  # every step of its epochs
+            assert plan.epsilon == trial["privacy"]["epsilon"] == epsilon_after(
+                plan.steps, noise_multiplier=plan.noise_multiplier, sample_rate=q,
+                delta=1e-5, accountant="rdp", releases=(10.0,))
+            run.append(TrialMechanism(sample_rate=q, noise_multiplier=plan.noise_multiplier,
+                                      steps=plan.steps, val_noise=10.0, val_releases=1))
+    spent = selection_epsilon(run, mean=4, shape=1.0, delta=1e-5)
+    assert 0.99 * 3.0 <= spent <= 3.0
+    assert budget.epsilon == pytest.approx(spent)
+
+
+def test_trial_count_is_recorded_and_read_back(tmp_path: Path) -> None:
+    spec = spec_of()
+    count = ps.trial_count(spec, str(tmp_path))
+    recorded = json.loads((tmp_path / ps.TRIAL_COUNT_FILE).read_text())
+    assert recorded["trials"] == count >= 1 and recorded["distribution"] == "geometric"
+    assert all(ps.trial_count(spec, str(tmp_path)) == count for _ in range(3))
+    fixed = spec_of(**{"privacy__scope": "trial", "search__mode": "optimize",
+                       "search__trials": None, "trials": 7})
+    assert ps.trial_count(fixed, str(tmp_path / "other")) == 7
+
+
+@pytest.mark.slow
+def test_private_selection_study_runs_states_and_releases(tmp_path: Path) -> None:
+    data = copy.deepcopy(PRIVATE)
+    data["search"].update(trials={"distribution": "poisson", "mean": 2}, batch_size=512,
+                          epochs=1)
+    data.update(storage=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                max_concurrent=2)
+    (tmp_path / "ps.yaml").write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "study.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    # the draw is random (OS entropy); a recorded count is what run and resume use
+    (tmp_path / "runs" / "ps").mkdir(parents=True)
+    (tmp_path / "runs" / "ps" / ps.TRIAL_COUNT_FILE).write_text(json.dumps({"trials": 2}))
+    out = cli("run", str(tmp_path / "ps.yaml"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "study budget epsilon=3" in out.stdout and "per trial: noise multiplier" in out.stdout
+    assert "2 completed" in out.stdout
+    status = cli("status", "--storage", str(tmp_path / "runs")).stdout
+    assert "2/2 finished" in status
+    assert "everything released: epsilon" in status and "composition of 2 trials" in status
+    assert "only the selected result released: epsilon 2.9" in status
+    release = cli("release", str(tmp_path / "results"), "--out", str(tmp_path / "rel"))
+    assert release.returncode == 0, release.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "rel")) == ["PRIVATE.txt", "model.pt", "release.json"]
+    doc = json.loads((tmp_path / "rel" / "release.json").read_text())
+    assert doc["score"]["metric"] == "val_accuracy_dp"
+    assert doc["study_privacy"]["epsilon"] <= 3.0
+    text = json.dumps(doc)
+    assert "seed" not in text and "test_accuracy" not in text and "val_accuracy\"" not in text
+    again = cli("release", str(tmp_path / "results"), "--out", str(tmp_path / "rel"))
+    assert again.returncode == 2 and "empty directory" in again.stderr
+
+
+def test_validation_noise_from_a_share_of_the_budget() -> None:
+    from dp_accounting.dp_event import GaussianDpEvent
+
+    spec = spec_of(validation={"share": 0.1})
+    noise = spec.trial_config({"prune_rate": 0.0, "learning_rate": 2.0, "batch_size": 256,
+                               "epochs": 1})["privacy"]["validation_noise"]
+    assert epsilon_of(GaussianDpEvent(noise), 1e-5) == pytest.approx(0.3, rel=1e-3)
+    budget = ps.plan_study_budget(spec, ps.train_size(spec))
+    assert budget.epsilon <= 3.0
+    both = problems(validation={"noise": 5.0, "share": 0.1})
+    assert any(p.startswith("validation.noise: give either noise or share") for p in both)
+    assert any(p.startswith("validation.share: must be < 1") for p in
+               problems(validation={"share": 1.5}))

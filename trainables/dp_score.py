@@ -1,0 +1,44 @@
+"""DP validation scores: a Gaussian mechanism on the count of correct predictions.
+
+A trial that selects on a *private* validation split releases a score that is itself DP:
+``(correct + N(0, noise^2)) / n``. For a fixed model, adding or removing one example changes
+the count of correct predictions by at most 1 (sensitivity 1 under add/remove-one, the
+relation of DP-SGD's Poisson accounting; the model was already released by DP-SGD, so this
+composes adaptively). Its cost is one Gaussian mechanism of noise multiplier ``noise``: in
+Opacus' accountants the history entry ``(noise, sample_rate=1.0, steps=1)``
+(:func:`trainables.accounting.release_entry`), so it is part of the trial's
+``epsilon_spent``.
+
+The noise comes from the operating system's entropy (:func:`release_rng`), never from the
+trial's seed: nothing written out (seed, checkpoint) lets anyone subtract it.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+from opacus.accountants import IAccountant
+
+from trainables.accounting import release_entry
+
+
+def release_rng() -> np.random.Generator:
+    """A generator seeded from OS entropy that is never recorded."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def noisy_count(correct: int, noise: float, rng: np.random.Generator) -> float:
+    """The Gaussian mechanism on a count of sensitivity 1: ``correct + N(0, noise^2)``."""
+    if noise <= 0:
+        raise ValueError(f"validation_noise: must be > 0 (got {noise!r})")
+    return float(correct) + float(rng.normal(0.0, noise))
+
+
+def dp_accuracy(correct: int, total: int, noise: float, accountant: IAccountant,
+                rng: np.random.Generator | None = None) -> float:
+    """Release a DP accuracy (noisy count / ``total``; post-processing) and charge its cost
+    to ``accountant``."""
+    score = noisy_count(correct, noise, rng or release_rng()) / total
+    accountant.history.append(release_entry(noise))
+    return score
