@@ -65,6 +65,7 @@ def small_spec(tmp_path: Path, name: str, trials: int = 2) -> Path:
     spec.update(name=name, trials=trials, scheduler="none", storage=str(tmp_path / "runs"),
                 results=str(tmp_path / "results" / name))
     spec["search"].update(max_epochs=1, batch_size=500)
+    spec.pop("confirm", None)  # the search only: one row per trial
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
