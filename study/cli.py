@@ -56,7 +56,8 @@ def _then_confirm(runner: object, spec: object, summary: object, address: str | 
     """Summarise a search; run the spec's ``confirm:`` once the search has every trial (an
     interrupted search is not confirmed: resume it first)."""
     code = _summarise(summary, spec)
-    finished = summary.completed + summary.stopped + summary.failed >= spec.trials
+    done = summary.completed + summary.stopped + summary.failed
+    finished = spec.trials is None or done >= spec.trials  # None: drawn (private selection)
     if spec.confirm is not None and code == EXIT_OK:
         if not finished:
             print(f"[{spec.name}] the search is unfinished; 'dpstudy resume "
