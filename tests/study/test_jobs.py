@@ -90,7 +90,8 @@ def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: 
     job_id = done.stdout.strip().splitlines()[-1]
     assert job_id.startswith("dpstudy-remote-")
 
-    assert wait_for(job_state, cluster, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
+    status = wait_for(job_state, cluster, job_id, {"SUCCEEDED", "FAILED", "STOPPED"})
+    assert status == "SUCCEEDED", dpstudy("logs", job_id, "--address", cluster).stdout[-3000:]
     rows = pq.read_table(tmp_path / "results" / "remote" / "trials.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     assert all(r["epsilon_spent"] <= 3.0 for r in rows)
