@@ -448,8 +448,7 @@ class ResultsStore:
             self._fs.create_dir(self._path(table), recursive=True)
         while self._pending:
             key = self._pending[0]
-            name = (f"{PART_PREFIX}{dt.datetime.now(_UTC).strftime('%Y%m%dT%H%M%S%fZ')}-"
-                    f"{uuid.uuid4().hex[:12]}.parquet")
+            name = new_part_name()
             epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
             self._publish(EPOCHS_FILE, name, epochs)
             self._publish(TRIALS_FILE, name, pa.Table.from_pylist([self._trials[key]],
@@ -539,6 +538,12 @@ AUDITS_SCHEMA = _schema("audits", [
 ])
 
 
+def new_part_name() -> str:
+    """A fresh part file name: UTC time (so names sort oldest first) and a random suffix."""
+    return (f"{PART_PREFIX}{dt.datetime.now(_UTC).strftime('%Y%m%dT%H%M%S%fZ')}-"
+            f"{uuid.uuid4().hex[:12]}.parquet")
+
+
 def read_audits(uri: str) -> pa.Table:
     """Every audit of a results directory/URI (``audits.parquet``: one immutable part per
     audit, or a single file written by older versions), or of one ``.parquet`` path."""
@@ -578,8 +583,7 @@ def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{directory}: a single-file audits table from an older dpstudy; "
                          f"move it into {directory}/{PART_PREFIX}legacy.parquet to append")
     fs.create_dir(directory, recursive=True)
-    name = (f"{PART_PREFIX}{dt.datetime.now(_UTC).strftime('%Y%m%dT%H%M%S%fZ')}-"
-            f"{uuid.uuid4().hex[:12]}.parquet")
+    name = new_part_name()
     final, tmp = f"{directory}/{name}", f"{directory}/.{name}.tmp"
     table = pa.Table.from_pylist([typed], schema=AUDITS_SCHEMA)
     if not isinstance(fs, pafs.LocalFileSystem):  # an object store publishes uploads whole
