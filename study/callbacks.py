@@ -24,6 +24,7 @@ from study.private_selection import study_privacy_metadata
 from study.results import ResultsStore
 from study.selection_spec import selection_label
 from study.spec import StudySpec
+from study.tune_state import StateBackup
 
 PARAM_COLUMNS = ("prune_rate", "drop_rate", "clip_norm", "learning_rate", "batch_size")
 RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
@@ -109,6 +110,8 @@ class StudyCallback(Callback):
         self._finished: list[tuple[str, dict, dict | None, str | None]] = []
         self.stream: TextIO = sys.stdout
         self._last_line, self._last_time = "", 0.0
+        self.backup: StateBackup | None = None
+        self.events = True  # a trial started, reported, checkpointed or ended since a backup
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "interval_s": self.interval_s, "total": self.total,
@@ -134,6 +137,7 @@ class StudyCallback(Callback):
         self.store.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.events = True
         if not self.interrupted(trial):
             self._finished.append((trial.trial_id, dict(trial.config),
                                    dict(trial.last_result or {}), None))
@@ -145,6 +149,7 @@ class StudyCallback(Callback):
         return CONFIRM_KEY in trial.config and not (trial.last_result or {}).get("finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.events = True
         message = _error_text(trial)
         self._finished.append((trial.trial_id, dict(trial.config), dict(trial.last_result or {}),
                                message))
@@ -162,6 +167,37 @@ class StudyCallback(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.write_finished()
 
+    def get_state(self) -> None:
+        """Called by Tune right after it wrote its experiment state to the driver's staging
+        folder: back that state up whole (see :mod:`study.tune_state`). Returns None: this
+        callback has no state of its own to save. Tune snapshots at every controller step
+        (its state holds timestamps); only steps with trial events are backed up."""
+        if self.backup is not None and self.events:
+            self.events = False
+            try:
+                self.backup.save()
+            except OSError as err:
+                print(f"[{self.spec.name}] warning: could not back up Tune's state: {err}",
+                      file=sys.stderr, flush=True)
+        return None
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.events = True
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        self.events = True
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
+                      **info: Any) -> None:
+        self.events = True
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.backup is None and trials:
+            storage = trials[0].storage  # the experiment's storage, the same for every trial
+            self.backup = StateBackup(storage.experiment_driver_staging_path,
+                                      storage.storage_filesystem, storage.experiment_fs_path)
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.write_finished()
         line = self.progress_line(trials)
@@ -171,13 +207,17 @@ class StudyCallback(Callback):
             self._last_line, self._last_time = line, now
 
     def progress_line(self, trials: list) -> str:
-        """``[name] 2/8 done (1 stopped early), 2 running, 0 failed, best ...``."""
+        """``[name] 2/8 done (1 stopped early), 2 running, 0 failed, best ...`` where best is
+        over the trials that completed."""
         counts: dict[str, int] = {}
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
         metric, mode = self.spec.objective.primary
+        # completed trials only (they spent the whole budget): what the study would select;
+        # a running trial's latest epoch can go down again, a stopped one spent less
         values = [t.last_result.get(metric) for t in trials
-                  if t.last_result and t.last_result.get(metric) is not None]
+                  if t.status == "TERMINATED" and (t.last_result or {}).get("finished")
+                  and t.last_result.get(metric) is not None]
         best = (max(values) if mode == "max" else min(values)) if values else None
         stopped = sum(1 for t in trials if t.status == "TERMINATED"
                       and not (t.last_result or {}).get("finished"))

@@ -442,7 +442,7 @@ def _report_error(err: Exception) -> int:
     if type(err).__name__ == "AuditUnavailableError":  # the dpstudy[audit] extra is missing
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
-    if type(err).__name__ == "ClusterError":
+    if type(err).__name__ in ("ClusterError", "DamagedStateError"):
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     raise err

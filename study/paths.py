@@ -11,7 +11,7 @@ A location is a local path or a pyarrow.fs URI (``s3://bucket/prefix``, ``gs://.
 - :func:`filesystem` opens a location, turning pyarrow's errors (an unknown scheme, HDFS
   without Hadoop) into one :class:`LocationError` line naming the field.
 - :func:`check_writable` writes and deletes a probe before any trial runs, and leaves
-  behind no directory it had to create (for a whole spec: :func:`check_locations`).
+  behind no empty local directory it had to create (for a whole spec: :func:`check_locations`).
 """
 
 from __future__ import annotations
@@ -141,10 +141,17 @@ def _probe(location: str, field: str) -> None:
         raise LocationError(f"{field}: cannot write to {location!r}: {reason}") from None
     finally:
         for directory in created:  # deepest first; only those this check made
-            try:
-                fs.delete_dir(directory)
-            except OSError:
-                pass
+            remove_if_empty(fs, directory)
+
+
+def remove_if_empty(fs: pafs.FileSystem, directory: str) -> None:
+    """Remove ``directory`` if nothing is in it. Never recursive: another study sharing the
+    root may have created the same directory meanwhile and written into it (pyarrow's
+    ``delete_dir`` would delete its files). On object stores a directory is only a prefix
+    (or an empty marker), so it is left alone; it vanishes with its last object."""
+    if fs.type_name == "local":
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            os.rmdir(directory)
 
 
 def _missing_ancestors(fs: pafs.FileSystem, path: str, field: str) -> list[str]:

@@ -28,7 +28,7 @@ import yaml
 from ray import tune
 
 from study import confirm as confirmation
-from study import private_selection, selection
+from study import private_selection, selection, tune_state
 from study.callbacks import CONFIRM_KEY, StudyCallback
 from study.lock import StudyLock
 from study.optuna_storage import experiment_storage
@@ -325,9 +325,19 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
         if not tune.Tuner.can_restore(directory):
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                              f"was stopped before its first trial started; run it again)"])
-        tuner = tune.Tuner.restore(directory, trainable=make_trainable(spec),
-                                   resume_unfinished=True, resume_errored=True)
+        tuner = restore_tuner(directory, make_trainable(spec))
         return _finish(spec, *_fit(tuner), directory)
+
+
+def restore_tuner(directory: str, trainable: Any) -> Any:
+    """``Tuner.restore`` of an interrupted study, after putting back any state file a killed
+    driver left truncated (see :mod:`study.tune_state`; Tune would silently start over)."""
+    fs, where = _filesystem(directory)
+    for name in tune_state.repair(fs, where):
+        print(f"resume: {name} was damaged by the interruption; restored the driver's copy",
+              file=sys.stderr)
+    return tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True,
+                              resume_errored=True)
 
 
 def _refuse_existing(spec: StudySpec, directory: str) -> None:
@@ -454,8 +464,7 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
     with StudyLock(directory):
         init_ray(address)
         if tune.Tuner.can_restore(directory):
-            tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            tuner = restore_tuner(directory, trainable)
         else:
             config = dataclasses.replace(
                 run_config(spec), name=name,

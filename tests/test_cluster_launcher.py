@@ -112,7 +112,8 @@ def launcher_config(tmp_path: Path, key: Path) -> Path:
 def study_spec(tmp_path: Path) -> Path:
     spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     spec.update(name="launched", trials=2, scheduler="none", storage=str(tmp_path / "runs"),
-                results=str(tmp_path / "results"))
+                results=str(tmp_path / "results"),
+                confirm={"top": 2, "seeds": 2})  # both trials (one is the baseline) x 2 seeds
     spec["search"].update(max_epochs=1, batch_size=500)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -140,10 +141,12 @@ def test_ray_up_submit_query_ray_down(sshd: Path, ray_on_login_path: None, tmp_p
         assert status == "SUCCEEDED", logs.stdout[-3000:]
 
         rows = pq.read_table(tmp_path / "results" / "trials.parquet").to_pylist()
-        assert len(rows) == 2 and all(r["epsilon_spent"] <= 3.0 for r in rows)
+        stages = sorted(r["stage"] for r in rows)
+        assert stages == ["confirm"] * 4 + ["search"] * 2  # the spec's confirm ran on the job
+        assert all(r["epsilon_spent"] <= 3.0 for r in rows)
         query = run(sys.executable, "-m", "study.cli", "query", str(tmp_path / "results"),
                     "--columns", "trial_id,status", "--format", "csv", cwd=ROOT)
-        assert query.returncode == 0 and query.stdout.count("completed") == 2
+        assert query.returncode == 0 and query.stdout.count("completed") == 6
     finally:
         down = run(str(BIN / "ray"), "down", "-y", str(config), cwd=ROOT)
         assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]

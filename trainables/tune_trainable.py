@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
 
 from trainables import placement
 from trainables.train import train
+
+CHECKPOINT_DIR = re.compile(r"checkpoint_\d{6}")
 
 
 def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> dict[str, Any]:
@@ -40,10 +43,9 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
     assigned_gpus = list(ray.get_gpu_ids())
     gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU")
     work = tempfile.mkdtemp(prefix="dpstudy-trial-")
-    resume_dir = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        resume_dir = checkpoint.to_directory(os.path.join(work, "resume"))
+    handed_back = tune.get_checkpoint()
+    resume_dir = newest_checkpoint(_candidates(handed_back), work,
+                                   required=handed_back is not None)
     history = _earlier_epochs(resume_dir)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -62,6 +64,62 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
     finally:
         shutil.rmtree(work, ignore_errors=True)
         placement.release_memory(device)
+
+
+def _candidates(handed_back: Any) -> list[Any]:
+    """Checkpoints this trial may continue from: the one Tune hands back and every one
+    stored in the trial's folder (a driver killed between a trial's upload and its own
+    record of it hands back an older one, or none: the trial would redo epochs, or start
+    over, on data it already trained on)."""
+    from ray import tune
+
+    found = [handed_back] if handed_back is not None else []
+    try:  # Ray 2.60 keeps the trial's storage on its session; no public accessor
+        from ray.train._internal.session import get_session
+
+        storage = get_session().storage
+        fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
+    except (ImportError, AttributeError, RuntimeError):
+        return found
+    known = {c.path for c in found}
+    found += [tune.Checkpoint(path, filesystem=fs) for path in stored_checkpoints(fs, trial_dir)
+              if path not in known]
+    return found
+
+
+def stored_checkpoints(fs: Any, trial_dir: str) -> list[str]:
+    """Paths of the ``checkpoint_NNNNNN`` folders in ``trial_dir`` (on pyarrow ``fs``)."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(trial_dir))
+    except (FileNotFoundError, OSError):
+        return []
+    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory
+                  and CHECKPOINT_DIR.fullmatch(os.path.basename(i.path)))
+
+
+def newest_checkpoint(candidates: list[Any], work: str, *, required: bool = False) -> str | None:
+    """Download each candidate (a ``ray.tune.Checkpoint``) and return the local folder of the
+    one furthest along (most DP steps taken). Unreadable ones (cut short by a kill while
+    being written, or deleted meanwhile) are skipped; None if there is none. With
+    ``required`` (Tune handed one back), a trial never starts over: if none is readable,
+    the first one's :class:`~trainables.checkpoint.CheckpointError` is raised."""
+    from trainables import checkpoint
+
+    best, best_step, first_error = None, -1, None
+    for i, candidate in enumerate(candidates):
+        try:
+            local = candidate.to_directory(os.path.join(work, f"resume-{i}"))
+            step = checkpoint.load(local)["progress"]["step"]
+        except (checkpoint.CheckpointError, OSError) as err:
+            first_error = first_error or err
+            continue
+        if step > best_step:
+            best, best_step = local, step
+    if best is None and required and first_error is not None:
+        raise first_error
+    return best
 
 
 def _earlier_epochs(resume_dir: str | None) -> list[dict[str, Any]]:

@@ -32,6 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studies  # noqa: E402  (this folder, not a package)
 
 HERE = Path(__file__).resolve().parent
+
+
+class PlainDumper(yaml.SafeDumper):
+    """Writes a value shared by two keys out twice: dpstudy refuses YAML anchors."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
 RESULTS = HERE / "results"  # --results changes it (a smoke run writes to a scratch folder)
 
 
@@ -95,7 +103,7 @@ def run_study(study: studies.Study, args: argparse.Namespace) -> None:
             shutil.rmtree(results, ignore_errors=True)  # partial rows without Tune state
             path = Path(storage) / f"{study.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(spec_data, sort_keys=False))
+            path.write_text(yaml.dump(spec_data, Dumper=PlainDumper, sort_keys=False))
             spec, budget = runner.prepare(str(path), cluster=bool(args.address))
             runner.run(spec, budget, address=args.address)
     if not search_done(_trials(results, study.name), scale.trials):

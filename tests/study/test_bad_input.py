@@ -127,6 +127,40 @@ def test_unanswering_object_store_times_out_with_the_field() -> None:
                        timeout_s=1.0)
 
 
+def test_write_check_keeps_what_another_study_wrote_meanwhile(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Two studies check one new results root at once: the check that created the directory
+    removes it only if it is empty, never another study's files (CI once lost a probe)."""
+    import study.paths as paths
+
+    shared = tmp_path / "shared" / "deeper"
+    real_filesystem = paths.filesystem
+
+    class OtherStudyWritesMeanwhile:  # between the probe's write and its clean-up
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def delete_file(self, path):
+            (shared / "other-study-part.parquet").write_bytes(b"rows")
+            self.fs.delete_file(path)
+
+    def racing_filesystem(location, field):
+        fs, path = real_filesystem(location, field)
+        return OtherStudyWritesMeanwhile(fs), path
+
+    monkeypatch.setattr(paths, "filesystem", racing_filesystem)
+    paths.check_writable(str(shared), "results")
+    assert [p.name for p in shared.iterdir()] == ["other-study-part.parquet"]
+
+    monkeypatch.setattr(paths, "filesystem", real_filesystem)
+    fresh = tmp_path / "fresh" / "root"
+    paths.check_writable(str(fresh), "results")
+    assert not (tmp_path / "fresh").exists()  # the directories it made are gone again
+
+
 def test_query_parameters_stay_after_the_joined_path() -> None:
     base = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
     assert join_location(base, "quick") == \

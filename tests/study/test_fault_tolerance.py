@@ -42,8 +42,16 @@ def remove_trial_node(cluster: Any, nodes: list, experiment: Path, removed: list
         if time.monotonic() > deadline:
             return
         time.sleep(0.2)
-    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-             if "dpstudy_trial" in a.class_name or "ImplicitFunc" in a.class_name]
+    alive = []
+    while not alive and time.monotonic() < deadline:
+        # this cluster's address: another Ray instance on the machine (a test's leftover)
+        # must not be asked instead
+        alive = [a for a in list_actors(address=cluster.address,
+                                        filters=[("state", "=", "ALIVE")])
+                 if "dpstudy_trial" in a.class_name or "ImplicitFunc" in a.class_name]
+        time.sleep(0.1)
+    if not alive:
+        return
     node_id = alive[0].node_id
     victim = next(n for n in nodes if n.node_id == node_id)
     cluster.remove_node(victim, allow_graceful=False)

@@ -203,3 +203,22 @@ def test_heatmap_cell_is_the_test_accuracy_of_the_validation_choice() -> None:
     grid = plots._best_grid(bin_trials)
     shown = float(np.nanmax(grid))
     assert shown == pytest.approx(0.80), f"cell shows {shown}: chosen on test"
+
+
+def test_progress_line_best_is_over_completed_trials_only() -> None:
+    """The live 'best' is what the study would select: a running trial's latest epoch (it
+    can go down again) and a trial stopped early (it spent less) do not count."""
+    from types import SimpleNamespace
+
+    from study.callbacks import StudyCallback
+
+    def trial(status: str, finished: bool, acc: float) -> SimpleNamespace:
+        return SimpleNamespace(status=status, last_result={"finished": finished,
+                                                           "val_accuracy": acc})
+
+    callback = StudyCallback(make_spec())
+    trials = [trial("TERMINATED", True, 0.91), trial("RUNNING", False, 0.95),
+              trial("TERMINATED", False, 0.93)]
+    line = callback.progress_line(trials)
+    assert "best val_accuracy 0.9100" in line and "(1 stopped early), 1 running" in line
+    assert "best val_accuracy -" in callback.progress_line(trials[1:])

@@ -192,3 +192,58 @@ def test_a_cuda_trial_resumes_on_the_cpu_and_back(tmp_path) -> None:
     assert resumed["plan"] == state["plan"]
     assert resumed["rng"]["generators"]["noise"]["seed"] == \
         state["rng"]["generators"]["noise"]["seed"]
+
+
+# --- a driver killed before it recorded a trial's newest checkpoint --------------------
+
+def stored_trial_dir(checkpoints, tmp_path: Path, layout: dict[str, str]) -> Path:
+    """A trial folder as Tune stores it: ``checkpoint_NNNNNN`` folders (``partial``,
+    ``finished`` or ``truncated``) beside other files."""
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    (trial / "result.json").write_text("{}")
+    for name, kind in layout.items():
+        if kind == "truncated":
+            (trial / name).mkdir()
+            data = (checkpoints["finished"] / checkpoint.FILENAME).read_bytes()
+            (trial / name / checkpoint.FILENAME).write_bytes(data[: len(data) // 3])
+        else:
+            shutil.copytree(checkpoints[kind], trial / name)
+    return trial
+
+
+def test_a_trial_continues_from_its_newest_stored_checkpoint(checkpoints, tmp_path) -> None:
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from trainables.tune_trainable import newest_checkpoint, stored_checkpoints
+
+    trial = stored_trial_dir(checkpoints, tmp_path, {"checkpoint_000000": "partial",
+                                                     "checkpoint_000001": "finished",
+                                                     "checkpoint_000002": "truncated"})
+    fs = pafs.LocalFileSystem()
+    paths = stored_checkpoints(fs, str(trial))
+    assert [Path(p).name for p in paths] == [f"checkpoint_00000{i}" for i in range(3)]
+    # Tune recorded only the epoch-1 checkpoint (the driver died before the next record)
+    handed_back = tune.Checkpoint(str(trial / "checkpoint_000000"), filesystem=fs)
+    candidates = [handed_back] + [tune.Checkpoint(p, filesystem=fs) for p in paths[1:]]
+    local = newest_checkpoint(candidates, str(tmp_path / "work"), required=True)
+    finished_step = checkpoint.load(str(checkpoints["finished"]))["progress"]["step"]
+    assert checkpoint.load(local)["progress"]["step"] == finished_step
+
+
+def test_an_unreadable_recorded_checkpoint_is_an_error_not_a_fresh_start(checkpoints,
+                                                                         tmp_path) -> None:
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from trainables.tune_trainable import newest_checkpoint
+
+    trial = stored_trial_dir(checkpoints, tmp_path, {"checkpoint_000000": "truncated"})
+    fs = pafs.LocalFileSystem()
+    handed_back = tune.Checkpoint(str(trial / "checkpoint_000000"), filesystem=fs)
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+        newest_checkpoint([handed_back], str(tmp_path / "work"), required=True)
+    # nothing recorded by Tune and nothing readable stored: a genuinely fresh trial
+    assert newest_checkpoint([handed_back], str(tmp_path / "work2")) is None
+    assert newest_checkpoint([], str(tmp_path / "work3")) is None

@@ -1,0 +1,190 @@
+"""Tune's experiment state: check it before a resume, and repair it from the driver's copy.
+
+Ray Tune (2.60) saves its experiment state in two steps: it writes
+``experiment_state-<session>.json``, ``searcher-state-<session>.pkl`` and
+``search_gen_state-<session>.json`` into a staging folder on the driver
+(``<ray temp>/session_*/artifacts/<run>/<study>/driver_artifacts``), then copies them over
+the previous ones in the experiment directory. Neither write is atomic. A driver killed
+during the copy leaves a truncated (often empty) file in the experiment directory, and
+``Tuner.restore`` then logs "Failed to restore the run state" and *starts the study over*:
+the trials that had finished but were not yet in Parquet are lost, the searcher forgets
+them, and ``resume`` exits 0 with fewer rows than trials (seen with ``kill -9`` at the last
+epoch).
+
+:func:`repair` runs before every restore. For each state file of the newest session that
+does not load, it looks for the staged copy of the same file (same name, same study) under
+the Ray temp folder of this machine; the staged copy is complete whenever the stored one is
+not (the copy starts only after the staged write ends). It puts the newest intact copy back
+(written next to it, then renamed). Where no intact copy exists it raises
+:class:`DamagedStateError`, which names the file: refusing is better than a silent restart.
+
+The staged copy is not always intact either: Tune rewrites it at every snapshot while a
+background thread may still be copying the previous one, so at a kill both copies can be
+cut short. Hence :class:`StateBackup`: the study's callback calls it from inside Tune's
+snapshot, right after Tune finished writing the staged files (``Callback.get_state`` is
+called at the end of ``TuneController.save_to_dir``), and it copies the three files, whole
+and together, into ``<experiment>/.dpstudy-state/`` (written beside, then renamed). A resume
+puts that set back first when any file is damaged; staged copies are the fallback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import pickle
+import posixpath
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+EXPERIMENT_STATE = "experiment_state-*.json"
+SEARCHER_STATE = "searcher-state-*.pkl"
+SEARCH_GEN_STATE = "search_gen_state-*.json"
+BACKUP_DIR = ".dpstudy-state"
+
+
+class DamagedStateError(RuntimeError):
+    """A state file of the study is truncated and no intact copy was found."""
+
+
+def loads(name: str, data: bytes) -> bool:
+    """Whether ``data`` is a complete state file called ``name``: JSON, or a pickle
+    (``search_gen_state-*.json`` is one)."""
+    if not data:
+        return False
+    for parse in (json.loads, pickle.loads):  # Tune pickles some ".json" files
+        try:
+            parse(data)  # the study's own file, written by its own driver
+        except Exception:  # noqa: BLE001 - any failure to load means "not this format"
+            continue
+        return True
+    return False
+
+
+def newest_session_files(names: list[str]) -> list[str]:
+    """The state files of the newest session (the one Tune restores), by file name."""
+    states = sorted(fnmatch.filter(names, EXPERIMENT_STATE))
+    if not states:
+        return []
+    session = states[-1][len("experiment_state-"):-len(".json")]
+    wanted = {f"experiment_state-{session}.json", f"searcher-state-{session}.pkl",
+              f"search_gen_state-{session}.json"}
+    return sorted(n for n in names if n in wanted)
+
+
+def staged_copies(temp_root: str, study_dir_name: str, file_name: str) -> list[str]:
+    """Staged copies of ``file_name`` for a study called ``study_dir_name`` under the Ray
+    temp folder ``temp_root``, newest first."""
+    pattern = os.path.join(glob.escape(temp_root), "session_*", "artifacts", "*",
+                           glob.escape(study_dir_name), "driver_artifacts",
+                           glob.escape(file_name))
+    return sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True)
+
+
+def ray_temp_root() -> str:
+    """The Ray temp folder of this machine (where driver staging folders live)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # the running session, if any
+        if node is not None:
+            return node.get_temp_dir_path()
+    except (ImportError, AttributeError):
+        pass
+    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
+
+
+def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None) -> list[str]:
+    """Check the newest session's state files in ``directory`` (on ``fs``); if any is
+    damaged, put back the whole set from :class:`StateBackup`, or else each damaged file
+    from an intact staged copy. Returns the names repaired.
+
+    Raises :class:`DamagedStateError` for a damaged file with no intact copy."""
+    names = list_files(fs, directory)
+    current = newest_session_files(names)
+    damaged = [n for n in current if not loads(n, read(fs, posixpath.join(directory, n)))]
+    if not damaged:
+        return []
+    backup = posixpath.join(directory, BACKUP_DIR)
+    saved = {n: read(fs, posixpath.join(backup, n)) for n in current
+             if n in list_files(fs, backup)}
+    if len(saved) == len(current) and all(loads(n, data) for n, data in saved.items()):
+        for name, data in saved.items():
+            replace(fs, posixpath.join(directory, name), data)
+        return current
+    for name in damaged:
+        copy = intact_copy(temp_root or ray_temp_root(), posixpath.basename(directory), name)
+        if copy is None:
+            raise DamagedStateError(
+                f"resume: {posixpath.join(directory, name)} is damaged (the driver was "
+                f"stopped while Tune was writing it) and no intact copy was found; resuming "
+                f"would restart the study and lose finished trials. Resume on the machine "
+                f"that ran the driver, or start the study again under another name")
+        replace(fs, posixpath.join(directory, name), copy)
+    return damaged
+
+
+def list_files(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Names of the files directly in ``directory`` (none if it does not exist)."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(directory))
+    except (FileNotFoundError, OSError):
+        return []
+    return [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File]
+
+
+def read(fs: pafs.FileSystem, path: str) -> bytes:
+    """The bytes of ``path`` (empty if it cannot be read)."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except (FileNotFoundError, OSError):
+        return b""
+
+
+class StateBackup:
+    """Copies Tune's freshly staged state files, whole and together, beside the study.
+
+    ``save`` must be called when Tune has just finished writing them (from a callback's
+    ``get_state``); it writes only when the experiment state changed."""
+
+    def __init__(self, staging: str, fs: pafs.FileSystem, experiment: str) -> None:
+        self.staging, self.fs, self.experiment = staging, fs, experiment
+        self.last: bytes | None = None
+
+    def save(self) -> bool:
+        """Back up the newest staged session; returns whether anything was written."""
+        try:
+            names = newest_session_files(os.listdir(self.staging))
+        except OSError:
+            return False
+        files = {n: Path(self.staging, n).read_bytes() for n in names}
+        state = next((d for n, d in files.items() if n.startswith("experiment_state-")), None)
+        if not state or state == self.last:
+            return False
+        backup = posixpath.join(self.experiment, BACKUP_DIR)
+        self.fs.create_dir(backup, recursive=True)
+        for name in sorted(files, key=lambda n: n.startswith("experiment_state-")):
+            replace(self.fs, posixpath.join(backup, name), files[name])  # state file last
+        self.last = state
+        return True
+
+
+def intact_copy(temp_root: str, study_dir_name: str, name: str) -> bytes | None:
+    """The newest staged copy of ``name`` that loads, or None."""
+    for candidate in staged_copies(temp_root, study_dir_name, name):
+        data = Path(candidate).read_bytes()
+        if loads(name, data):
+            return data
+    return None
+
+
+def replace(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole: beside it first, then renamed over it."""
+    temporary = f"{path}.dpstudy-{uuid.uuid4().hex}.tmp"
+    with fs.open_output_stream(temporary) as out:
+        out.write(data)
+    fs.move(temporary, path)
