@@ -50,9 +50,9 @@ class DamagedStateError(RuntimeError):
     """A state file of the study is truncated and no intact copy was found."""
 
 
-def loads(name: str, data: bytes) -> bool:
-    """Whether ``data`` is a complete state file called ``name``: JSON, or a pickle
-    (``search_gen_state-*.json`` is one)."""
+def loads(data: bytes) -> bool:
+    """Whether ``data`` is a complete state file: JSON, or a pickle (Tune pickles
+    ``search_gen_state-*.json``)."""
     if not data:
         return False
     for parse in (json.loads, pickle.loads):  # Tune pickles some ".json" files
@@ -105,13 +105,13 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
     Raises :class:`DamagedStateError` for a damaged file with no intact copy."""
     names = list_files(fs, directory)
     current = newest_session_files(names)
-    damaged = [n for n in current if not loads(n, read(fs, posixpath.join(directory, n)))]
+    damaged = [n for n in current if not loads(read(fs, posixpath.join(directory, n)))]
     if not damaged:
         return []
     backup = posixpath.join(directory, BACKUP_DIR)
-    saved = {n: read(fs, posixpath.join(backup, n)) for n in current
-             if n in list_files(fs, backup)}
-    if len(saved) == len(current) and all(loads(n, data) for n, data in saved.items()):
+    backed_up = set(list_files(fs, backup))
+    saved = {n: read(fs, posixpath.join(backup, n)) for n in current if n in backed_up}
+    if len(saved) == len(current) and all(loads(data) for data in saved.values()):
         for name, data in saved.items():
             replace(fs, posixpath.join(directory, name), data)
         return current
@@ -177,7 +177,7 @@ def intact_copy(temp_root: str, study_dir_name: str, name: str) -> bytes | None:
     """The newest staged copy of ``name`` that loads, or None."""
     for candidate in staged_copies(temp_root, study_dir_name, name):
         data = Path(candidate).read_bytes()
-        if loads(name, data):
+        if loads(data):
             return data
     return None
 

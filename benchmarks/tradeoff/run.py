@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studies  # noqa: E402  (this folder, not a package)
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"  # --results changes it (a smoke run writes to a scratch folder)
 
 
 class PlainDumper(yaml.SafeDumper):
@@ -39,8 +40,6 @@ class PlainDumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data: object) -> bool:
         return True
-
-RESULTS = HERE / "results"  # --results changes it (a smoke run writes to a scratch folder)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -116,7 +116,7 @@ def test_backup_copies_the_staged_set_and_repair_prefers_it(tmp_path: Path) -> N
 def test_a_pickled_json_state_file_counts_as_intact() -> None:
     from study.tune_state import loads
 
-    assert loads(GEN, pickle.dumps({"counter": 3}))  # Tune pickles search_gen_state
-    assert loads(STATE, b'{"trial_data": []}')
-    assert not loads(GEN, pickle.dumps({"counter": 3})[:-3])
-    assert not loads(STATE, b"")
+    assert loads(pickle.dumps({"counter": 3}))  # Tune pickles search_gen_state
+    assert loads(b'{"trial_data": []}')
+    assert not loads(pickle.dumps({"counter": 3})[:-3])
+    assert not loads(b"")
