@@ -7,7 +7,10 @@ history and the step counter, a retried trial continues its privacy budget rathe
 restarting it, and never takes more steps than its plan allows.
 
 Each report also carries ``epoch_history`` (all epochs so far, as JSON), so that whoever
-records results sees every epoch even when some were reported before a restart.
+records results sees every epoch even when some were reported before a restart. A trial
+resumed from a checkpoint that already holds its whole plan (the driver stopped after the
+trial stored its last epoch but before it saw the report) trains nothing and reports that
+last epoch again, so that Tune's last result is the finished one.
 
 Placement (see :mod:`trainables.placement`): ``device: auto`` follows the GPUs Ray
 assigned to this trial (``ray.get_gpu_ids()``), a fractional GPU share caps the process'
@@ -47,9 +50,12 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
     resume_dir = newest_checkpoint(_candidates(handed_back), work,
                                    required=handed_back is not None)
     history = _earlier_epochs(resume_dir)
+    reported: list[int] = []
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        history.append(metrics)
+        if not history or history[-1] is not metrics:
+            history.append(metrics)
+        reported.append(metrics["epoch"])
         payload = {**metrics, "trial_cost": metrics["wall_time_s"] * cost_per_second,
                    "epoch_history": json.dumps(history)}
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -59,8 +65,14 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
     device = placement.choose_device(config.get("device", "auto"), assigned_gpus=assigned_gpus)
     placement.claim_gpu_share(device, gpu_share)
     try:
-        return train(config, report=report, resume_from=resume_dir,
-                     assigned_gpus=assigned_gpus)
+        final = train(config, report=report, resume_from=resume_dir,
+                      assigned_gpus=assigned_gpus)
+        if not reported and history:
+            # resumed from a checkpoint that already holds the whole plan (the driver
+            # stopped before it saw the last report): say it again, so that Tune's last
+            # result is the finished one and the trial is not recorded as stopped early
+            report(history[-1], resume_dir)
+        return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
         placement.release_memory(device)

@@ -32,30 +32,42 @@ FIXED: dict[str, Any] = {
 }
 
 
+def trial_process_node(nodes: list) -> Any:
+    """The node whose raylet runs the trial's worker process (the worker's title names the
+    trainable), found from the node processes themselves: asking the cluster's state API
+    from this thread timed out in CI while the GCS was busy with the trial."""
+    import psutil
+    from ray._private import ray_constants
+
+    for node in nodes:
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        try:
+            workers = psutil.Process(raylet).children(recursive=True)
+            titles = [" ".join(w.cmdline()) for w in workers]
+        except psutil.Error:
+            continue
+        if any("dpstudy_trial" in t or "ImplicitFunc" in t for t in titles):
+            return node
+    return None
+
+
 def remove_trial_node(cluster: Any, nodes: list, experiment: Path, removed: list) -> None:
     """Once the trial has checkpointed its first epoch, remove the node it runs on."""
     import ray
-    from ray.util.state import list_actors
 
     deadline = time.monotonic() + 300
     while not glob.glob(str(experiment / "*" / "checkpoint_000000")):
         if time.monotonic() > deadline:
             return
         time.sleep(0.2)
-    alive = []
-    while not alive and time.monotonic() < deadline:
-        # this cluster's address: another Ray instance on the machine (a test's leftover)
-        # must not be asked instead
-        alive = [a for a in list_actors(address=cluster.address,
-                                        filters=[("state", "=", "ALIVE")])
-                 if "dpstudy_trial" in a.class_name or "ImplicitFunc" in a.class_name]
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        victim = trial_process_node(nodes)
         time.sleep(0.1)
-    if not alive:
+    if victim is None:
         return
-    node_id = alive[0].node_id
-    victim = next(n for n in nodes if n.node_id == node_id)
     cluster.remove_node(victim, allow_graceful=False)
-    removed.append(node_id)
+    removed.append(victim.node_id)
     assert ray.is_initialized()
 
 

@@ -247,3 +247,32 @@ def test_an_unreadable_recorded_checkpoint_is_an_error_not_a_fresh_start(checkpo
     # nothing recorded by Tune and nothing readable stored: a genuinely fresh trial
     assert newest_checkpoint([handed_back], str(tmp_path / "work2")) is None
     assert newest_checkpoint([], str(tmp_path / "work3")) is None
+
+
+@pytest.mark.parametrize("kind, reported_epochs", [("partial", [2]), ("finished", [2])])
+def test_a_resumed_trial_reports_its_last_epoch_once(checkpoints, monkeypatch, kind,
+                                                     reported_epochs) -> None:
+    """A trial resumed from a checkpoint that already holds its whole plan (the driver
+    stopped before it saw the last report) reports that finished epoch again, else Tune's
+    last result is an earlier epoch and the trial is recorded as stopped early."""
+    import json
+    from types import SimpleNamespace
+
+    import ray
+    from ray import tune
+
+    from trainables.tune_trainable import run_trial
+
+    reports: list[tuple[dict[str, Any], Any]] = []
+    handed_back = tune.Checkpoint.from_directory(str(checkpoints[kind]))
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_assigned_resources=lambda: {}))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: handed_back)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None:
+                        reports.append((metrics, checkpoint)))
+    final = run_trial(copy.deepcopy(CONFIG))
+    assert [m["epoch"] for m, _ in reports] == reported_epochs
+    last, ckpt = reports[-1]
+    assert last["finished"] and final["finished"] and ckpt is not None
+    assert [e["epoch"] for e in json.loads(last["epoch_history"])] == [1, 2]
