@@ -110,9 +110,10 @@ def pending(p: Plan, rows: list[Row]) -> list[Row]:
     return [r for r in p.runs if r["run_id"] not in done]
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float, float]:
-    """(mean, sample standard deviation, low, high) of a 95% Student-t interval for the
-    mean; the interval is NaN for fewer than two values."""
+def t_interval(values: list[float], *,
+               confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """(mean, sample standard deviation, low, high) of a Student-t interval for the mean at
+    ``confidence`` (95% by default); the interval is NaN for fewer than two values."""
     import numpy as np
     from scipy import stats
 
@@ -123,7 +124,7 @@ def t_interval(values: list[float]) -> tuple[float, float, float, float]:
     std = float(x.std(ddof=1))
     if std == 0:
         return mean, 0.0, mean, mean
-    low, high = stats.t.interval(CONFIDENCE, df=len(x) - 1, loc=mean,
+    low, high = stats.t.interval(confidence, df=len(x) - 1, loc=mean,
                                  scale=std / math.sqrt(len(x)))
     return mean, std, float(low), float(high)
 

@@ -167,7 +167,8 @@ def read_spec(directory: str) -> StudySpec:
 # --- Ray ------------------------------------------------------------------------------
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to a cluster at ``address``, or start an embedded one on 127.0.0.1."""
+    """Connect to a cluster at ``address``, or start an embedded one on 127.0.0.1. A process
+    already attached to Ray stays attached, unless ``address`` names another cluster."""
     import ray
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -179,8 +180,10 @@ def init_ray(address: str | None = None) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF  # inherited by local workers
-    if ray.is_initialized():
+    if ray.is_initialized() and not other_cluster(address):
         return
+    if ray.is_initialized():  # asked for another cluster than this process is attached to
+        ray.shutdown()
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
         return
@@ -190,6 +193,20 @@ def init_ray(address: str | None = None) -> None:
     # this machine (/tmp/ray/ray_current_cluster), someone else's included.
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
+
+
+def other_cluster(address: str | None) -> bool:
+    """Whether ``address`` (``host:port`` of a GCS) names another cluster than the one this
+    process is attached to (a library caller, or a test, that used Ray before)."""
+    import ray
+
+    if not address or address == "auto" or "://" in address:
+        return False
+    try:
+        current = ray.get_runtime_context().gcs_address
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(current) and current != address
 
 
 def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:

@@ -76,22 +76,25 @@ def search_done(rows: list[dict], trials: int) -> bool:
     return sum(1 for r in rows if r.get("stage") in (None, "search")) >= trials
 
 
-def run_study(study: studies.Study, args: argparse.Namespace) -> None:
+def run_study(study: studies.Study, args: argparse.Namespace,
+              fixed: dict[str, float] | None = None) -> None:
     """Search (run, resume, or redo without Tune state), then confirm; times each part."""
     from study import runner
 
     scale = studies.SCALES[args.scale]
+    trials = studies.trials(study, scale)
     storage = os.path.expanduser(args.storage)
     results = RESULTS / study.name
     spec_data = studies.spec(study, scale, storage=storage, results=str(results),
-                             cpus_per_trial=args.cpus_per_trial, concurrent=args.concurrent)
+                             cpus_per_trial=args.cpus_per_trial, concurrent=args.concurrent,
+                             fixed=fixed)
     experiment = Path(storage) / study.name
     started = time.perf_counter()
-    if not search_done(_trials(results, study.name), scale.trials):
+    if not search_done(_trials(results, study.name), trials):
         if (experiment / "dpstudy-spec.yaml").exists():
             saved = runner.read_spec(str(experiment))
             if (saved.trials, saved.search.max_epochs.value, saved.dataset.name) != (
-                    scale.trials, scale.max_epochs, spec_data["dataset"]["name"]):
+                    trials, scale.max_epochs, spec_data["dataset"]["name"]):
                 raise SystemExit(f"error: {experiment} holds a study of another design "
                                  f"({saved.trials} trials, {saved.dataset.name}); remove it or "
                                  f"pass another --storage")
@@ -105,7 +108,7 @@ def run_study(study: studies.Study, args: argparse.Namespace) -> None:
             path.write_text(yaml.dump(spec_data, Dumper=PlainDumper, sort_keys=False))
             spec, budget = runner.prepare(str(path), cluster=bool(args.address))
             runner.run(spec, budget, address=args.address)
-    if not search_done(_trials(results, study.name), scale.trials):
+    if not search_done(_trials(results, study.name), trials):
         raise SystemExit(f"[bench] the search of {study.name} was interrupted; run the "
                          f"benchmark again to continue it")
     spec = runner.find_spec(str(results), study.name)
@@ -143,7 +146,7 @@ def is_done(study: studies.Study, scale: studies.Scale) -> bool:
     """Whether a study's search and confirmation are both recorded."""
     rows = _trials(RESULTS / study.name, study.name)
     confirmed = [r for r in rows if r.get("stage") == "confirm" and r["status"] == "completed"]
-    return search_done(rows, scale.trials) and len(confirmed) >= scale.seeds
+    return search_done(rows, studies.trials(study, scale)) and len(confirmed) >= scale.seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         for study in studies.stage2(widths, best):
             if not is_done(study, scale):
                 run_study(study, args)
+        chosen = report.chosen_hyper(RESULTS, studies.Study(best, max(widths), 3.0), widths)
+        control = studies.control(widths)
+        if chosen and not is_done(control, scale):
+            run_study(control, args, fixed=chosen)
     if args.with_benchmarks:
         run_benchmarks()
     page = report.write(RESULTS, out, widths, scale)

