@@ -206,7 +206,19 @@ def other_cluster(address: str | None) -> bool:
         current = ray.get_runtime_context().gcs_address
     except (AttributeError, RuntimeError):
         return False
-    return bool(current) and current != address
+    return bool(current) and gcs_endpoint(current) != gcs_endpoint(address)
+
+
+def gcs_endpoint(address: str) -> tuple[str, str]:
+    """``(ip, port)`` of a ``host:port`` address, the host name resolved when it can be."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        host = socket.gethostbyname(host)
+    except OSError:
+        pass
+    return host, port
 
 
 def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:

@@ -125,6 +125,8 @@ def test_a_process_attached_to_ray_moves_to_the_cluster_it_is_asked_for() -> Non
         assert not runner.other_cluster(current) and not runner.other_cluster(None)
         assert not runner.other_cluster("auto") and not runner.other_cluster("ray://h:10001")
         assert runner.other_cluster("127.0.0.1:1")
+        port = current.rpartition(":")[2]
+        assert current.startswith("127.0.0.1:") and not runner.other_cluster(f"localhost:{port}")
         runner.init_ray(current)  # the same cluster: stays attached
         assert ray.get_runtime_context().gcs_address == current
     finally:
