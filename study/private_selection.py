@@ -219,7 +219,19 @@ def study_privacy_of(spec: StudySpec, rows: list[dict[str, Any]], n: int) -> Stu
         mean, shape = t.mean, t.event_shape
         possible = list(_possible(spec, n))
     return study_privacy(run, delta=spec.privacy.delta, failed_assumptions=failed,
-                         possible=possible, mean=mean, shape=shape)
+                         possible=possible, mean=mean, shape=shape,
+                         not_covered=non_dp_columns(spec))
+
+
+def non_dp_columns(spec: StudySpec) -> tuple[str, ...]:
+    """Columns of the results that are computed on private data without noise, so that no
+    accountant covers them: the training loss (private batches) always, the plain
+    validation scores when the validation split is private (carved from the training
+    data or given as a private dataset). DP scores (``val_accuracy_dp``) are covered."""
+    columns = ["train_loss"]
+    if not validation_public(spec):
+        columns += ["val_accuracy", "best_val_accuracy", "val_loss"]
+    return tuple(columns)
 
 
 @functools.lru_cache(maxsize=8)
@@ -259,7 +271,8 @@ def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy |
     return StudyPrivacy(delta=data["delta"], trials=data["trials"],
                         epsilon_all=data["epsilon_all"],
                         epsilon_selected=data["epsilon_selected"],
-                        failed_assumptions=tuple(data["failed_assumptions"]))
+                        failed_assumptions=tuple(data["failed_assumptions"]),
+                        not_covered=tuple(data.get("not_covered", ())))
 
 
 def is_finite(value: float | None) -> bool:

@@ -310,6 +310,9 @@ def privacy_blocks(results_uri: str, study: str | None = None) -> list[tuple]:
              "does not apply: " + "; ".join(recorded.failed_assumptions)
              if recorded.epsilon_selected is None else
              f"epsilon {recorded.epsilon_selected:.3f}, delta {recorded.delta:g}")]
+    if recorded.not_covered:
+        rows.insert(1, ("Not covered by 'everything released' (no noise on private data)",
+                        ", ".join(recorded.not_covered) + ": publish the table without them"))
     return [("h2", "Study-level privacy"), ("table", _table(rows)),
             ("p", "Each trial is (epsilon_spent, delta)-DP on its own; a study runs many "
                   "trials on the same data and selects one. See docs/privacy.md.")]

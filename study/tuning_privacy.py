@@ -216,6 +216,9 @@ class StudyPrivacy:
     epsilon_all: float
     epsilon_selected: float | None
     failed_assumptions: tuple[str, ...] = ()
+    #: results columns computed on private data without noise: the composition bound holds
+    #: for the table only without them
+    not_covered: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         """Human-readable statement of both bounds."""
@@ -228,22 +231,29 @@ class StudyPrivacy:
         else:
             out.append("only the selected result released: bound does not apply: "
                        + "; ".join(self.failed_assumptions))
+        if self.not_covered:
+            out.append(f"everything released: not covered: {', '.join(self.not_covered)} "
+                       f"(computed on private data without noise); the bound holds for "
+                       f"the models, the DP scores and the table without these columns")
         return out
 
     def to_dict(self) -> dict:
         """Plain data (for Parquet metadata and JSON)."""
         return {"delta": self.delta, "trials": self.trials, "epsilon_all": self.epsilon_all,
                 "epsilon_selected": self.epsilon_selected,
-                "failed_assumptions": list(self.failed_assumptions)}
+                "failed_assumptions": list(self.failed_assumptions),
+                "not_covered": list(self.not_covered)}
 
 
 def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
                   failed_assumptions: Sequence[str],
                   possible: Sequence[TrialMechanism] = (), mean: float | None = None,
-                  shape: float | None = None) -> StudyPrivacy:
+                  shape: float | None = None,
+                  not_covered: Sequence[str] = ()) -> StudyPrivacy:
     """Both bounds of a study: composition of the trials ``run``; the selection bound over
     the ``possible`` mechanisms of one trial (default: those run), when no assumption
-    failed."""
+    failed. ``not_covered`` names released values that are not DP (see
+    :attr:`StudyPrivacy.not_covered`)."""
     selected = None
     if not failed_assumptions and mean is not None and (possible or run):
         selected = selection_epsilon(list(possible or run), mean=mean, shape=shape,
@@ -251,7 +261,8 @@ def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
     return StudyPrivacy(delta=delta, trials=len(run),
                         epsilon_all=composition_epsilon(run, delta),
                         epsilon_selected=selected,
-                        failed_assumptions=tuple(failed_assumptions))
+                        failed_assumptions=tuple(failed_assumptions),
+                        not_covered=tuple(not_covered))
 
 
 def calibrate_noise(*, epsilon: float, delta: float, designs: Sequence[tuple[float, int]],

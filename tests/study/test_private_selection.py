@@ -120,6 +120,11 @@ def test_status_states_both_models(tmp_path: Path) -> None:
     lines = study_privacy_lines(spec.results_path)
     assert "everything released: epsilon" in lines[0]
     assert "only the selected result released: epsilon" in lines[1]
+    # the plain validation scores of a private split and the training loss are no DP
+    # release: the statement names them instead of claiming the whole table
+    assert recorded.not_covered == ("train_loss", "val_accuracy", "best_val_accuracy",
+                                    "val_loss")
+    assert "not covered: train_loss, val_accuracy" in lines[2]
     # a TPE study over the same rows: the selection bound does not apply, and why
     tpe = spec_of(**{"results": str(tmp_path / "r"), "privacy__scope": "trial",
                      "search__mode": "optimize", "search__trials": None, "trials": 3,
@@ -238,3 +243,15 @@ def test_validation_noise_from_a_share_of_the_budget() -> None:
     assert any(p.startswith("validation.noise: give either noise or share") for p in both)
     assert any(p.startswith("validation.share: must be < 1") for p in
                problems(validation={"share": 1.5}))
+
+
+def test_non_dp_columns_follow_the_validation_split() -> None:
+    """Plain validation scores cost nothing on a public split, and are named as not covered
+    on a private one; the training loss (private batches, no noise) is never covered."""
+    private = spec_of()
+    public = spec_of(dataset__public={"size": 500}, dataset__validation={"public": True},
+                     validation=None, search__mode="optimize", search__trials=None,
+                     trials=2, privacy__scope="trial")
+    assert ps.non_dp_columns(private) == ("train_loss", "val_accuracy", "best_val_accuracy",
+                                          "val_loss")
+    assert ps.non_dp_columns(public) == ("train_loss",)
