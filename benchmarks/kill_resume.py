@@ -15,7 +15,8 @@ exact:
 - ``finished re-run``: trials already ``completed`` in Parquet at the kill that trained
   again after it;
 - ``re-trained``: epochs trained in all minus epochs in the final results;
-- ``rows``: trial rows in the final results (must equal ``trials``, with no duplicate).
+- ``rows``: trial rows in the final results (must equal ``trials``, with no duplicate);
+- ``all_completed``: every row is ``completed`` (none recorded as stopped early by mistake).
 
 ``--code DIR`` runs another checkout's code (e.g. ``git archive main``) for a before/after
 comparison. Moments: ``first-checkpoint`` (a trial reported epoch 1, none finished),
@@ -201,7 +202,7 @@ def main() -> None:
             for m in args.moments.split(",")]
     header = ("moment", "completed_at_kill", "extra_ids", "finished_rerun",
               "restarted_from_scratch", "retrained", "epochs_trained", "rows", "duplicates",
-              "resume_exit")
+              "all_completed", "resume_exit")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
