@@ -180,10 +180,10 @@ def init_ray(address: str | None = None) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF  # inherited by local workers
-    if ray.is_initialized() and not other_cluster(address):
-        return
-    if ray.is_initialized():  # asked for another cluster than this process is attached to
-        ray.shutdown()
+    if ray.is_initialized():
+        if not other_cluster(address):
+            return
+        ray.shutdown()  # asked for another cluster than this process is attached to
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
         return

@@ -50,16 +50,18 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
     resume_dir = newest_checkpoint(_candidates(handed_back), work,
                                    required=handed_back is not None)
     history = _earlier_epochs(resume_dir)
-    reported: list[int] = []
+    resumed_epochs = len(history)
 
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        if not history or history[-1] is not metrics:
-            history.append(metrics)
-        reported.append(metrics["epoch"])
+    def send(checkpoint_dir: str | None) -> None:
+        metrics = history[-1]
         payload = {**metrics, "trial_cost": metrics["wall_time_s"] * cost_per_second,
                    "epoch_history": json.dumps(history)}
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(payload, checkpoint=ckpt)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        history.append(metrics)
+        send(checkpoint_dir)
 
     config = {**trial_config, "checkpoint_dir": os.path.join(work, "checkpoint")}
     device = placement.choose_device(config.get("device", "auto"), assigned_gpus=assigned_gpus)
@@ -67,11 +69,11 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
     try:
         final = train(config, report=report, resume_from=resume_dir,
                       assigned_gpus=assigned_gpus)
-        if not reported and history:
+        if history and len(history) == resumed_epochs:
             # resumed from a checkpoint that already holds the whole plan (the driver
             # stopped before it saw the last report): say it again, so that Tune's last
             # result is the finished one and the trial is not recorded as stopped early
-            report(history[-1], resume_dir)
+            send(resume_dir)
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
