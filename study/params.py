@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 from trainables.config import (
     DROPPING_CRITERIA,
     GRANULARITIES,
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
     PRUNING_CRITERIA,
     PRUNING_SCOPES,
     ConfigError,
@@ -29,10 +31,11 @@ SEARCH_PARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "le
                  "batch_size", "max_epochs", "epochs")
 _POSITIVE = {"low": 0, "low_open": True}
 _RATE = {"low": 0, "high": 1, "high_open": True}
+_EPOCHS = {**_POSITIVE, "high": MAX_EPOCHS}
 _BOUNDS: dict[str, dict[str, Any]] = {
     "prune_rate": _RATE, "drop_rate": _RATE, "clip_norm": _POSITIVE,
-    "noise_multiplier": _POSITIVE, "learning_rate": _POSITIVE, "max_epochs": _POSITIVE,
-    "epochs": _POSITIVE, "batch_size": {"low": 1, "integer": True},
+    "noise_multiplier": _POSITIVE, "learning_rate": _POSITIVE, "max_epochs": _EPOCHS,
+    "epochs": _EPOCHS, "batch_size": {"low": 1, "high": MAX_BATCH_SIZE, "integer": True},
 }
 _INTEGER_PARAMS = ("batch_size",)
 _SEARCH_DEFAULTS = {"prune_rate": 0.0, "drop_rate": 0.0, "max_epochs": 10}

@@ -30,6 +30,7 @@ MODES = ("optimize", "private-selection")
 TRIAL_DISTRIBUTIONS = ("poisson", "geometric", "logarithmic", "truncated-negative-binomial")
 SELECTION_METRIC = "val_accuracy_dp"
 _BOUNDED = ("batch_size", "epochs", "max_epochs")
+MAX_MEAN_TRIALS = 10_000  # of the drawn number of trials
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +47,7 @@ class TrialCount(_Spec):
         if self.mean is None:
             c.fail("mean", "is required", None)
         else:
-            c.number("mean", self.mean, low=1.0)
+            c.number("mean", self.mean, low=1.0, high=MAX_MEAN_TRIALS)
         if self.distribution == "truncated-negative-binomial":
             if self.shape is None:
                 c.fail("shape", "is required for truncated-negative-binomial", None)

@@ -33,6 +33,7 @@ from study.selection_spec import SelectionSpec, ValidationSpec, selection_proble
 from trainables.config import (
     ACCOUNTANTS,
     DEVICES,
+    MAX_SEED,
     OPTIMIZERS,
     ConfigError,
     DataConfig,
@@ -54,6 +55,12 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
               "val_accuracy_dp")
 SCOPES = ("trial", "study")
+MAX_TRIALS = 100_000
+MAX_CONFIRM_SEEDS = 100  # confirmation runs use seeds seed + 1 ... seed + seeds
+#: a study's seed leaves room for its confirmation seeds within numpy's seed range
+MAX_STUDY_SEED = MAX_SEED - MAX_CONFIRM_SEEDS
+MAX_CONCURRENT = 10_000
+MAX_FAILURES = 1_000
 
 
 class SpecError(ConfigError):
@@ -232,7 +239,7 @@ class ConfirmSpec(_Spec):
     def __post_init__(self) -> None:
         c = _Checks("")
         c.number("top", self.top, low=1, high=100, integer=True)
-        c.number("seeds", self.seeds, low=2, high=100, integer=True)
+        c.number("seeds", self.seeds, low=2, high=MAX_CONFIRM_SEEDS, integer=True)
         c.done()
 
 
@@ -302,7 +309,7 @@ class StudySpec(_Spec):
             c.fail("name", rule, self.name)
         elif self.results is None:
             object.__setattr__(self, "results", f"results/{self.name}")
-        c.number("seed", self.seed, low=0, integer=True)
+        c.number("seed", self.seed, low=0, high=MAX_STUDY_SEED, integer=True)
         c.choice("device", self.device, DEVICES)
         for flag in ("reproducible_noise", "deterministic"):
             if not isinstance(getattr(self, flag), bool):
@@ -313,9 +320,10 @@ class StudySpec(_Spec):
         if self.trials is None and not private_selection:
             c.fail("trials", "is required", None)
         elif self.trials is not None:
-            c.number("trials", self.trials, low=1, integer=True)
-        c.number("max_concurrent", self.max_concurrent, low=1, integer=True)
-        c.number("max_failures", self.max_failures, low=0, integer=True)
+            c.number("trials", self.trials, low=1, high=MAX_TRIALS, integer=True)
+        c.number("max_concurrent", self.max_concurrent, low=1, high=MAX_CONCURRENT,
+                 integer=True)
+        c.number("max_failures", self.max_failures, low=0, high=MAX_FAILURES, integer=True)
         c.choice("sampler", self.sampler, SAMPLERS)
         if not isinstance(self.baseline_trial, bool):
             c.fail("baseline_trial", "must be true or false", self.baseline_trial)

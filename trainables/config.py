@@ -32,6 +32,14 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 # Epsilons the accountants calibrate reliably and quickly: below, RDP cannot reach the
 # budget at any noise; above, PRV calibration takes tens of seconds and then overflows.
 EPSILON_RANGE = (0.1, 20.0)
+#: Deepest nesting of lists and mappings a YAML document may have (specs need about 5).
+MAX_YAML_DEPTH = 64
+#: Upper bounds of sizes and counts: far above any real use, low enough that a typo (or a
+#: hostile value) is refused at once instead of failing deep inside numpy or torch.
+MAX_SEED = 2**32 - 1  # numpy's seed range (np.random.seed)
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 2**24
+MAX_EXAMPLES = 10**9
 
 
 class ConfigError(ValueError):
@@ -44,7 +52,13 @@ class ConfigError(ValueError):
 
 class SafeYamlLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses anchors and aliases (an alias "bomb" expands a few
-    hundred bytes into gigabytes) and reads ``1e-5`` (no dot) as a float."""
+    hundred bytes into gigabytes), duplicate keys (at any depth: the later one would win
+    silently) and nesting deeper than :data:`MAX_YAML_DEPTH` (which would end in a
+    RecursionError), and reads ``1e-5`` (no dot) as a float."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -52,7 +66,43 @@ class SafeYamlLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(
                 None, None, "YAML anchors and aliases (&name, *name) are not allowed; write "
                 "the values out", event.start_mark)
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels of lists or "
+                "mappings", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line "
+                        f"{earlier.start_mark.line + 1}, again at line "
+                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        """An int, or one line for one longer than Python converts (4300 digits)."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(node.value)} characters is too long",
+                node.start_mark) from None
+
+
+SafeYamlLoader.add_constructor("tag:yaml.org,2002:int", SafeYamlLoader.construct_yaml_int)
 
 
 SafeYamlLoader.add_implicit_resolver(
@@ -94,7 +144,7 @@ def check_epsilon(c: _Checks, value: Any) -> None:
     """``epsilon`` must be a number within :data:`EPSILON_RANGE`."""
     low, high = EPSILON_RANGE
     c.number("epsilon", value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(
             value) and not low <= value <= high:
         c.fail("epsilon", f"must be within the range the accountants support, "
                           f"[{low:g}, {high:g}]", value)
@@ -108,7 +158,10 @@ class _Checks:
         self.problems: list[str] = []
 
     def fail(self, name: str, rule: str, value: Any) -> None:
-        self.problems.append(f"{self.prefix}{name}: {rule} (got {value!r})")
+        text = repr(value)
+        if len(text) > 80:  # e.g. a 1000-digit number: its head and its length
+            text = f"{text[:40]}... ({len(text)} characters)"
+        self.problems.append(f"{self.prefix}{name}: {rule} (got {text})")
 
     def number(self, name: str, value: Any, *, low: float | None = None,
                high: float | None = None, low_open: bool = False,
@@ -117,7 +170,7 @@ class _Checks:
         if isinstance(value, bool) or not isinstance(value, kind):
             self.fail(name, "must be an integer" if integer else "must be a number", value)
             return
-        if not math.isfinite(value):
+        if not _finite(value):
             self.fail(name, "must be finite", value)
             return
         if low is not None and (value < low or (low_open and value == low)):
@@ -132,6 +185,11 @@ class _Checks:
     def done(self) -> None:
         if self.problems:
             raise ConfigError(self.problems)
+
+
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is finite (any int is: ``math.isfinite`` overflows on huge ones)."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 T = TypeVar("T", bound="_Section")
@@ -209,7 +267,7 @@ class PublicConfig(_Section):
         if (self.size is None) == (self.dataset is None):
             c.fail("size", "give exactly one of size or dataset", self.size)
         if self.size is not None:
-            c.number("size", self.size, low=1, integer=True)
+            c.number("size", self.size, low=1, high=MAX_EXAMPLES, integer=True)
         c.done()
 
 
@@ -368,7 +426,7 @@ class PrivacyConfig(_Section):
         if self.noise_multiplier is not None:
             c.number("noise_multiplier", self.noise_multiplier, low=0.0, low_open=True)
         if self.epochs is not None:
-            c.number("epochs", self.epochs, low=0.0, low_open=True)
+            c.number("epochs", self.epochs, low=0.0, low_open=True, high=MAX_EPOCHS)
         c.done()
 
 
@@ -392,8 +450,8 @@ class OptimConfig(_Section):
         c.number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         c.number("weight_decay", self.weight_decay, low=0.0)
         c.number("clip_norm", self.clip_norm, low=0.0, low_open=True)
-        c.number("batch_size", self.batch_size, low=1, integer=True)
-        c.number("max_epochs", self.max_epochs, low=0.0, low_open=True)
+        c.number("batch_size", self.batch_size, low=1, high=MAX_BATCH_SIZE, integer=True)
+        c.number("max_epochs", self.max_epochs, low=0.0, low_open=True, high=MAX_EPOCHS)
         c.done()
 
 
@@ -420,12 +478,13 @@ class TrialConfig(_Section):
 
     def __post_init__(self) -> None:
         c = _Checks("")
-        c.number("seed", self.seed, low=0, integer=True)
+        c.number("seed", self.seed, low=0, high=MAX_SEED, integer=True)
         c.choice("device", self.device, DEVICES)
         for flag in ("reproducible_noise", "deterministic"):
             if not isinstance(getattr(self, flag), bool):
                 c.fail(flag, "must be true or false", getattr(self, flag))
-        c.number("eval_batch_size", self.eval_batch_size, low=1, integer=True)
+        c.number("eval_batch_size", self.eval_batch_size, low=1, high=MAX_BATCH_SIZE,
+                 integer=True)
         if self.dropping.criterion == "public-grad" and self.dropping.rate > 0:
             if self.dataset.public is None:
                 c.fail("dropping.criterion", "public-grad needs dataset.public",
