@@ -149,18 +149,37 @@ def cmd_resume(args: argparse.Namespace) -> int:
         job_id = jobs.submit_resume(args.study, args.address, python=args.python)
         print(f"submitted resume of {args.study} as job {job_id}")
         return EXIT_OK
+    target = _experiment_target(args.study, args.storage)
     _ray_environment(args.address)
     from study import runner
 
-    target = os.path.expanduser(args.study)
-    if "://" not in target and not os.path.isdir(target):
-        target = os.path.join(os.path.expanduser(args.storage), args.study)
-        if not os.path.isdir(target):
-            raise UsageError(f"study: no experiment directory {args.study!r} nor {target!r} "
-                             f"(give DIR/NAME or NAME --storage DIR)")
     print(f"resuming {target}", flush=True)
     summary = runner.resume(target, address=args.address)
     return _then_confirm(runner, runner.read_spec(target), summary, args.address)
+
+
+def _experiment_target(study: str, storage: str) -> str:
+    """The experiment directory ``study`` (a path, relative ones made absolute: Tune takes
+    only absolute paths and URIs) or ``storage/study``; a :class:`UsageError` if neither
+    is one, before Ray starts."""
+    from study.paths import resolve_location
+    from study.status import SPEC_FILE
+
+    if "://" in study:
+        return study
+    candidates = list(dict.fromkeys([
+        resolve_location(study), resolve_location(os.path.join(os.path.expanduser(storage),
+                                                               study))]))
+    for target in candidates:
+        if os.path.isfile(os.path.join(target, SPEC_FILE)):
+            return target
+    folders = [c for c in candidates if os.path.isdir(c)]
+    if folders:
+        raise UsageError(f"study: {folders[0]!r} is not a dpstudy experiment directory (no "
+                         f"{SPEC_FILE}) (got {study!r})")
+    tried = " nor ".join(repr(c) for c in candidates)
+    raise UsageError(f"study: no experiment directory {tried} (give DIR/NAME or NAME "
+                     f"--storage DIR) (got {study!r})")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -206,13 +225,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     from study.status import study_statuses
 
-    rows = study_statuses(os.path.expanduser(args.storage))
+    storage = args.storage or DEFAULT_STORAGE
+    problem = _storage_problem(storage, given=args.storage is not None)
+    if problem:
+        raise UsageError(f"--storage: {problem} (got {storage!r})")
+    rows = study_statuses(os.path.expanduser(storage))
     if not rows:
-        print(f"no studies under {args.storage}")
+        print(f"no studies under {storage}")
         return EXIT_OK
     for line in rows:
         print(line)
     return EXIT_OK
+
+
+def _storage_problem(storage: str, *, given: bool) -> str | None:
+    """Why the local storage root ``storage`` cannot be listed, or None. The default root
+    may not exist yet (no study has run); one the user names must."""
+    path = os.path.expanduser(storage)
+    if "://" in storage:
+        return "status lists a local storage root; give a directory path"
+    if os.path.isdir(path):
+        return None if os.access(path, os.R_OK | os.X_OK) else "cannot read that directory"
+    if os.path.exists(path):
+        return "is not a directory"
+    return "no such directory" if given else None
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -352,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default="python", help="with an http:// address: the head "
                    "node's interpreter with dpstudy's dependencies")
     p = add("status", cmd_status, "list studies (local storage root, or a cluster's jobs)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root")
+    p.add_argument("--storage", help=f"storage root (default {DEFAULT_STORAGE})")
     p.add_argument("--address", help="Ray Jobs API address: list submitted studies")
     p = add("logs", cmd_logs, "print a submitted study's output")
     p.add_argument("job_id", help="job id printed by submit")

@@ -32,7 +32,13 @@ from study import private_selection, selection, tune_state
 from study.callbacks import CONFIRM_KEY, StudyCallback
 from study.lock import StudyLock
 from study.optuna_storage import experiment_storage
-from study.paths import LocationError, check_locations, join_location, resolve_paths
+from study.paths import (
+    LocationError,
+    check_locations,
+    join_location,
+    resolve_location,
+    resolve_paths,
+)
 from study.selection_spec import selection_metric
 from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
@@ -223,9 +229,16 @@ def gcs_endpoint(address: str) -> tuple[str, str]:
 
 def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:
     """GPUs of each live node, and of each node type the autoscaler may still start."""
+    return node_capacity("GPU")
+
+
+def node_capacity(resource: str) -> tuple[list[float], dict[str, float]]:
+    """``resource`` (``CPU``, ``GPU``) of each live node, and of each node type the
+    autoscaler may still start."""
     import ray
 
-    nodes = [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    nodes = [float(n.get("Resources", {}).get(resource, 0)) for n in ray.nodes()
+             if n.get("Alive")]
     types: dict[str, float] = {}
     try:  # the autoscaler's node types, as it reported them to the GCS (if it runs)
         from ray._private.state import state
@@ -235,8 +248,36 @@ def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:
         config = None
     for group in getattr(config, "node_group_configs", []) or []:
         if group.max_count != 0:
-            types[group.name] = float(group.resources.get("GPU", 0))
+            types[group.name] = float(group.resources.get(resource, 0))
     return nodes, types
+
+
+def check_capacity(spec: StudySpec) -> None:
+    """Fail fast when no node could ever hold one trial's CPUs or GPUs (see
+    :func:`check_gpu_capacity`, :func:`check_cpu_capacity`), naming both if both fail."""
+    problems: list[str] = []
+    for check in (check_cpu_capacity, check_gpu_capacity):
+        try:
+            check(spec)
+        except SpecError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise SpecError(problems)
+
+
+def check_cpu_capacity(spec: StudySpec) -> None:
+    """Fail fast when no node, now or after autoscaling, has as many CPUs as one trial
+    asks for (Tune would leave every trial pending)."""
+    cpu = spec.resources_per_trial.cpu
+    if cpu <= 0:
+        return
+    nodes, types = node_capacity("CPU")
+    if max([*nodes, *types.values()], default=0.0) >= cpu:
+        return
+    raise SpecError([
+        f"resources_per_trial.cpu: each trial asks for {cpu:g} CPU(s) on one node, but no "
+        f"node of this cluster can ever offer that (CPUs per live node: {nodes}; autoscaler "
+        f"node types: {types or 'none'}); its trials would wait forever (got {cpu!r})"])
 
 
 def check_gpu_capacity(spec: StudySpec) -> None:
@@ -315,7 +356,7 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
         _refuse_existing(spec, directory)  # another driver may have won the race
         try:
             init_ray(address)
-            check_gpu_capacity(spec)
+            check_capacity(spec)
             if spec.reproducible_noise:
                 print(f"WARNING [{spec.name}]: {REPRODUCIBLE_NOISE_WARNING}", file=sys.stderr,
                       flush=True)
@@ -343,6 +384,7 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
 
 def resume(directory: str, *, address: str | None = None) -> Summary:
     """Finish an interrupted study from its experiment directory, holding its lock."""
+    directory = resolve_location(directory)  # Tune restores absolute paths and URIs only
     spec = read_spec(directory)
     with StudyLock(directory):
         count = private_selection.trial_count(spec, directory)
@@ -350,7 +392,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
             return _finish(spec, [], False, directory)
         spec = dataclasses.replace(spec, trials=count)
         init_ray(address)
-        check_gpu_capacity(spec)
+        check_capacity(spec)
         if not tune.Tuner.can_restore(directory):
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                              f"was stopped before its first trial started; run it again)"])

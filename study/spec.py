@@ -468,8 +468,8 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
 
 def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
     """Checks that need the dataset or this machine: delta < 1/n and batch size <= n for the
-    n private training examples, data files present, and GPUs present (unless ``cluster``,
-    whose nodes may have GPUs this machine lacks). Raises :class:`SpecError` with all
+    n private training examples, data files present, and the CPUs and GPUs a trial asks for
+    present (unless ``cluster``, whose nodes may have what this machine lacks). Raises :class:`SpecError` with all
     problems."""
     from trainables.data import DataUnavailableError, dataset_size
 
@@ -492,6 +492,11 @@ def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
                             f"(got {batch.max_value()!r})")
     if "mlflow" in spec.loggers:
         problems.extend(_mlflow_problems(spec, cluster))
+    cpus = os.cpu_count() or 1
+    if spec.resources_per_trial.cpu > cpus and not cluster:
+        problems.append(f"resources_per_trial.cpu: each trial asks for "
+                        f"{spec.resources_per_trial.cpu:g} CPUs but this machine has {cpus}; "
+                        f"its trials would wait forever (got {spec.resources_per_trial.cpu!r})")
     gpu = spec.resources_per_trial.gpu
     if (gpu > 0 or spec.device == "cuda") and not cluster:
         import torch

@@ -144,18 +144,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and not args.checkpoint_dir:
         print("--resume needs --checkpoint-dir", file=sys.stderr)
         return 2
+    from trainables import checkpoint
+
+    if args.resume and not checkpoint.exists(args.checkpoint_dir):
+        print(f"--checkpoint-dir: no checkpoint to resume from, so --resume would train from "
+              f"scratch; check the folder, or leave out --resume to start a new run "
+              f"(got {args.checkpoint_dir!r})", file=sys.stderr)
+        return 2
     problems = preflight(config)
     if problems:
         print("invalid trial configuration:\n" + "\n".join(f"  - {p}" for p in problems),
               file=sys.stderr)
         return 2
 
-    from trainables import checkpoint
     from trainables.accounting import BudgetError
     from trainables.data import DataUnavailableError
     from trainables.train import train
 
-    resume = args.checkpoint_dir if args.resume and checkpoint.exists(args.checkpoint_dir) else None
+    resume = args.checkpoint_dir if args.resume else None
     if resume:
         try:
             state = checkpoint.load(resume)

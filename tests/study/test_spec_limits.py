@@ -124,3 +124,43 @@ def test_the_largest_seed_leaves_room_for_confirmation_seeds() -> None:
 
     for seed in confirm_seeds(spec.seed, spec.confirm.seeds):
         np.random.seed(seed)  # numpy's range holds every confirmation seed
+
+
+def test_more_cpus_than_this_machine_has_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys) -> None:
+    import os
+
+    cpus = os.cpu_count()
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_text(tmp_path, resources_per_trial={"cpu": 64 * cpus}))
+    started = time.perf_counter()
+    assert main(["run", str(path)]) == 2
+    assert time.perf_counter() - started < 60
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (f"resources_per_trial.cpu: each trial asks for {64 * cpus} CPUs but this machine "
+            f"has {cpus}; its trials would wait forever") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+@pytest.mark.parametrize(("nodes", "types", "cpu", "ok"), [
+    ([2.0], {}, 64, False),
+    ([2.0, 2.0], {}, 3, False),  # four CPUs, but never three on one node
+    ([2.0], {"cpu.m5.16xlarge": 64.0}, 64, True),  # the autoscaler can start one
+    ([2.0], {}, 0.5, True),
+])
+def test_check_cpu_capacity_on_a_cluster(monkeypatch, nodes, types, cpu, ok) -> None:
+    from study import runner
+    from study.spec import SpecError
+
+    monkeypatch.setattr(runner, "node_capacity",
+                        lambda resource: (nodes, types) if resource == "CPU" else ([0.0], {}))
+    spec = StudySpec.from_dict({**GOOD, "resources_per_trial": {"cpu": cpu}})
+    if ok:
+        runner.check_capacity(spec)
+        return
+    with pytest.raises(SpecError) as info:
+        runner.check_capacity(spec)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"resources_per_trial.cpu: each trial asks for {cpu:g} CPU")
+    assert "wait forever" in problem and str(nodes) in problem
