@@ -469,8 +469,8 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
 def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
     """Checks that need the dataset or this machine: delta < 1/n and batch size <= n for the
     n private training examples, data files present, and the CPUs and GPUs a trial asks for
-    present (unless ``cluster``, whose nodes may have what this machine lacks). Raises :class:`SpecError` with all
-    problems."""
+    present (unless ``cluster``, whose nodes may have what this machine lacks). Raises
+    :class:`SpecError` with all problems."""
     from trainables.data import DataUnavailableError, dataset_size
 
     problems: list[str] = []

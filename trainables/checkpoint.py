@@ -10,7 +10,9 @@ leaves the previous checkpoint intact.
 
 A checkpoint is *private*: its noise and sampler generator states (and their secret seed)
 let whoever reads it regenerate the DP noise (see :mod:`trainables.randomness`). Keep it
-where the training data is kept; release the model weights, never the checkpoint.
+where the training data is kept; release the model weights, never the checkpoint. So it is
+created 0600 in a 0700 folder whatever the umask (:func:`save`, its temporary file too),
+and :func:`private_files` gives the copies Ray Tune makes of it the same modes.
 
 :func:`load` raises :class:`CheckpointError` (naming the file and the problem) for a
 missing, truncated, garbage or foreign file; :func:`check_compatible` refuses a
@@ -19,8 +21,10 @@ checkpoint written by a different trial configuration.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +38,7 @@ FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 2  # 2: generators stored with their device and seed
 #: Config fields that may change between a run and its resume (they do not change results).
 RESUMABLE_CHANGES = ("checkpoint_dir", "device", "eval_batch_size")
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # owner only
 _KEYS = ("model", "optimizer", "accountant", "masks", "selector", "rng", "progress", "plan",
          "config")
 
@@ -75,8 +80,10 @@ def save(directory: str, *, model: torch.nn.Module, optimizer: torch.optim.Optim
          accountant: Any, masks: dict[str, torch.Tensor], selector_state: dict[str, Any],
          generators: dict[str, torch.Generator], seeds: dict[str, int], progress: Progress,
          plan: PrivacyPlan, config: dict[str, Any]) -> str:
-    """Write a checkpoint into ``directory`` atomically; returns the directory."""
-    os.makedirs(directory, exist_ok=True)
+    """Write a checkpoint into ``directory`` atomically, readable by its owner only (file
+    0600, ``directory`` made 0700); returns the directory."""
+    os.makedirs(directory, mode=PRIVATE_DIR, exist_ok=True)
+    os.chmod(directory, PRIVATE_DIR)
     payload = {
         "format": FORMAT_VERSION,
         "model": model.state_dict(),
@@ -90,9 +97,27 @@ def save(directory: str, *, model: torch.nn.Module, optimizer: torch.optim.Optim
         "config": config,
     }
     tmp = os.path.join(directory, f".{FILENAME}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a killed run of this pid: O_EXCL below needs it gone
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)  # whatever the umask
+    with os.fdopen(fd, "wb") as out:
+        torch.save(payload, out)
     os.replace(tmp, os.path.join(directory, FILENAME))
     return directory
+
+
+@contextlib.contextmanager
+def private_files() -> Iterator[None]:
+    """Within: files and folders this process creates are its owner's only (umask 077), so
+    the copies of a checkpoint that Ray Tune makes (into the experiment directory, or back
+    for a resume) are 0600 in 0700 folders whatever the user's umask. Process-wide: use it
+    around code that creates nothing that must be shared."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def load(directory: str) -> dict[str, Any]:

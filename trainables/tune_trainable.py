@@ -2,9 +2,11 @@
 
 :func:`run_trial` is called inside a Tune function trainable. It resumes from the
 checkpoint Tune hands back after a failure (a lost node, a killed driver), trains, and
-reports each epoch with its checkpoint. Because the checkpoint carries the accountant's
-history and the step counter, a retried trial continues its privacy budget rather than
-restarting it, and never takes more steps than its plan allows.
+reports each epoch with its checkpoint (Tune's copies of it, like the checkpoint itself,
+readable by their owner only: see :func:`trainables.checkpoint.private_files`). Because
+the checkpoint carries the accountant's history and the step counter, a retried trial
+continues its privacy budget rather than restarting it, and never takes more steps than
+its plan allows.
 
 Each report also carries ``epoch_history`` (all epochs so far, as JSON), so that whoever
 records results sees every epoch even when some were reported before a restart. A trial
@@ -39,6 +41,13 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
 
     ``trial_cost`` (reported alongside) is wall time x ``cost_per_second``, e.g. the
     resources the trial holds, so studies can trade accuracy against cost."""
+    from trainables.checkpoint import private_files
+
+    with private_files():  # Tune's copies of the checkpoints are private too
+        return _run_trial(trial_config, cost_per_second)
+
+
+def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str, Any]:
     import ray
     from ray import tune
 
