@@ -20,6 +20,7 @@ exact:
 
 ``--code DIR`` runs another checkout's code (e.g. ``git archive main``) for a before/after
 comparison. Moments: ``first-checkpoint`` (a trial reported epoch 1, none finished),
+``unreported`` (a trial wrote its epoch-1 checkpoint; the kill comes before its report),
 ``last-epoch`` (a trial trained its last epoch, it may not be recorded yet),
 ``first-trial`` (a trial is in Parquet), ``sigint`` (Ctrl-C at the first checkpoint).
 """
@@ -27,6 +28,7 @@ comparison. Moments: ``first-checkpoint`` (a trial reported epoch 1, none finish
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -43,6 +45,7 @@ import yaml
 HOOK = '''
 import importlib.abc, importlib.util, os, sys, time
 _LOG = os.environ.get("DPSTUDY_EPOCH_LOG")
+_PAUSE = os.environ.get("DPSTUDY_PAUSE_AFTER_SAVE")
 
 class _Hook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -66,6 +69,11 @@ class _Hook(importlib.abc.MetaPathFinder):
                     trial = None
                 with open(_LOG, "a") as f:
                     f.write(f"{trial} {progress.epoch} {time.time()}\\n")
+                if _PAUSE and not os.path.exists(_PAUSE):  # written, not yet reported
+                    with open(_PAUSE + ".tmp", "w") as f:
+                        f.write(str(os.getpid()))
+                    os.replace(_PAUSE + ".tmp", _PAUSE)
+                    time.sleep(3600)
             module.save_checkpoint = logged
         loader.exec_module = exec_module
         return spec
@@ -73,7 +81,7 @@ class _Hook(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _Hook())
 '''
 
-MOMENTS = ("first-checkpoint", "last-epoch", "first-trial", "sigint")
+MOMENTS = ("first-checkpoint", "unreported", "last-epoch", "first-trial", "sigint")
 
 
 def study_spec(root: Path, name: str, trials: int, epochs: int) -> Path:
@@ -115,6 +123,8 @@ def reached(moment: str, root: Path, name: str, log: Path, epochs: int) -> bool:
         return bool(glob.glob(str(root / "runs" / name / "*" / "checkpoint_000000")))
     if moment == "last-epoch":
         return any(epoch == epochs for _, epoch in epoch_log(log))
+    if moment == "unreported":
+        return (root / "paused").exists()
     return len(read_rows(root / "results")) >= 1
 
 
@@ -128,6 +138,8 @@ def one_moment(moment: str, code: Path, trials: int, epochs: int) -> dict[str, A
     spec = study_spec(root, name, trials, epochs)
     env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{code}",
            "DPSTUDY_EPOCH_LOG": str(log), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    if moment == "unreported":  # the first checkpoint's trial stops before its report
+        env["DPSTUDY_PAUSE_AFTER_SAVE"] = str(root / "paused")
     driver = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(spec)], cwd=root,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               start_new_session=True)
@@ -154,6 +166,9 @@ def one_moment(moment: str, code: Path, trials: int, epochs: int) -> dict[str, A
         else:
             os.kill(driver.pid, signal.SIGKILL)
             driver.wait(timeout=60)
+            if moment == "unreported":  # and the paused trial's process (Ray's, not ours)
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int((root / "paused").read_text()), signal.SIGKILL)
         time.sleep(2)
     finally:
         try:

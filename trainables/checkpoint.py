@@ -107,6 +107,15 @@ def save(directory: str, *, model: torch.nn.Module, optimizer: torch.optim.Optim
     return directory
 
 
+def remove_temporaries(directory: str) -> None:
+    """Delete the temporary files :func:`save` leaves in ``directory`` when killed."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(f".{FILENAME}.tmp-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+
+
 @contextlib.contextmanager
 def private_files() -> Iterator[None]:
     """Within: files and folders this process creates are its owner's only (umask 077), so

@@ -30,10 +30,12 @@ import shutil
 import tempfile
 from typing import Any
 
-from trainables import placement
+from trainables import checkpoint, placement
 from trainables.train import train
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_\d{6}")
+#: the trial's own checkpoint folder, in its folder of a local storage
+OWN_CHECKPOINT = "dpstudy-checkpoint"
 
 
 def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> dict[str, Any]:
@@ -41,9 +43,7 @@ def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> 
 
     ``trial_cost`` (reported alongside) is wall time x ``cost_per_second``, e.g. the
     resources the trial holds, so studies can trade accuracy against cost."""
-    from trainables.checkpoint import private_files
-
-    with private_files():  # Tune's copies of the checkpoints are private too
+    with checkpoint.private_files():  # Tune's copies of the checkpoints are private too
         return _run_trial(trial_config, cost_per_second)
 
 
@@ -55,8 +55,9 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
     assigned_gpus = list(ray.get_gpu_ids())
     gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU")
     work = tempfile.mkdtemp(prefix="dpstudy-trial-")
+    storage = _trial_storage()
     handed_back = tune.get_checkpoint()
-    resume_dir = newest_checkpoint(_candidates(handed_back), work,
+    resume_dir = newest_checkpoint(_candidates(handed_back, storage), work,
                                    required=handed_back is not None)
     history = _earlier_epochs(resume_dir)
     resumed_epochs = len(history)
@@ -72,7 +73,9 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
         history.append(metrics)
         send(checkpoint_dir)
 
-    config = {**trial_config, "checkpoint_dir": os.path.join(work, "checkpoint")}
+    own = own_checkpoint_dir(storage) or os.path.join(work, "checkpoint")
+    checkpoint.remove_temporaries(own)  # of a run killed while it wrote one
+    config = {**trial_config, "checkpoint_dir": own}
     device = placement.choose_device(config.get("device", "auto"), assigned_gpus=assigned_gpus)
     placement.claim_gpu_share(device, gpu_share)
     try:
@@ -83,30 +86,53 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
             # stopped before it saw the last report): say it again, so that Tune's last
             # result is the finished one and the trial is not recorded as stopped early
             send(resume_dir)
+        shutil.rmtree(own, ignore_errors=True)  # every epoch is stored by Tune: redundant
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
         placement.release_memory(device)
 
 
-def _candidates(handed_back: Any) -> list[Any]:
-    """Checkpoints this trial may continue from: the one Tune hands back and every one
-    stored in the trial's folder (a driver killed between a trial's upload and its own
-    record of it hands back an older one, or none: the trial would redo epochs, or start
-    over, on data it already trained on)."""
-    from ray import tune
-
-    found = [handed_back] if handed_back is not None else []
+def _trial_storage() -> tuple[Any, str] | None:
+    """The pyarrow filesystem and path of this trial's folder in the study's storage, or
+    None if Ray does not say."""
     try:  # Ray 2.60 keeps the trial's storage on its session; no public accessor
         from ray.train._internal.session import get_session
 
         storage = get_session().storage
-        fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
+        return storage.storage_filesystem, storage.trial_fs_path
     except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def own_checkpoint_dir(storage: tuple[Any, str] | None) -> str | None:
+    """Where the trial writes its per-epoch checkpoint: :data:`OWN_CHECKPOINT` in its
+    folder when the storage is local, so that a checkpoint written but not yet reported
+    (the driver, or the whole machine, killed in between) is found by the next run of the
+    trial; None (a temporary folder) for an object store. Written atomically (see
+    :func:`trainables.checkpoint.save`); Tune's reported copies are made from it."""
+    if storage is None or storage[0].type_name != "local":
+        return None
+    return os.path.join(storage[1], OWN_CHECKPOINT)
+
+
+def _candidates(handed_back: Any, storage: tuple[Any, str] | None) -> list[Any]:
+    """Checkpoints this trial may continue from: the one Tune hands back, every one stored
+    in the trial's folder and the trial's own latest one (a driver killed between a trial's
+    checkpoint and its own record of it hands back an older one, or none: the trial would
+    redo epochs, or start over, on data it already trained on)."""
+    from ray import tune
+
+    found = [handed_back] if handed_back is not None else []
+    if storage is None:
         return found
+    fs, trial_dir = storage
     known = {c.path for c in found}
     found += [tune.Checkpoint(path, filesystem=fs) for path in stored_checkpoints(fs, trial_dir)
               if path not in known]
+    own = own_checkpoint_dir(storage)
+    if checkpoint.exists(own):
+        found.append(tune.Checkpoint(own, filesystem=fs))
     return found
 
 
@@ -128,8 +154,6 @@ def newest_checkpoint(candidates: list[Any], work: str, *, required: bool = Fals
     being written, or deleted meanwhile) are skipped; None if there is none. With
     ``required`` (Tune handed one back), a trial never starts over: if none is readable,
     the first one's :class:`~trainables.checkpoint.CheckpointError` is raised."""
-    from trainables import checkpoint
-
     best, best_step, first_error = None, -1, None
     for i, candidate in enumerate(candidates):
         try:
@@ -149,6 +173,4 @@ def _earlier_epochs(resume_dir: str | None) -> list[dict[str, Any]]:
     """Epochs reported before the last restart, as recorded in the checkpoint."""
     if not resume_dir:
         return []
-    from trainables import checkpoint
-
     return list(checkpoint.load(resume_dir)["progress"]["history"])

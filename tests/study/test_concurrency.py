@@ -50,7 +50,7 @@ def env() -> dict[str, str]:
 def start(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "study.cli", *args], cwd=cwd, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, umask=0o022)  # the usual default
 
 
 def dpstudy(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -114,7 +114,7 @@ def test_two_studies_share_a_results_root_and_each_has_one_driver(tmp_path: Path
     saved = yaml.safe_load((tmp_path / "runs" / "beta" / "dpstudy-spec.yaml").read_text())
     assert saved["results"] == str(shared)  # stored absolute
 
-    resumed = dpstudy("resume", str(tmp_path / "runs" / "beta"), cwd=elsewhere)
+    resumed = dpstudy("resume", "beta", "--storage", "../runs", cwd=elsewhere)  # relative
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert list(elsewhere.iterdir()) == []  # no second, partial results set
     assert read_trials(str(shared)).num_rows == 5
@@ -138,6 +138,9 @@ def test_ctrl_c_exits_130_records_nothing_unfinished_and_resumes(tmp_path: Path)
         kill_group(driver)
     assert driver.returncode == 130, out[-2000:] + err[-2000:]
     assert f"dpstudy resume {experiment}" in err
+    for stored in glob.glob(str(experiment / "*" / "checkpoint_*")):  # Tune's copies: private
+        assert os.stat(stored).st_mode & 0o777 == 0o700, stored
+        assert {os.stat(f).st_mode & 0o777 for f in glob.glob(f"{stored}/*")} == {0o600}
     assert "finished:" not in out
     try:
         recorded = read_trials(str(results)).to_pylist()
@@ -145,7 +148,7 @@ def test_ctrl_c_exits_130_records_nothing_unfinished_and_resumes(tmp_path: Path)
         recorded = []
     assert all(r["status"] == "completed" for r in recorded)  # no fake 'stopped' outcomes
 
-    resumed = dpstudy("resume", str(experiment), cwd=tmp_path)
+    resumed = dpstudy("resume", "runs/interrupted", cwd=tmp_path)  # relative: made absolute
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = read_trials(str(results)).to_pylist()
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
@@ -155,17 +158,32 @@ def test_ctrl_c_exits_130_records_nothing_unfinished_and_resumes(tmp_path: Path)
         assert mine == list(range(1, len(mine) + 1)) and mine
 
 
-def test_kill_while_trials_finish_reruns_nothing(tmp_path: Path) -> None:
-    """kill -9 right after a trial trained its last epoch (and the other one is running):
-    resume re-runs no finished trial and restarts no trial from scratch."""
+def kill_resume_benchmark() -> Any:
     path = ROOT / "benchmarks" / "kill_resume.py"
     module_spec = importlib.util.spec_from_file_location("kill_resume", path)
     kill_resume = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(kill_resume)
-    figures = kill_resume.one_moment("last-epoch", ROOT, trials=3, epochs=2)
+    return kill_resume
+
+
+def test_kill_while_trials_finish_reruns_nothing(tmp_path: Path) -> None:
+    """kill -9 right after a trial trained its last epoch (and the other one is running):
+    resume re-runs no finished trial and restarts no trial from scratch."""
+    figures = kill_resume_benchmark().one_moment("last-epoch", ROOT, trials=3, epochs=2)
     assert figures["resume_exit"] == 0, figures.get("resume_output", "")[-3000:]
     assert figures["rows"] == 3 and figures["duplicates"] == 0 and figures["all_completed"]
     assert figures["extra_ids"] == 0 and figures["finished_rerun"] == 0
     assert figures["restarted_from_scratch"] == 0
     # at most the epochs whose report was in flight at the kill are trained again
     assert figures["retrained"] <= 2, figures
+
+
+def test_kill_after_a_checkpoint_before_its_report_retrains_nothing() -> None:
+    """kill -9 of the driver (and the trial's process) after a trial wrote its epoch-1
+    checkpoint but before Tune stored or recorded it: the resumed trial continues from that
+    checkpoint, the newest complete one on disk, and trains no epoch twice."""
+    figures = kill_resume_benchmark().one_moment("unreported", ROOT, trials=1, epochs=2)
+    assert figures["resume_exit"] == 0, figures.get("resume_output", "")[-3000:]
+    assert figures["rows"] == 1 and figures["duplicates"] == 0 and figures["all_completed"]
+    assert figures["restarted_from_scratch"] == 0 and figures["retrained"] == 0, figures
+    assert figures["epochs_trained"] == 2
