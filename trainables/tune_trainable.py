@@ -88,6 +88,9 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
             send(resume_dir)
         shutil.rmtree(own, ignore_errors=True)  # every epoch is stored by Tune: redundant
         return final
+    except SystemExit:  # Tune stopped the trial (ASHA, Ctrl-C) in a report it had stored
+        shutil.rmtree(own, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
         placement.release_memory(device)
