@@ -153,15 +153,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _ray_environment(args.address)
     from study import runner
 
+    spec = runner.read_spec(target)  # refuses a directory that holds no study
     print(f"resuming {target}", flush=True)
     summary = runner.resume(target, address=args.address)
-    return _then_confirm(runner, runner.read_spec(target), summary, args.address)
+    return _then_confirm(runner, spec, summary, args.address)
 
 
 def _experiment_target(study: str, storage: str) -> str:
     """The experiment directory ``study`` (a path, relative ones made absolute: Tune takes
-    only absolute paths and URIs) or ``storage/study``; a :class:`UsageError` if neither
-    is one, before Ray starts."""
+    only absolute paths and URIs) or ``storage/study``, preferring one with a saved spec;
+    a :class:`UsageError` if neither is a directory, before Ray starts."""
     from study.paths import resolve_location
     from study.status import SPEC_FILE
 
@@ -174,9 +175,8 @@ def _experiment_target(study: str, storage: str) -> str:
         if os.path.isfile(os.path.join(target, SPEC_FILE)):
             return target
     folders = [c for c in candidates if os.path.isdir(c)]
-    if folders:
-        raise UsageError(f"study: {folders[0]!r} is not a dpstudy experiment directory (no "
-                         f"{SPEC_FILE}) (got {study!r})")
+    if folders:  # not an experiment directory: resume says so, naming it
+        return folders[0]
     tried = " nor ".join(repr(c) for c in candidates)
     raise UsageError(f"study: no experiment directory {tried} (give DIR/NAME or NAME "
                      f"--storage DIR) (got {study!r})")
