@@ -55,6 +55,7 @@ def tune_session(monkeypatch, tmp_path: Path) -> dict[str, Any]:
     return state
 
 
+@pytest.mark.slow  # two short trainings (about 20 s on 2 cores)
 def test_the_next_run_continues_from_the_unreported_checkpoint(tune_session) -> None:
     tune_session["kill"] = True
     with pytest.raises(Killed):
