@@ -12,11 +12,19 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from trainables.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    DpstudyError,
+    InputError,
+)
+
 DEFAULT_STORAGE = "~/dpstudy-runs"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input from the user: printed without a traceback, exit code 2."""
 
 
@@ -430,21 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_error(err: Exception) -> int:
-    from trainables.config import ConfigError
-
-    if isinstance(err, (UsageError, ConfigError, FileNotFoundError, ValueError)):
-        print(f"error: {err}" if not isinstance(err, ConfigError) else str(err),
-              file=sys.stderr)
-        return EXIT_USAGE
-    if type(err).__name__ in ("StudyExistsError", "StudyLockedError", "ReleaseError"):
+    """Print a user-facing error as one message and return its exit code (by its type:
+    :class:`~trainables.errors.DpstudyError` names its own); anything else is a bug and
+    keeps its traceback."""
+    if isinstance(err, DpstudyError):
+        print(err.user_message(), file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, (FileNotFoundError, ValueError)):  # bad input met by a library
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if type(err).__name__ == "AuditUnavailableError":  # the dpstudy[audit] extra is missing
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    if type(err).__name__ in ("ClusterError", "DamagedStateError"):
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
     raise err
 
 

@@ -25,6 +25,7 @@ from study import selection
 from study.private_selection import read_study_privacy, study_privacy_of, train_size
 from study.selection_spec import selection_metric
 from study.spec import StudySpec
+from trainables.errors import InputError
 
 RELEASE_FILE = "release.json"
 MODEL_FILE = "model.pt"
@@ -46,7 +47,7 @@ What must stay private (not covered; releasing it voids or weakens the guarantee
 """
 
 
-class ReleaseError(ValueError):
+class ReleaseError(InputError, ValueError):
     """The study cannot be released (its guarantee does not cover a release)."""
 
 

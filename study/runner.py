@@ -38,14 +38,16 @@ from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
 from study.trackers import tracker_callbacks
+from trainables.compat import autoscaler_cluster_config
 from trainables.config import load_yaml
 from trainables.data import dataset_size
+from trainables.errors import InputError
 from trainables.placement import ALLOC_CONF
 from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
 from trainables.tune_trainable import run_trial
 
 
-class StudyExistsError(RuntimeError):
+class StudyExistsError(InputError, RuntimeError):
     """``run`` would overwrite an existing experiment."""
 
 
@@ -227,12 +229,7 @@ def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:
 
     nodes = [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
     types: dict[str, float] = {}
-    try:  # the autoscaler's node types, as it reported them to the GCS (if it runs)
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 (no autoscaler or an older Ray: nodes only)
-        config = None
+    config = autoscaler_cluster_config()  # the autoscaler's node types, if it runs
     for group in getattr(config, "node_group_configs", []) or []:
         if group.max_count != 0:
             types[group.name] = float(group.resources.get("GPU", 0))

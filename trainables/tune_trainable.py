@@ -29,6 +29,7 @@ import tempfile
 from typing import Any
 
 from trainables import placement
+from trainables.compat import trial_storage
 from trainables.train import train
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_\d{6}")
@@ -88,13 +89,10 @@ def _candidates(handed_back: Any) -> list[Any]:
     from ray import tune
 
     found = [handed_back] if handed_back is not None else []
-    try:  # Ray 2.60 keeps the trial's storage on its session; no public accessor
-        from ray.train._internal.session import get_session
-
-        storage = get_session().storage
-        fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
-    except (ImportError, AttributeError, RuntimeError):
+    storage = trial_storage()
+    if storage is None:
         return found
+    fs, trial_dir = storage
     known = {c.path for c in found}
     found += [tune.Checkpoint(path, filesystem=fs) for path in stored_checkpoints(fs, trial_dir)
               if path not in known]
