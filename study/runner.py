@@ -32,7 +32,13 @@ from study import private_selection, selection, tune_state
 from study.callbacks import CONFIRM_KEY, StudyCallback
 from study.lock import StudyLock
 from study.optuna_storage import experiment_storage
-from study.paths import LocationError, check_locations, join_location, resolve_paths
+from study.paths import (
+    LocationError,
+    check_locations,
+    filesystem,
+    join_location,
+    resolve_paths,
+)
 from study.selection_spec import selection_metric
 from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
@@ -100,21 +106,15 @@ def experiment_dir(spec: StudySpec) -> str:
     return join_location(spec.storage_path, spec.name)
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    from study.paths import filesystem
-
-    return filesystem(path, "storage")
-
-
 def _exists(path: str) -> bool:
-    fs, where = _filesystem(path)
+    fs, where = filesystem(path, "storage")
     return fs.get_file_info(where).type != pafs.FileType.NotFound
 
 
 def save_spec(spec: StudySpec, directory: str, name: str = SPEC_FILE) -> None:
     """Write the resolved spec next to Tune's experiment state (or, named after the study,
     into its results directory, where ``dpstudy confirm RESULTS`` finds it)."""
-    fs, where = _filesystem(directory)
+    fs, where = filesystem(directory, "storage")
     fs.create_dir(where, recursive=True)
     with fs.open_output_stream(posixpath.join(where, name)) as out:
         out.write(yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
@@ -127,7 +127,7 @@ def results_spec_name(study: str) -> str:
 
 def is_experiment_dir(location: str) -> bool:
     """Whether ``location`` is an experiment directory (holds the saved spec)."""
-    fs, where = _filesystem(location)
+    fs, where = filesystem(location, "storage")
     return fs.get_file_info(posixpath.join(where, SPEC_FILE)).type == pafs.FileType.File
 
 
@@ -136,7 +136,7 @@ def find_spec(location: str, study: str | None = None) -> StudySpec:
     directory (``study`` picks one when several studies share it)."""
     if is_experiment_dir(location):
         return read_spec(location)
-    fs, where = _filesystem(location)
+    fs, where = filesystem(location, "storage")
     suffix = "." + SPEC_FILE
     infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
     names = sorted(i.base_name.removesuffix(suffix) for i in infos
@@ -155,7 +155,7 @@ def find_spec(location: str, study: str | None = None) -> StudySpec:
 def read_spec(directory: str) -> StudySpec:
     """The spec saved by :func:`save_spec` in an experiment directory."""
     try:
-        fs, where = _filesystem(directory)
+        fs, where = filesystem(directory, "storage")
     except LocationError as err:
         raise SpecError([f"resume: {err}"]) from None
     path = posixpath.join(where, SPEC_FILE)
@@ -358,7 +358,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
 def restore_tuner(directory: str, trainable: Any) -> Any:
     """``Tuner.restore`` of an interrupted study, after putting back any state file a killed
     driver left truncated (see :mod:`study.tune_state`; Tune would silently start over)."""
-    fs, where = _filesystem(directory)
+    fs, where = filesystem(directory, "storage")
     for name in tune_state.repair(fs, where):
         print(f"resume: {name} was damaged by the interruption; restored the driver's copy",
               file=sys.stderr)
@@ -387,7 +387,7 @@ class _released:
 
 
 def _remove_tree(directory: str) -> None:
-    fs, where = _filesystem(directory)
+    fs, where = filesystem(directory, "storage")
     try:
         fs.delete_dir(where)
     except (FileNotFoundError, OSError):
