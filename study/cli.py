@@ -317,12 +317,13 @@ def _summarise(summary: object, spec: object) -> int:
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:
+        from study import hyperparameters
         from study.selection_spec import selection_metric
 
         metric = selection_metric(spec)[0]
         keys = dict.fromkeys(("trial_id", metric, "val_accuracy", "test_accuracy",
-                              "epsilon_spent", "budget_used", "prune_rate", "drop_rate",
-                              "clip_norm", "noise_multiplier", "learning_rate", "density"))
+                              "epsilon_spent", "budget_used",
+                              *hyperparameters.names(summarised=True), "density"))
         print(f"  best by {metric} (selected on {spec.objective.selection_split}): "
               + ", ".join(f"{k}={_fmt(s.best.get(k))}" for k in keys))
     return EXIT_OK if s.completed + s.stopped > 0 or s.failed == 0 else EXIT_FAILED
