@@ -20,13 +20,13 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from study import hyperparameters
 from study.private_selection import study_privacy_metadata
 from study.results import ResultsStore
 from study.selection_spec import selection_label
 from study.spec import StudySpec
 from study.tune_state import StateBackup
 
-PARAM_COLUMNS = ("prune_rate", "drop_rate", "clip_norm", "learning_rate", "batch_size")
 RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
                   "accountant", "steps", "epochs", "density", "val_accuracy",
                   "best_val_accuracy", "val_loss", "test_accuracy", "best_test_accuracy",
@@ -69,21 +69,13 @@ def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
         "selection_metric": selection_label(spec),
         "selection_split": spec.objective.selection_split,
         "reproducible_noise": config["reproducible_noise"],
-        "noise_multiplier": config["privacy"]["noise_multiplier"],
         "epsilon_target": spec.privacy.epsilon, "delta": spec.privacy.delta,
         "accountant": spec.privacy.accountant,
-        "pruning_criterion": config["pruning"]["criterion"],
-        "pruning_scope": config["pruning"]["scope"],
-        "pruning_granularity": config["pruning"]["granularity"],
-        "dropping_criterion": config["dropping"]["criterion"],
         "model": spec.model.name, "dataset": spec.dataset.name,
         "node": result.get("node_ip") or result.get("hostname"), "error": error,
         "finished_at": dt.datetime.now(dt.timezone.utc),
     }
-    row.update({"prune_rate": config["pruning"]["rate"], "drop_rate": config["dropping"]["rate"],
-                "clip_norm": config["optim"]["clip_norm"],
-                "learning_rate": config["optim"]["learning_rate"],
-                "batch_size": config["optim"]["batch_size"]})
+    row.update(hyperparameters.recorded_values(config))
     row.update({k: result[k] for k in RESULT_COLUMNS if result.get(k) is not None})
     return row
 

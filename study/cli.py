@@ -12,11 +12,19 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from trainables.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    DpstudyError,
+    InputError,
+)
+
 DEFAULT_STORAGE = "~/dpstudy-runs"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input from the user: printed without a traceback, exit code 2."""
 
 
@@ -345,12 +353,13 @@ def _summarise(summary: object, spec: object) -> int:
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:
+        from study import hyperparameters
         from study.selection_spec import selection_metric
 
         metric = selection_metric(spec)[0]
         keys = dict.fromkeys(("trial_id", metric, "val_accuracy", "test_accuracy",
-                              "epsilon_spent", "budget_used", "prune_rate", "drop_rate",
-                              "clip_norm", "noise_multiplier", "learning_rate", "density"))
+                              "epsilon_spent", "budget_used",
+                              *hyperparameters.names(summarised=True), "density"))
         print(f"  best by {metric} (selected on {spec.objective.selection_split}): "
               + ", ".join(f"{k}={_fmt(s.best.get(k))}" for k in keys))
     return EXIT_OK if s.completed + s.stopped > 0 or s.failed == 0 else EXIT_FAILED
@@ -466,21 +475,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_error(err: Exception) -> int:
-    from trainables.config import ConfigError
-
-    if isinstance(err, (UsageError, ConfigError, FileNotFoundError, ValueError)):
-        print(f"error: {err}" if not isinstance(err, ConfigError) else str(err),
-              file=sys.stderr)
-        return EXIT_USAGE
-    if type(err).__name__ in ("StudyExistsError", "StudyLockedError", "ReleaseError"):
+    """Print a user-facing error as one message and return its exit code (by its type:
+    :class:`~trainables.errors.DpstudyError` names its own); anything else is a bug and
+    keeps its traceback."""
+    if isinstance(err, DpstudyError):
+        print(err.user_message(), file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, (FileNotFoundError, ValueError)):  # bad input met by a library
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if type(err).__name__ == "AuditUnavailableError":  # the dpstudy[audit] extra is missing
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    if type(err).__name__ in ("ClusterError", "DamagedStateError"):
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
     raise err
 
 

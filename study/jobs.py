@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from study.spec import StudySpec, load_spec
+from trainables.errors import FailureError
 
 JOB_SPEC = "dpstudy-submitted-spec.yaml"
 METADATA_KEY = "dpstudy_study"
@@ -31,7 +32,7 @@ ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0",
             "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
-class ClusterError(RuntimeError):
+class ClusterError(FailureError, RuntimeError):
     """The cluster could not be reached, refused our token, or refused the request."""
 
 

@@ -33,13 +33,14 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from study.paths import filesystem, join_location
+from trainables.errors import InputError
 
 LOCK_DIR = ".dpstudy-lock"
 LEASE_S = 60.0
 HEARTBEAT_S = 10.0
 
 
-class StudyLockedError(RuntimeError):
+class StudyLockedError(InputError, RuntimeError):
     """Another driver holds the study; the message names it (host, pid, since when)."""
 
 

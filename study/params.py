@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from study import hyperparameters
 from trainables.config import (
     DROPPING_CRITERIA,
     GRANULARITIES,
@@ -27,8 +28,7 @@ from trainables.config import (
     _Checks,
 )
 
-SEARCH_PARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
-                 "batch_size", "max_epochs", "epochs")
+SEARCH_PARAMS = hyperparameters.names(searched=True)
 _POSITIVE = {"low": 0, "low_open": True}
 _RATE = {"low": 0, "high": 1, "high_open": True}
 _EPOCHS = {**_POSITIVE, "high": MAX_EPOCHS}

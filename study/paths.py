@@ -28,13 +28,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from trainables.errors import InputError
+
 if TYPE_CHECKING:
     from study.spec import StudySpec
 
 CHECK_TIMEOUT_S = 30.0
 
 
-class LocationError(ValueError):
+class LocationError(InputError, ValueError):
     """A location that cannot be opened or written; the message names the field."""
 
 

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-SEARCHED_PARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier",
-                   "learning_rate", "batch_size")
+from study import hyperparameters
+
+SEARCHED_PARAMS = hyperparameters.names(reported=True)
 HEATMAP_BINS = 5
 TOP_CURVES = 5
 

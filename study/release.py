@@ -21,18 +21,18 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from study import selection
+from study import hyperparameters, selection
 from study.private_selection import read_study_privacy, study_privacy_of, train_size
 from study.selection_spec import selection_metric
 from study.spec import StudySpec
+from trainables.errors import InputError
 
 RELEASE_FILE = "release.json"
 MODEL_FILE = "model.pt"
 NOTE_FILE = "PRIVATE.txt"
-_CONFIG_KEYS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
-                "batch_size", "sample_rate", "steps", "epochs", "pruning_criterion",
-                "pruning_scope", "pruning_granularity", "dropping_criterion", "model",
-                "dataset", "delta", "accountant", "val_noise")
+CONFIG_KEYS = (*hyperparameters.names(reported=True), "sample_rate", "steps", "epochs",
+               *hyperparameters.names(criterion=True), "model", "dataset", "delta",
+               "accountant", "val_noise")
 NOTE = """What this release contains is covered by the study-level guarantee stated in
 release.json (the selection bound of Papernot & Steinke 2022, computed with dp-accounting):
 the chosen configuration, its final model weights and its DP validation score.
@@ -46,7 +46,7 @@ What must stay private (not covered; releasing it voids or weakens the guarantee
 """
 
 
-class ReleaseError(ValueError):
+class ReleaseError(InputError, ValueError):
     """The study cannot be released (its guarantee does not cover a release)."""
 
 
@@ -100,7 +100,7 @@ def release(spec: StudySpec, rows: list[dict[str, Any]], results: str, out: str,
     weights = model_weights(experiment, best["trial_id"])
     document = {
         "study": spec.name, "trial_id": best["trial_id"],
-        "configuration": {k: best.get(k) for k in _CONFIG_KEYS},
+        "configuration": {k: best.get(k) for k in CONFIG_KEYS},
         "score": {"metric": metric, "value": best[metric]},
         "study_privacy": {"epsilon": privacy.epsilon_selected, "delta": privacy.delta,
                           "release_model": "only the selected result released",

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from study import confirm, selection
+from study import confirm, hyperparameters, selection
 from study.query import pareto_front, parse_pareto, to_frame
 from study.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
 from study.study_plots import persisted_study
 
 FORMATS = ("html", "md")
-HYPERPARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
-               "batch_size")
+HYPERPARAMS = hyperparameters.names(reported=True)
 TOP_COLUMNS = ("trial_id", "status", *HYPERPARAMS, "epsilon_spent", "budget_used", "density",
                "val_accuracy", "test_accuracy")
 FIGURES = {  # file stem -> one-sentence caption, in page order

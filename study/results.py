@@ -23,7 +23,6 @@ import functools
 import importlib.metadata
 import math
 import numbers
-import os
 import posixpath
 import uuid
 from collections.abc import Callable
@@ -31,8 +30,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from study.paths import filesystem
 
 SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection,
 #                      DP validation score (val_accuracy_dp, val_noise, val_releases)
@@ -196,14 +198,6 @@ def _coerce(schema: pa.Schema, row: dict[str, Any], what: str) -> dict[str, Any]
     return out
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and path for a plain local path (``~`` expanded) or a pyarrow.fs URI
-    (query parameters such as ``?endpoint_override=...`` configure the filesystem)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
 def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     """Cast a table read from disk to ``schema``; columns added since it was written -> null."""
     meta = table.schema.metadata or {}
@@ -250,26 +244,66 @@ def _parts(fs: pafs.FileSystem, directory: str) -> list[str]:
                   and i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(".parquet"))
 
 
-def _newest_parts(fs: pafs.FileSystem, base: str) -> tuple[dict[tuple[str, str], str],
-                                                            dict[str, pa.Table]]:
-    """For a results directory: ``(study, trial_id) -> newest trial part`` and the trial rows
-    of every part (older parts of a trial are superseded, see module doc)."""
+def _check_part(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> None:
+    """A part's own schema (its footer) fits ``schema``: see :func:`_conform`."""
+    try:
+        physical = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    _conform(physical.empty_table(), schema, path)
+
+
+def _scan(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
+          columns: list[str]) -> pa.Table:
+    """``columns`` (plus ``__filename``) of the part ``files`` read as one
+    ``pyarrow.dataset`` of ``schema``: columns a part lacks read as null."""
+    for path in files:
+        _check_part(fs, path, schema)
+    dataset = ds.dataset(files, schema=schema, filesystem=fs, format="parquet")
+    try:
+        table = dataset.to_table(columns=[*columns, "__filename"])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for path in files:  # name the file and column that does not fit
+            _read_file(fs, path, schema)
+        raise
+    if any(table[f.name].null_count for f in schema if not f.nullable and f.name in columns):
+        raise ValueError(f"{files[0]}: key columns {[f.name for f in schema if not f.nullable]}"
+                         f" must not be null")
+    return table
+
+
+def _from_newest(table: pa.Table, newest: dict[tuple[str, str], str]) -> pa.Table:
+    """The rows of ``table`` (read by :func:`_scan`) that come from their trial's newest
+    part (a trial part or the epoch part of the same name), without ``__filename``."""
+    wanted = pa.array([f"{s}/{t}@{posixpath.basename(p)}" for (s, t), p in newest.items()],
+                      pa.string())
+    names = pa.array([posixpath.basename(f) for f in table["__filename"].to_pylist()],
+                     pa.string())
+    tags = pc.binary_join_element_wise(_keys(table), names, "@")
+    return table.filter(pc.is_in(tags, value_set=wanted)).drop_columns(["__filename"])
+
+
+def _newest_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], str]:
+    """For a results directory: ``(study, trial_id) -> newest trial part`` (older parts of
+    a trial are superseded, see module doc). Reads only the key columns."""
+    files = _parts(fs, f"{base}/{TRIALS_FILE}")
     newest: dict[tuple[str, str], str] = {}
-    tables: dict[str, pa.Table] = {}
-    for path in _parts(fs, f"{base}/{TRIALS_FILE}"):
-        table = _read_file(fs, path, TRIALS_SCHEMA)
-        tables[path] = table
-        for key in zip(table["study"].to_pylist(), table["trial_id"].to_pylist(), strict=True):
-            if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
-                newest[key] = path
-    return newest, tables
+    if not files:
+        return newest
+    keys = _scan(fs, files, TRIALS_SCHEMA, ["study", "trial_id"])
+    for study, trial, path in zip(keys["study"].to_pylist(), keys["trial_id"].to_pylist(),
+                                  keys["__filename"].to_pylist(), strict=True):
+        key = (study, trial)
+        if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
+            newest[key] = path
+    return newest
 
 
 def _read_layout(uri: str, which: str) -> pa.Table:
     """Trials or epochs of a results directory (part files, newest per trial) or of one
     ``.parquet`` file."""
     schema = TRIALS_SCHEMA if which == TRIALS_FILE else EPOCHS_SCHEMA
-    fs, path = _resolve(uri)
+    fs, path = filesystem(uri, "results")
     path = path.rstrip("/")
     info = fs.get_file_info(path)
     if path.endswith(".parquet") and info.type == pafs.FileType.File:
@@ -282,21 +316,14 @@ def _read_layout(uri: str, which: str) -> pa.Table:
         return _read_file(fs, table_path, schema)
     if kind != pafs.FileType.Directory:
         raise FileNotFoundError(f"no results table at {uri!r} (looked for {table_path})")
-    newest, tables = _newest_parts(fs, path)
-    chosen = set(newest.values())
-    pieces = []
-    for part, table in tables.items():
-        keep = pc.is_in(_keys(table), value_set=pa.array(
-            [f"{s}/{t}" for (s, t), p in newest.items() if p == part], pa.string()))
-        if which == TRIALS_FILE:
-            pieces.append(table.filter(keep))
-        elif part in chosen:
-            epoch_part = f"{path}/{EPOCHS_FILE}/{posixpath.basename(part)}"
-            if fs.get_file_info(epoch_part).type == pafs.FileType.File:
-                epochs = _read_file(fs, epoch_part, schema)
-                pieces.append(epochs.filter(pc.is_in(_keys(epochs), value_set=pa.array(
-                    [f"{s}/{t}" for (s, t), p in newest.items() if p == part], pa.string()))))
-    return pa.concat_tables([schema.empty_table(), *pieces])
+    newest = _newest_parts(fs, path)
+    files = sorted({f"{table_path}/{posixpath.basename(p)}" for p in newest.values()})
+    if which == EPOCHS_FILE:  # a trial recorded without epochs has no epoch part
+        files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
+    if not files:
+        return schema.empty_table()
+    table = _from_newest(_scan(fs, files, schema, schema.names), newest)
+    return table.cast(schema)
 
 
 def _keys(table: pa.Table) -> pa.Array:
@@ -307,7 +334,7 @@ def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
     """The file-level metadata of ``study``'s newest trial part in ``trials.parquet`` (or of
     a single-file table): e.g. the study's privacy statement. Every part carries the
     statement as it stood when the part was written, so the newest is the current one."""
-    fs, path = _resolve(uri)
+    fs, path = filesystem(uri, "results")
     path = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{TRIALS_FILE}"
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -351,7 +378,7 @@ class ResultsStore:
 
     def __init__(self, uri: str, study: str) -> None:
         self.uri, self.study = uri, study
-        fs, path = _resolve(uri)
+        fs, path = filesystem(uri, "results")
         self._fs, self._dir = fs, path.rstrip("/")
         self._local = isinstance(fs, pafs.LocalFileSystem)
         self._trials: dict[tuple[str, str], dict[str, Any]] = {}
@@ -382,21 +409,28 @@ class ResultsStore:
                                  f"dpstudy < 0.2); dpstudy now writes a directory of part files "
                                  f"there: move the file away or choose another results "
                                  f"directory")
-        newest, tables = _newest_parts(self._fs, self._dir)
-        for path, table in tables.items():
-            for row in table.to_pylist():
-                key = (row["study"], row["trial_id"])
-                if row["study"] != self.study:
-                    continue
-                self._files.setdefault(key, []).append(path)
-                if newest[key] == path:
-                    self._trials[key], self._epochs[key] = row, []
-        for key, path in newest.items():
-            epoch_part = self._path(f"{EPOCHS_FILE}/{posixpath.basename(path)}")
-            if key in self._trials and self._fs.get_file_info(epoch_part).type == \
-                    pafs.FileType.File:
-                rows = _read_file(self._fs, epoch_part, EPOCHS_SCHEMA).to_pylist()
-                self._epochs[key] = [r for r in rows if (r["study"], r["trial_id"]) == key]
+        files = _parts(self._fs, self._path(TRIALS_FILE))
+        if not files:
+            return
+        newest: dict[tuple[str, str], str] = {}
+        for row in _scan(self._fs, files, TRIALS_SCHEMA, TRIALS_SCHEMA.names).to_pylist():
+            key, path = (row["study"], row["trial_id"]), row.pop("__filename")
+            if row["study"] != self.study:
+                continue
+            self._files.setdefault(key, []).append(path)
+            if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
+                newest[key], self._trials[key], self._epochs[key] = path, row, []
+        for paths in self._files.values():
+            paths.sort()
+        epoch_parts = [self._path(f"{EPOCHS_FILE}/{posixpath.basename(p)}")
+                       for p in sorted(set(newest.values()))]
+        epoch_parts = [p for p in epoch_parts
+                       if self._fs.get_file_info(p).type == pafs.FileType.File]
+        if epoch_parts:
+            epochs = _from_newest(_scan(self._fs, epoch_parts, EPOCHS_SCHEMA,
+                                        EPOCHS_SCHEMA.names), newest)
+            for row in epochs.to_pylist():
+                self._epochs[(row["study"], row["trial_id"])].append(row)
 
     def add_trial(self, row: dict, epochs: list[dict]) -> None:
         """Insert or replace (by ``trial_id``) one trial's row and all its epoch rows; written
@@ -547,7 +581,7 @@ def new_part_name() -> str:
 def read_audits(uri: str) -> pa.Table:
     """Every audit of a results directory/URI (``audits.parquet``: one immutable part per
     audit, or a single file written by older versions), or of one ``.parquet`` path."""
-    fs, path = _resolve(uri)
+    fs, path = filesystem(uri, "results")
     path = path.rstrip("/")
     if not path.endswith(".parquet"):
         path = f"{path}/{AUDITS_FILE}"
@@ -570,7 +604,7 @@ def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
     typed = _coerce(AUDITS_SCHEMA, row, "audit row")
     if typed["mode"] not in AUDIT_MODES:
         raise ValueError(f"audit row: mode must be one of {AUDIT_MODES}, got {typed['mode']!r}")
-    fs, path = _resolve(uri)
+    fs, path = filesystem(uri, "results")
     directory = f"{path.rstrip('/')}/{AUDITS_FILE}"
     try:
         known = read_audits(uri).to_pylist()

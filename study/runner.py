@@ -35,6 +35,7 @@ from study.optuna_storage import experiment_storage
 from study.paths import (
     LocationError,
     check_locations,
+    filesystem,
     join_location,
     resolve_location,
     resolve_paths,
@@ -44,14 +45,16 @@ from study.space import NoiseBudget, check_space, make_search, noise_budget
 from study.spec import SpecError, StudySpec, check_against_data, load_spec
 from study.status import SPEC_FILE
 from study.trackers import tracker_callbacks
+from trainables.compat import autoscaler_cluster_config
 from trainables.config import load_yaml
 from trainables.data import dataset_size
+from trainables.errors import InputError
 from trainables.placement import ALLOC_CONF
 from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
 from trainables.tune_trainable import run_trial
 
 
-class StudyExistsError(RuntimeError):
+class StudyExistsError(InputError, RuntimeError):
     """``run`` would overwrite an existing experiment."""
 
 
@@ -104,21 +107,15 @@ def experiment_dir(spec: StudySpec) -> str:
     return join_location(spec.storage_path, spec.name)
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    from study.paths import filesystem
-
-    return filesystem(path, "storage")
-
-
 def _exists(path: str) -> bool:
-    fs, where = _filesystem(path)
+    fs, where = filesystem(path, "storage")
     return fs.get_file_info(where).type != pafs.FileType.NotFound
 
 
 def save_spec(spec: StudySpec, directory: str, name: str = SPEC_FILE) -> None:
     """Write the resolved spec next to Tune's experiment state (or, named after the study,
     into its results directory, where ``dpstudy confirm RESULTS`` finds it)."""
-    fs, where = _filesystem(directory)
+    fs, where = filesystem(directory, "storage")
     fs.create_dir(where, recursive=True)
     with fs.open_output_stream(posixpath.join(where, name)) as out:
         out.write(yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
@@ -131,7 +128,7 @@ def results_spec_name(study: str) -> str:
 
 def is_experiment_dir(location: str) -> bool:
     """Whether ``location`` is an experiment directory (holds the saved spec)."""
-    fs, where = _filesystem(location)
+    fs, where = filesystem(location, "storage")
     return fs.get_file_info(posixpath.join(where, SPEC_FILE)).type == pafs.FileType.File
 
 
@@ -140,7 +137,7 @@ def find_spec(location: str, study: str | None = None) -> StudySpec:
     directory (``study`` picks one when several studies share it)."""
     if is_experiment_dir(location):
         return read_spec(location)
-    fs, where = _filesystem(location)
+    fs, where = filesystem(location, "storage")
     suffix = "." + SPEC_FILE
     infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
     names = sorted(i.base_name.removesuffix(suffix) for i in infos
@@ -159,7 +156,7 @@ def find_spec(location: str, study: str | None = None) -> StudySpec:
 def read_spec(directory: str) -> StudySpec:
     """The spec saved by :func:`save_spec` in an experiment directory."""
     try:
-        fs, where = _filesystem(directory)
+        fs, where = filesystem(directory, "storage")
     except LocationError as err:
         raise SpecError([f"resume: {err}"]) from None
     path = posixpath.join(where, SPEC_FILE)
@@ -240,12 +237,7 @@ def node_capacity(resource: str) -> tuple[list[float], dict[str, float]]:
     nodes = [float(n.get("Resources", {}).get(resource, 0)) for n in ray.nodes()
              if n.get("Alive")]
     types: dict[str, float] = {}
-    try:  # the autoscaler's node types, as it reported them to the GCS (if it runs)
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 (no autoscaler or an older Ray: nodes only)
-        config = None
+    config = autoscaler_cluster_config()  # the autoscaler's node types, if it runs
     for group in getattr(config, "node_group_configs", []) or []:
         if group.max_count != 0:
             types[group.name] = float(group.resources.get(resource, 0))
@@ -403,7 +395,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
 def restore_tuner(directory: str, trainable: Any) -> Any:
     """``Tuner.restore`` of an interrupted study, after putting back any state file a killed
     driver left truncated (see :mod:`study.tune_state`; Tune would silently start over)."""
-    fs, where = _filesystem(directory)
+    fs, where = filesystem(directory, "storage")
     for name in tune_state.repair(fs, where):
         print(f"resume: {name} was damaged by the interruption; restored the driver's copy",
               file=sys.stderr)
@@ -432,7 +424,7 @@ class _released:
 
 
 def _remove_tree(directory: str) -> None:
-    fs, where = _filesystem(directory)
+    fs, where = filesystem(directory, "storage")
     try:
         fs.delete_dir(where)
     except (FileNotFoundError, OSError):

@@ -30,6 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 from study import optuna_storage
 from study.spec import Param, SpecError, StudySpec
 from trainables.accounting import noise_interval
+from trainables.compat import OptunaSearchState
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def make_search(spec: StudySpec, budget: NoiseBudget | None,
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
 
 
-class StudySearch(OptunaSearch):
+class StudySearch(OptunaSearchState, OptunaSearch):
     """``OptunaSearch`` that tells Optuna a trial stopped early (by ASHA) was PRUNED when
     the objective is multi-objective, so an incomplete trial never enters the Pareto front
     as if it were complete. (Single-objective samplers keep its partial value.)
@@ -267,35 +268,35 @@ class StudySearch(OptunaSearch):
         """Tune's pickled state, then the Optuna study from its journal: the pickled path,
         or the journal next to the state file (an experiment directory that was moved)."""
         super().restore(checkpoint_path)
-        if self._storage is None or self._ot_study is None:
+        if self.optuna_storage is None or self.optuna_study is None:
             return
-        path = optuna_storage.restored_journal(self._storage, checkpoint_path)
+        path = optuna_storage.restored_journal(self.optuna_storage, checkpoint_path)
         if path is not None:
-            self._storage = optuna_storage.open_storage(path)
-            self._ot_study = optuna_storage.reattach(self._ot_study, self._ot_trials,
-                                                     self._storage)
+            self.optuna_storage = optuna_storage.open_storage(path)
+            self.optuna_study = optuna_storage.reattach(self.optuna_study, self.optuna_trials,
+                                                     self.optuna_storage)
 
     def suggest(self, trial_id: str) -> dict | None:
         """Ask Optuna for a trial, and tag it with the Tune trial id (the ``trial_id`` of
         the Parquet results), so both can be joined in the dashboard and in notebooks."""
         config = super().suggest(trial_id)
-        if isinstance(config, dict) and trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+        if isinstance(config, dict) and trial_id in self.optuna_trials:
+            self.optuna_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        trial = self._ot_trials.get(trial_id)
-        if (trial is not None and trial_id not in self._completed_trials
-                and self._storage is not None
-                and optuna_storage.is_finished(self._ot_study, trial)):
-            self._completed_trials.add(trial_id)  # told before a kill; Tune ran it again
+        trial = self.optuna_trials.get(trial_id)
+        if (trial is not None and trial_id not in self.completed_trials
+                and self.optuna_storage is not None
+                and optuna_storage.is_finished(self.optuna_study, trial)):
+            self.completed_trials.add(trial_id)  # told before a kill; Tune ran it again
             return
         stopped = bool(result) and not error and not result.get("finished", False)
         multi = isinstance(self.metric, list)
-        if stopped and multi and trial_id in self._ot_trials:
-            if trial_id not in self._completed_trials:
-                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
+        if stopped and multi and trial_id in self.optuna_trials:
+            if trial_id not in self.completed_trials:
+                self.optuna_study.tell(self.optuna_trials[trial_id], state=TrialState.PRUNED)
+                self.completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)

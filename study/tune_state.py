@@ -40,13 +40,16 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from trainables.compat import ray_session_temp_dir
+from trainables.errors import FailureError
+
 EXPERIMENT_STATE = "experiment_state-*.json"
 SEARCHER_STATE = "searcher-state-*.pkl"
 SEARCH_GEN_STATE = "search_gen_state-*.json"
 BACKUP_DIR = ".dpstudy-state"
 
 
-class DamagedStateError(RuntimeError):
+class DamagedStateError(FailureError, RuntimeError):
     """A state file of the study is truncated and no intact copy was found."""
 
 
@@ -86,14 +89,9 @@ def staged_copies(temp_root: str, study_dir_name: str, file_name: str) -> list[s
 
 def ray_temp_root() -> str:
     """The Ray temp folder of this machine (where driver staging folders live)."""
-    try:
-        import ray
-
-        node = ray._private.worker._global_node  # the running session, if any
-        if node is not None:
-            return node.get_temp_dir_path()
-    except (ImportError, AttributeError):
-        pass
+    running = ray_session_temp_dir()  # the running session, if any
+    if running is not None:
+        return running
     return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
 
 

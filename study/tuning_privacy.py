@@ -34,7 +34,8 @@ import attr
 import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
+
+from trainables.compat import RdpComposeHook, truncated_negative_binomial_gamma
 
 # name -> RepeatAndSelectDpEvent shape (None: the spec's own ``shape``, in (0, inf))
 DISTRIBUTIONS: dict[str, float | None] = {
@@ -51,30 +52,26 @@ class WorstOfDpEvent(dp_event.DpEvent):
     events: Sequence[dp_event.DpEvent]
 
 
-class StudyRdpAccountant(RdpAccountant):
+class StudyRdpAccountant(RdpComposeHook, RdpAccountant):
     """``RdpAccountant`` that also composes :class:`WorstOfDpEvent` (each sub-event is
     accounted by a fresh ``RdpAccountant`` on the same orders; the maximum is taken order
     by order). Everything else is the library's own composition, including
     ``RepeatAndSelectDpEvent`` wrapped around a ``WorstOfDpEvent``."""
 
-    def _maybe_compose(self, event: dp_event.DpEvent, count: int, do_compose: bool):
+    def compose_event(self, event: dp_event.DpEvent, count: int, do_compose: bool):
         if not isinstance(event, WorstOfDpEvent):
-            return super()._maybe_compose(event, count, do_compose)
+            return self.library_compose(event, count, do_compose)
         curves = []
         for sub in event.events:
-            acc = StudyRdpAccountant(orders=self._orders,
+            acc = StudyRdpAccountant(orders=self.orders,
                                      neighboring_relation=self.neighboring_relation)
-            error = acc._maybe_compose(sub, 1, True)
+            error = acc.compose_event(sub, 1, True)
             if error is not None:
                 return error
             curves.append(acc.rdp_curve())
         if do_compose:
-            self._rdp = self._rdp + count * np.max(np.stack(curves), axis=0)
+            self.add_rdp(count * np.max(np.stack(curves), axis=0))
         return None
-
-    def rdp_curve(self) -> np.ndarray:
-        """The RDP of everything composed so far, one value per order."""
-        return np.array(self._rdp, dtype=np.float64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +170,7 @@ def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
         return int(rng.poisson(mean))
     if mean == 1:
         return 1
-    gamma = rdp_module._gamma_truncated_negative_binomial(eta, mean)
+    gamma = truncated_negative_binomial_gamma(eta, mean)
     if eta == 0:
         return int(rng.logseries(1.0 - gamma))
     if eta == 1:

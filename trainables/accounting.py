@@ -29,9 +29,10 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from trainables.config import PrivacyConfig
+from trainables.errors import InputError
 
 
-class BudgetError(ValueError):
+class BudgetError(InputError, ValueError):
     """The requested configuration cannot train even one epoch within the budget."""
 
 

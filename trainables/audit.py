@@ -33,6 +33,7 @@ import torch
 from trainables.accounting import steps_per_epoch
 from trainables.canaries import DiracCanaries, MislabeledCanaries
 from trainables.config import ConfigError, TrialConfig
+from trainables.errors import FailureError
 from trainables.optimizer import MaskedDPOptimizer
 from trainables.train import Run, build_run, evaluate, train_epoch
 
@@ -41,7 +42,7 @@ MISSING_EXTRA = ("dpstudy audit needs jax-privacy for its bound; install it with
                  "pip install 'dpstudy[audit]'")
 
 
-class AuditUnavailableError(ImportError):
+class AuditUnavailableError(FailureError, ImportError):
     """``jax-privacy`` (the ``dpstudy[audit]`` extra) is not installed."""
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from trainables.accounting import PrivacyPlan
+from trainables.errors import InputError
 from trainables.randomness import generator_records, restore_generators
 
 FILENAME = "checkpoint.pt"
@@ -43,7 +44,7 @@ _KEYS = ("model", "optimizer", "accountant", "masks", "selector", "rng", "progre
          "config")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint that cannot be resumed: the message names the file and the problem."""
 
 

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from trainables.errors import InputError
+
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-5k", "idx")
 MODELS = ("cnn-mnist", "cnn-cifar10", "resnet18")
 PRUNING_CRITERIA = ("random", "magnitude", "snip")
@@ -42,8 +44,10 @@ MAX_BATCH_SIZE = 2**24
 MAX_EXAMPLES = 10**9
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """One or more invalid configuration values; ``problems`` lists each one."""
+
+    prefix = ""  # the message is the list of problems (a spec error adds its own header)
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from trainables.config import DataConfig
+from trainables.errors import InputError
 
 _SPLIT_SEED = 0  # fixed, not the trial seed: every trial sees the same mnist-5k split
 _IMAGES_MAGIC = (0x0803, 0x0804)  # uint8, 3 dims (N, H, W) or 4 dims
@@ -48,7 +49,7 @@ NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 TORCHVISION_TRAIN_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
 
 
-class DataUnavailableError(FileNotFoundError):
+class DataUnavailableError(InputError, FileNotFoundError):
     """The dataset's files are not on this machine and could not be obtained."""
 
 

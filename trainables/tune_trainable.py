@@ -31,6 +31,7 @@ import tempfile
 from typing import Any
 
 from trainables import checkpoint, placement
+from trainables.compat import trial_storage
 from trainables.train import train
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_\d{6}")
@@ -55,7 +56,7 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
     assigned_gpus = list(ray.get_gpu_ids())
     gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU")
     work = tempfile.mkdtemp(prefix="dpstudy-trial-")
-    storage = _trial_storage()
+    storage = trial_storage()
     handed_back = tune.get_checkpoint()
     resume_dir = newest_checkpoint(_candidates(handed_back, storage), work,
                                    required=handed_back is not None)
@@ -94,18 +95,6 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
     finally:
         shutil.rmtree(work, ignore_errors=True)
         placement.release_memory(device)
-
-
-def _trial_storage() -> tuple[Any, str] | None:
-    """The pyarrow filesystem and path of this trial's folder in the study's storage, or
-    None if Ray does not say."""
-    try:  # Ray 2.60 keeps the trial's storage on its session; no public accessor
-        from ray.train._internal.session import get_session
-
-        storage = get_session().storage
-        return storage.storage_filesystem, storage.trial_fs_path
-    except (ImportError, AttributeError, RuntimeError):
-        return None
 
 
 def own_checkpoint_dir(storage: tuple[Any, str] | None) -> str | None:

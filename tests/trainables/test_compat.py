@@ -1,0 +1,94 @@
+"""The private APIs of other libraries that ``trainables.compat`` relies on are still where
+it expects them: each test fails when an upgrade moves one (see ``CHECKED_AGAINST``)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+
+from trainables import compat
+
+
+class _Accountant(compat.RdpComposeHook, RdpAccountant):
+    """Doubles every Gaussian event through the public hook."""
+
+    def compose_event(self, event, count, do_compose):
+        if isinstance(event, dp_event.GaussianDpEvent):
+            return self.library_compose(event, 2 * count, do_compose)
+        return self.library_compose(event, count, do_compose)
+
+
+def test_rdp_hook_reaches_the_library_composition_and_its_state() -> None:
+    orders = [2.0, 4.0, 8.0, 16.0]
+    event = dp_event.GaussianDpEvent(2.0)
+    hooked, plain = _Accountant(orders=orders), RdpAccountant(orders=orders)
+    hooked.compose(event)            # goes through the library's private _maybe_compose
+    plain.compose(event, count=2)
+    assert np.array_equal(hooked.orders, np.array(orders))
+    assert np.allclose(hooked.rdp_curve(), np.array(orders) / (2 * 2.0**2) * 2)
+    assert math.isclose(hooked.get_epsilon(1e-5), plain.get_epsilon(1e-5))
+    hooked.add_rdp(hooked.rdp_curve())  # composing its own curve once more doubles it
+    plain.compose(event, count=2)
+    assert math.isclose(hooked.get_epsilon(1e-5), plain.get_epsilon(1e-5))
+
+
+def test_rdp_hook_composes_selection_around_a_new_event() -> None:
+    """RepeatAndSelectDpEvent asks the hook for its inner event (the study bound's use)."""
+    inner = dp_event.GaussianDpEvent(3.0)
+    outer = dp_event.RepeatAndSelectDpEvent(inner, mean=5.0, shape=1.0)
+    seen = []
+
+    class Spy(compat.RdpComposeHook, RdpAccountant):
+        def compose_event(self, event, count, do_compose):
+            seen.append(type(event).__name__)
+            return self.library_compose(event, count, do_compose)
+
+    Spy().compose(outer)
+    assert seen[0] == "RepeatAndSelectDpEvent" and "GaussianDpEvent" in seen
+
+
+def test_truncated_negative_binomial_gamma_matches_the_library_mean() -> None:
+    gamma = compat.truncated_negative_binomial_gamma(1.0, 4.0)  # geometric: mean 1/gamma
+    assert math.isclose(gamma, 0.25, rel_tol=1e-6)
+
+
+def test_optuna_search_keeps_its_state_where_the_mixin_reads_it() -> None:
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Search(compat.OptunaSearchState, OptunaSearch):
+        pass
+
+    search = Search(space=lambda trial: {"x": trial.suggest_float("x", 0, 1)},
+                    metric="y", mode="max")
+    assert search.optuna_study is not None and search.optuna_storage is None
+    config = search.suggest("t1")
+    assert "x" in config and "t1" in search.optuna_trials
+    search.on_trial_complete("t1", {"y": 1.0, "x": config["x"]})
+    assert "t1" in search.completed_trials
+    assert search.optuna_study.trials[0].value == 1.0
+    search.optuna_study = None
+    assert search._ot_study is None
+
+
+def test_ray_private_accessors_exist() -> None:
+    import ray
+    from ray._private.state import state
+
+    assert hasattr(ray._private.worker, "_global_node")
+    assert callable(state.get_cluster_config)
+    assert compat.autoscaler_cluster_config() is None or hasattr(
+        compat.autoscaler_cluster_config(), "node_group_configs")
+    if not ray.is_initialized():
+        assert compat.ray_session_temp_dir() is None
+
+
+def test_trial_storage_is_a_tune_context_developer_api() -> None:
+    from ray import tune
+
+    assert callable(getattr(tune.get_context(), "get_storage", None))
+    assert compat.trial_storage() is None  # outside a trial

@@ -1,0 +1,140 @@
+"""Every use of another library's private (or developer-only) API, in one place.
+
+Each entry names the version it was checked against; ``tests/trainables/test_compat.py``
+fails when one of them moves, so an upgrade shows here and nowhere else. Nothing is
+imported at module level: the Ray and Optuna pieces are mixins and lazy functions, so this
+module costs nothing to import and ``trainables`` still imports no Optuna.
+
+- Ray 2.60: the running node's temp folder (``ray._private.worker._global_node``), the
+  autoscaler's node types (``ray._private.state.state.get_cluster_config``), and a trial's
+  storage (``TuneContext.get_storage``, a ``DeveloperAPI``).
+- Ray 2.60's ``OptunaSearch``: its Optuna study, asked trials, storage and completed set
+  (``_ot_study``, ``_ot_trials``, ``_storage``, ``_completed_trials``), by
+  :class:`OptunaSearchState`.
+- dp-accounting 0.6.0's ``RdpAccountant``: its orders and RDP curve (``_orders``, ``_rdp``)
+  and its composition hook (``_maybe_compose``), by :class:`RdpComposeHook`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The versions each shim was checked against (see the module docstring).
+CHECKED_AGAINST = {"ray": "2.60.0", "dp-accounting": "0.6.0"}
+
+
+# -- Ray ---------------------------------------------------------------------------------
+
+
+def ray_session_temp_dir() -> str | None:
+    """The temp folder of the Ray session this process is attached to, or None."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+    except (ImportError, AttributeError):
+        return None
+    return None if node is None else node.get_temp_dir_path()
+
+
+def autoscaler_cluster_config() -> Any | None:
+    """The autoscaler's cluster config as it reported it to the GCS (node types with
+    ``name``, ``resources``, ``max_count``), or None without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        return state.get_cluster_config()
+    except Exception:  # noqa: BLE001 (no autoscaler, no GCS, or an older Ray)
+        return None
+
+
+def trial_storage() -> tuple[Any, str] | None:
+    """``(pyarrow filesystem, trial folder)`` of the Tune trial running in this process,
+    or None outside a trial."""
+    try:
+        from ray import tune
+
+        storage = tune.get_context().get_storage()
+        return storage.storage_filesystem, storage.trial_fs_path
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+class OptunaSearchState:
+    """Mixin for Ray Tune's ``OptunaSearch``: public names for the state it keeps in
+    private attributes. Put it first in the bases: ``class S(OptunaSearchState,
+    OptunaSearch)``."""
+
+    @property
+    def optuna_study(self) -> Any:
+        """The ``optuna.Study`` the searcher asks and tells (None before setup)."""
+        return self._ot_study
+
+    @optuna_study.setter
+    def optuna_study(self, study: Any) -> None:
+        self._ot_study = study
+
+    @property
+    def optuna_storage(self) -> Any:
+        """The Optuna storage the study persists to (None: in memory)."""
+        return self._storage
+
+    @optuna_storage.setter
+    def optuna_storage(self, storage: Any) -> None:
+        self._storage = storage
+
+    @property
+    def optuna_trials(self) -> dict[str, Any]:
+        """Tune trial id -> the ``optuna.Trial`` asked for it."""
+        return self._ot_trials
+
+    @property
+    def completed_trials(self) -> set[str]:
+        """Tune trial ids already told to Optuna."""
+        return self._completed_trials
+
+
+# -- dp-accounting -----------------------------------------------------------------------
+
+
+class RdpComposeHook:
+    """Mixin for dp-accounting's ``RdpAccountant``: composition of events it does not
+    know goes through the public :meth:`compose_event`; put it first in the bases."""
+
+    def _maybe_compose(self, event: Any, count: int, do_compose: bool) -> Any:
+        return self.compose_event(event, count, do_compose)
+
+    def compose_event(self, event: Any, count: int, do_compose: bool) -> Any:
+        """Compose ``count`` times ``event`` (only check it when not ``do_compose``);
+        return None, or the library's ``CompositionErrorDetails``. Override to handle
+        new events, and call :meth:`library_compose` for the others."""
+        return self.library_compose(event, count, do_compose)
+
+    def library_compose(self, event: Any, count: int, do_compose: bool) -> Any:
+        """The library's own composition of ``event``."""
+        return super()._maybe_compose(event, count, do_compose)
+
+    @property
+    def orders(self) -> Any:
+        """The Renyi orders the accountant tracks (numpy array)."""
+        return self._orders
+
+    def rdp_curve(self) -> Any:
+        """The RDP of everything composed so far, one value per order (a copy)."""
+        import numpy as np
+
+        return np.array(self._rdp, dtype=np.float64)
+
+    def add_rdp(self, curve: Any) -> None:
+        """Compose an RDP curve (one value per order) computed elsewhere."""
+        self._rdp = self._rdp + curve
+
+
+def truncated_negative_binomial_gamma(shape: float, mean: float) -> float:
+    """The parameter gamma of the truncated negative binomial with ``shape`` (eta) and
+    ``mean``, exactly as ``RepeatAndSelectDpEvent`` derives it (dp-accounting 0.6.0's
+    ``_gamma_truncated_negative_binomial``), so a drawn count follows the distribution
+    the bound is computed for."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return float(rdp_privacy_accountant._gamma_truncated_negative_binomial(shape, mean))
