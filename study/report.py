@@ -304,14 +304,20 @@ def privacy_blocks(results_uri: str, study: str | None = None) -> list[tuple]:
     if recorded is None:
         return [("h2", "Study-level privacy"),
                 ("p", "Not recorded (results written before study-level accounting).")]
-    rows = [("Everything released (composition of all trials)",
+    if recorded.epsilon_all is None:
+        reason = "withheld: " + "; ".join(recorded.composition_failed)
+        return [("h2", "Study-level privacy"), ("table", _table([
+            ("Everything released (composition of all trials)", reason),
+            ("Only the selected result released (selection bound)", reason)]))]
+    runs = "all trials" + (f" and {recorded.audits} audit runs" if recorded.audits else "")
+    rows = [(f"Everything released (composition of {runs})",
              f"epsilon {recorded.epsilon_all:.3f}, delta {recorded.delta:g}"),
             ("Only the selected result released (selection bound)",
              "does not apply: " + "; ".join(recorded.failed_assumptions)
              if recorded.epsilon_selected is None else
              f"epsilon {recorded.epsilon_selected:.3f}, delta {recorded.delta:g}")]
     if recorded.not_covered:
-        rows.insert(1, ("Not covered by 'everything released' (no noise on private data)",
+        rows.insert(1, ("Not covered by 'everything released' (no noise; private or test data)",
                         ", ".join(recorded.not_covered) + ": publish the table without them"))
     return [("h2", "Study-level privacy"), ("table", _table(rows)),
             ("p", "Each trial is (epsilon_spent, delta)-DP on its own; a study runs many "
