@@ -415,3 +415,18 @@ def test_audit_runs_appear_in_the_study_statement(tmp_path: Path) -> None:
     assert "1 audit runs" in str(privacy_blocks(spec.results_path, spec.name))
     with pytest.raises(ReleaseError, match="audit runs"):
         release(spec, rows, spec.results_path, str(tmp_path / "out"), experiment=str(tmp_path))
+
+
+def test_run_refuses_a_hand_written_count_before_ray_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from study import runner
+
+    spec = spec_of(storage=str(tmp_path / "runs"), results=str(tmp_path / "r"))
+    experiment = tmp_path / "runs" / "ps"
+    experiment.mkdir(parents=True)
+    (experiment / ps.TRIAL_COUNT_FILE).write_text(json.dumps({"trials": 2}))
+    monkeypatch.setattr(runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(SpecError, match="must record the trial count drawn"):
+        runner.run(spec, None)
+    written = [n for n in os.listdir(experiment) if not n.startswith(".")]  # .dpstudy-lock
+    assert written == [ps.TRIAL_COUNT_FILE]  # no spec, no Tune state
