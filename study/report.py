@@ -118,8 +118,8 @@ def noise_note(trials: pd.DataFrame) -> str:
     seeded = int((flags == True).sum())  # noqa: E712 (nullable column: True, False or NA)
     if seeded:
         return (f"reproducible_noise in {seeded} of {len(trials)} trials: their noise is "
-                f"seeded from the recorded seed, so their privacy guarantee assumes that seed "
-                f"stays secret")
+                f"seeded from the recorded seed, so each trial's guarantee assumes that seed "
+                f"stays secret, and no study-level bound holds (trials share their noise)")
     if flags.isna().all() and len(trials):
         return "not recorded (results written before the reproducible_noise column)"
     return "secret seed per trial (OS randomness, kept only in private checkpoints)"

@@ -8,11 +8,8 @@ files, which no accountant would cover). Test and public data from another datas
 through the same transform as the training data, since the same model sees them all.
 
 The carved validation split assigns each example by a keyed hash of that example alone
-(:func:`validation_indices`), so adding or removing one example moves no other. Its size
-therefore varies around :func:`validation_size`; the sizes that enter privacy accounting
-(the ``n`` of the sample rate, the denominator of the DP score) are the *nominal* sizes of
-:func:`dataset_size` and :func:`nominal_validation_size`, fixed by the dataset's size and
-the config, never the sizes of the splits drawn.
+(:func:`validation_indices`); the sizes that enter privacy accounting are the *nominal*
+sizes of :func:`dataset_size` and :func:`nominal_validation_size`, never those drawn.
 
 Registry (:data:`LOADERS`):
 
@@ -145,10 +142,9 @@ def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:
 
 
 def dataset_size(config: DataConfig, *, seed: int = 0) -> int:
-    """The nominal number n of private training examples: the dataset's training size less
-    the nominal validation split (:func:`validation_size`) and the public hold-out. It is
-    the n of every sample rate (q = batch / n), a function of the dataset's size and the
-    config only (the carved split's own size varies by example); downloads nothing."""
+    """The nominal number n of private training examples, the n of every sample rate q =
+    batch / n: the training size less :func:`validation_size` and the public hold-out (a
+    function of the dataset's size and the config only); downloads nothing."""
     total = _raw_train_size(config)
     total -= validation_size(total, config.carved_validation_fraction)
     size = config.public.size if config.public is not None else None
@@ -158,10 +154,9 @@ def dataset_size(config: DataConfig, *, seed: int = 0) -> int:
 
 
 def nominal_validation_size(config: DataConfig) -> int | None:
-    """The public denominator of the DP validation score: the carved split's nominal size
-    (:func:`validation_size` of the training size), or the size of the dataset given as
-    the validation split (None: no validation split). Never the size of the split drawn,
-    which depends on the private data."""
+    """The public denominator of the DP score: the carved split's :func:`validation_size`,
+    or the size of the dataset given as the validation split (None: none). Never the size
+    of the split drawn, which depends on the private data."""
     if config.validation is not None and config.validation.public:
         if config.public is None:
             return None
@@ -188,11 +183,10 @@ def validation_size(total: int, fraction: float) -> int:
 
 
 def validation_indices(split: Split, fraction: float) -> tuple[torch.Tensor, ...]:
-    """(train, validation) indices into ``split`` (uint8 images): each example goes to
-    validation when a keyed BLAKE2b hash of its own image and label, read as a number in
-    [0, 1), is below ``fraction``. One example's assignment depends on that example only
-    (adding or removing one moves no other), identical examples share it, and every trial
-    of a study sees the same split; both index tensors are sorted."""
+    """(train, validation) sorted indices into ``split`` (uint8 images): an example goes to
+    validation when a keyed BLAKE2b hash of its own image and label, read in [0, 1), is
+    below ``fraction``: its assignment depends on that example only (adding or removing
+    one moves no other), the same for every trial of a study."""
     if fraction <= 0 or len(split) == 0:
         return torch.arange(len(split)), torch.zeros(0, dtype=torch.int64)
     images = split.images.flatten(1).contiguous().numpy()

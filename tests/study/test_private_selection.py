@@ -430,3 +430,35 @@ def test_run_refuses_a_hand_written_count_before_ray_starts(
         runner.run(spec, None)
     written = [n for n in os.listdir(experiment) if not n.startswith(".")]  # .dpstudy-lock
     assert written == [ps.TRIAL_COUNT_FILE]  # no spec, no Tune state
+
+
+def test_progress_and_status_of_a_private_selection_study_show_counts_not_scores(
+        tmp_path: Path) -> None:
+    """A score seen mid-study invites a data-dependent stop: neither the live progress line
+    nor `status` shows one in private selection."""
+    from types import SimpleNamespace
+
+    from study.callbacks import StudyCallback
+    from study.status import study_status
+
+    spec = dataclasses.replace(spec_of(**{
+        "results": str(tmp_path / "r"), "storage": str(tmp_path / "runs"),
+        "privacy__scope": "trial", "search__epochs": 1, "search__batch_size": 256}), trials=3)
+    done = SimpleNamespace(status="TERMINATED", last_result={
+        "finished": True, "val_accuracy": 0.5175, "val_accuracy_dp": 0.5012})
+    line = StudyCallback(spec).progress_line([done])
+    assert "1/3 done" in line and "withheld (private selection)" in line
+    assert "0.51" not in line and "0.50" not in line
+    experiment = tmp_path / "runs" / "ps"
+    experiment.mkdir(parents=True)
+    (experiment / ps.TRIAL_COUNT_FILE).write_text(json.dumps(count_record(3)))
+    (experiment / "dpstudy-spec.yaml").write_text(yaml.safe_dump(
+        dataclasses.replace(spec, trials=None).to_dict()))
+    store = ResultsStore(spec.results_path, spec.name)
+    store.add_trial(completed_rows(spec, 1)[0], [])
+    store.flush()
+    status = study_status(str(experiment))
+    assert "1/3 finished" in status and "withheld (private selection)" in status
+    assert "0.5000" not in status
+    (experiment / ps.TRIAL_COUNT_FILE).write_text(json.dumps({"trials": 3}))
+    assert "trial count refused" in study_status(str(experiment))
