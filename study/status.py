@@ -53,7 +53,7 @@ def study_status(directory: str) -> str:
             f"best {metric} on {split}{warning} {best_text(spec, rows, metric, mode)} | epsilon "
             f"{spec.privacy.epsilon:g} ({spec.privacy.scope}) | {directory}"
             + "".join(f"\n    {line}" for line in ([problem] if problem else [])
-                      + study_privacy_lines(spec.results_path, spec.name)))
+                      + study_privacy_lines(spec.results_path, spec.name, problem)))
 
 
 def best_text(spec: StudySpec, rows: list[dict], metric: str, mode: str) -> str:
@@ -82,8 +82,12 @@ def recorded_trial_count(spec: StudySpec, directory: str) -> tuple[int | None, s
         return None, f"trial count refused: {err.problems[0]}"
 
 
-def study_privacy_lines(results: str, study: str | None = None) -> list[str]:
-    """The study's (epsilon, delta) under both release models, from its Parquet metadata."""
+def study_privacy_lines(results: str, study: str | None = None,
+                        refused: str | None = None) -> list[str]:
+    """The study's (epsilon, delta) under both release models, from its Parquet metadata;
+    ``refused``: why its trial count no longer checks out (no selection bound then)."""
+    import dataclasses
+
     from study.private_selection import read_study_privacy
 
     try:
@@ -92,6 +96,9 @@ def study_privacy_lines(results: str, study: str | None = None) -> list[str]:
         return []
     if recorded is None:
         return ["study privacy: not recorded (results written before study-level accounting)"]
+    if refused and recorded.epsilon_selected is not None:
+        recorded = dataclasses.replace(recorded, epsilon_selected=None,
+                                       failed_assumptions=(refused,))
     return [f"study privacy, {line}" for line in recorded.lines()]
 
 

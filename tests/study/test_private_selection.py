@@ -460,5 +460,13 @@ def test_progress_and_status_of_a_private_selection_study_show_counts_not_scores
     status = study_status(str(experiment))
     assert "1/3 finished" in status and "withheld (private selection)" in status
     assert "0.5000" not in status
+    # a complete study whose count file no longer is its seed's draw: no selection bound
+    for row in completed_rows(spec, 3):
+        store.add_trial(row, [])
+    store.metadata.update(ps.study_privacy_metadata(spec, store))
+    store.flush()
+    assert "only the selected result released: epsilon" in study_status(str(experiment))
     (experiment / ps.TRIAL_COUNT_FILE).write_text(json.dumps({"trials": 3}))
-    assert "trial count refused" in study_status(str(experiment))
+    refused = study_status(str(experiment))
+    assert "trial count refused" in refused
+    assert "only the selected result released: bound does not apply: trial count" in refused
