@@ -200,7 +200,8 @@ class StudyCallback(Callback):
 
     def progress_line(self, trials: list) -> str:
         """``[name] 2/8 done (1 stopped early), 2 running, 0 failed, best ...`` where best is
-        over the trials that completed."""
+        over the trials that completed (withheld in a private-selection study, whose
+        scores are private until the release)."""
         counts: dict[str, int] = {}
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
@@ -214,6 +215,8 @@ class StudyCallback(Callback):
         stopped = sum(1 for t in trials if t.status == "TERMINATED"
                       and not (t.last_result or {}).get("finished"))
         best_text = f"{best:.4f}" if best is not None else "-"
+        if self.spec.selection.private:  # counts only: scores seen mid-study invite a stop
+            best_text = "withheld (private selection)"
         return (f"[{self.spec.name}{self.label}] {counts.get('TERMINATED', 0)}/{self.total} done"
                 f" ({stopped} stopped early), {counts.get('RUNNING', 0)} running, "
                 f"{counts.get('ERROR', 0)} failed | best {metric} {best_text} | "

@@ -15,6 +15,7 @@ The bounds themselves are pure functions in :mod:`study.tuning_privacy`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -26,12 +27,16 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from study import selection
+from study.paths import filesystem
 from study.selection_spec import validation_noise, validation_public
 from study.spec import SpecError, StudySpec
 from study.tuning_privacy import (
     StudyPrivacy,
     TrialMechanism,
     calibrate_noise,
+    composition_assumptions,
+    composition_epsilon,
     draw_trial_count,
     epsilon_of,
     selection_assumptions,
@@ -48,31 +53,49 @@ _BOUNDED = ("batch_size", "epochs", "max_epochs", "noise_multiplier")
 
 # --- the number of trials -------------------------------------------------------------
 
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-
-
 def trial_count(spec: StudySpec, directory: str) -> int:
     """The drawn number of trials of a private-selection study (``spec.trials`` otherwise):
-    read from ``directory`` if recorded there, else drawn and recorded."""
+    read from ``directory`` if recorded there (and checked, :func:`recorded_trial_count`),
+    else drawn and recorded."""
     if not spec.selection.private:
         return int(spec.trials)
-    fs, where = _fs(directory)
-    path = posixpath.join(where, TRIAL_COUNT_FILE)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            return int(json.loads(f.read().decode())["trials"])
+    recorded = recorded_trial_count(spec, directory)
+    if recorded is not None:
+        return recorded
+    fs, where = filesystem(directory, "storage")
     t = spec.selection.trials
     seed = secrets.randbits(63)  # never derived from anything written out but this file
     count = draw_trial_count(t.distribution, mean=t.mean, shape=t.shape, seed=seed)
     fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(path) as out:
+    with fs.open_output_stream(posixpath.join(where, TRIAL_COUNT_FILE)) as out:
         out.write(json.dumps({"trials": count, "seed": seed, "distribution": t.distribution,
                               "mean": t.mean, "shape": t.shape}).encode())
+    return count
+
+
+def recorded_trial_count(spec: StudySpec, directory: str) -> int | None:
+    """The count recorded in ``directory`` (None: none yet), refused (``SpecError``) unless
+    it is the draw of its recorded seed from the spec's declared distribution: a count
+    chosen by hand is a fixed number of trials, which voids the selection bound."""
+    fs, where = filesystem(directory, "storage")
+    path = posixpath.join(where, TRIAL_COUNT_FILE)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        raw = f.read().decode()
+    t = spec.selection.trials
+    try:
+        data = json.loads(raw)
+        seed, count = int(data["seed"]), int(data["trials"])
+        same = (data["distribution"], data["mean"], data["shape"]) == (
+            t.distribution, t.mean, t.shape)
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if not same or draw_trial_count(t.distribution, mean=t.mean, shape=t.shape,
+                                    seed=seed) != count:
+        raise SpecError([f"{path}: must record the trial count drawn from search.trials "
+                         f"with its seed (a count not drawn so voids the selection bound) "
+                         f"(got {raw.strip()[:200]})"])
     return count
 
 
@@ -142,6 +165,10 @@ class StudyBudget:
 
     def describe(self, spec: StudySpec) -> str:
         """The line printed before running."""
+        failed = composition_assumptions(reproducible_noise=spec.reproducible_noise)
+        if failed:
+            return (f"study budget epsilon={spec.privacy.epsilon:g}: withheld: {failed[0]}; "
+                    f"per trial: noise multiplier {self.noise_multiplier:.4g}")
         return (f"study budget epsilon={spec.privacy.epsilon:g}, delta={spec.privacy.delta:g} "
                 f"(selection bound {self.epsilon:.3f}); per trial: noise multiplier "
                 f"{self.noise_multiplier:.4g}, epsilon <= {self.per_trial_epsilon:.3f}")
@@ -196,39 +223,78 @@ def mechanism_of(row: dict[str, Any]) -> TrialMechanism | None:
                           val_releases=int(row.get("val_releases") or 0))
 
 
-def assumptions(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
-    """Why the selection bound does not apply to this study (empty: it applies)."""
-    failed = selection_assumptions(
+def assumptions(spec: StudySpec, rows: list[dict[str, Any]],
+                audits: list[dict[str, Any]] = ()) -> list[str]:
+    """Why the selection bound does not apply to this study's design and runs (empty: it
+    applies, once every drawn trial has completed: :func:`completion_problems`)."""
+    failed = composition_problems(spec, rows)
+    failed += selection_assumptions(
         mode=spec.selection.mode, sampler=spec.sampler, scheduler=spec.scheduler.name,
         scores_private=not validation_public(spec), scores_dp=spec.validation.dp)
     failed += [f"{name} is a continuous range: one trial's mechanism has no finite worst "
                f"case (give a fixed value or choices)" for name in continuous_ranges(spec)]
     if any(r.get("stage") == "confirm" for r in rows):
         failed.append("confirmation re-runs are further releases outside the selection")
+    if audits:
+        failed.append(f"{len(audits)} audit runs (dpstudy audit) re-trained on the private "
+                      f"data outside the selection")
     return failed
 
 
-def study_privacy_of(spec: StudySpec, rows: list[dict[str, Any]], n: int) -> StudyPrivacy:
-    """Both release models for the trials in ``rows`` (all stages: each one ran)."""
-    run = [m for m in map(mechanism_of, rows) if m is not None]
-    failed = assumptions(spec, rows)
+def composition_problems(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
+    """Why not even the composition of every run bounds the study (empty: it does)."""
+    return composition_assumptions(reproducible_noise=bool(
+        spec.reproducible_noise or any(r.get("reproducible_noise") for r in rows)))
+
+
+def completion_problems(spec: StudySpec, rows: list[dict[str, Any]],
+                        drawn: int | None) -> list[str]:
+    """Papernot-Steinke bound the best of *all* K drawn runs: a private-selection study
+    whose search trials are not exactly its ``drawn`` K, every one completed, has stopped
+    early (a stop decided after seeing results is data-dependent) and is not covered."""
+    if not spec.selection.private:
+        return []
+    if drawn is None:
+        return ["the drawn number of trials is not known (no dpstudy-trial-count.json)"]
+    search = [r for r in rows if selection.is_search(r)]
+    completed = sum(1 for r in search if r.get("status") == "completed")
+    if len(search) == completed == drawn:
+        return []
+    return [f"{completed} of the {drawn} drawn search trials completed ({len(search)} "
+            f"recorded): the selection bound needs every drawn trial completed, and stopping "
+            f"earlier is a data-dependent stop (resume the study to finish them)"]
+
+
+def study_privacy_of(spec: StudySpec, rows: list[dict[str, Any]], n: int, *,
+                     drawn: int | None = None,
+                     audits: list[dict[str, Any]] = ()) -> StudyPrivacy:
+    """Both release models for the trials in ``rows`` (all stages: each one ran) and the
+    ``audits`` (audit rows of this study: each re-trained on the private data). ``drawn``
+    is a private-selection study's verified trial count (default ``spec.trials``, which the
+    runner sets to it)."""
+    run = [m for m in map(mechanism_of, [*rows, *audits]) if m is not None]
+    failed = assumptions(spec, rows, audits)
+    failed += completion_problems(spec, rows, drawn if drawn is not None else spec.trials)
     mean = shape = None
     possible: list[TrialMechanism] = []
     if not failed:
         t = spec.selection.trials
         mean, shape = t.mean, t.event_shape
         possible = list(_possible(spec, n))
+    not_covered = non_dp_columns(spec) + (("audits.test_accuracy",) if audits else ())
     return study_privacy(run, delta=spec.privacy.delta, failed_assumptions=failed,
-                         possible=possible, mean=mean, shape=shape,
-                         not_covered=non_dp_columns(spec))
+                         possible=possible, mean=mean, shape=shape, not_covered=not_covered,
+                         composition_failed=composition_problems(spec, rows),
+                         audits=sum(1 for a in audits if mechanism_of(a) is not None))
 
 
 def non_dp_columns(spec: StudySpec) -> tuple[str, ...]:
-    """Columns of the results that are computed on private data without noise, so that no
-    accountant covers them: the training loss (private batches) always, the plain
-    validation scores when the validation split is private (carved from the training
-    data or given as a private dataset). DP scores (``val_accuracy_dp``) are covered."""
-    columns = ["train_loss"]
+    """Columns of the results that are computed without noise on private data, or on the
+    test data, so that no accountant covers them: the training loss (private batches) and
+    the test metrics always, the plain validation scores when the validation split is
+    private (carved from the training data or given as a private dataset). DP scores
+    (``val_accuracy_dp``) are covered."""
+    columns = ["train_loss", "test_accuracy", "best_test_accuracy", "test_loss"]
     if not validation_public(spec):
         columns += ["val_accuracy", "best_val_accuracy", "val_loss"]
     return tuple(columns)
@@ -255,24 +321,59 @@ def train_size(spec: StudySpec) -> int:
 
 
 def study_privacy_metadata(spec: StudySpec, store: Any) -> dict[str, str]:
-    """:func:`privacy_metadata` of the trials in a results store."""
+    """:func:`privacy_metadata` of the trials in a results store (audits are folded in when
+    the statement is read: :func:`read_study_privacy`)."""
     rows = store.trials().to_pylist()
     return privacy_metadata(study_privacy_of(spec, rows, train_size(spec)))
 
 
+def study_audits(results: str, study: str) -> list[dict[str, Any]]:
+    """The audit rows (``audits.parquet``) of ``study`` in a results location."""
+    from study.results import read_audits
+
+    try:
+        return [r for r in read_audits(results).to_pylist() if r["study"] == study]
+    except FileNotFoundError:
+        return []
+
+
 def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy | None:
-    """The study's (epsilon, delta) as recorded in its Parquet metadata (None if absent)."""
+    """The study's (epsilon, delta) as recorded in its Parquet metadata (None if absent),
+    with the study's audit runs composed in: every audit re-trained on the private data."""
     from study.results import read_metadata
 
-    raw = read_metadata(results, study).get(PRIVACY_METADATA_KEY)
+    meta = read_metadata(results, study)
+    raw = meta.get(PRIVACY_METADATA_KEY)
     if raw is None:
         return None
     data = json.loads(raw)
-    return StudyPrivacy(delta=data["delta"], trials=data["trials"],
-                        epsilon_all=data["epsilon_all"],
-                        epsilon_selected=data["epsilon_selected"],
-                        failed_assumptions=tuple(data["failed_assumptions"]),
-                        not_covered=tuple(data.get("not_covered", ())))
+    recorded = StudyPrivacy(
+        delta=data["delta"], trials=data["trials"], epsilon_all=data["epsilon_all"],
+        epsilon_selected=data["epsilon_selected"],
+        failed_assumptions=tuple(data["failed_assumptions"]),
+        not_covered=tuple(data.get("not_covered", ())),
+        composition_failed=tuple(data.get("composition_failed", ())))
+    name = study or meta.get("dpstudy.study")
+    audits = [a for a in study_audits(results, name) if mechanism_of(a)] if name else []
+    return with_audits(recorded, results, name, audits) if audits else recorded
+
+
+def with_audits(recorded: StudyPrivacy, results: str, study: str,
+                audits: list[dict[str, Any]]) -> StudyPrivacy:
+    """``recorded`` with ``audits`` composed into the composition bound (recomputed over
+    the study's trial rows) and the selection bound withdrawn."""
+    from study.results import read_trials
+
+    rows = [r for r in read_trials(results).to_pylist() if r["study"] == study]
+    run = [m for m in map(mechanism_of, rows + audits) if m is not None]
+    reason = (f"{len(audits)} audit runs (dpstudy audit) re-trained on the private data "
+              f"outside the selection")
+    return dataclasses.replace(
+        recorded, audits=len(audits), epsilon_selected=None,
+        epsilon_all=(None if recorded.epsilon_all is None
+                     else composition_epsilon(run, recorded.delta)),
+        failed_assumptions=tuple(dict.fromkeys([*recorded.failed_assumptions, reason])),
+        not_covered=tuple(dict.fromkeys([*recorded.not_covered, "audits.test_accuracy"])))
 
 
 def is_finite(value: float | None) -> bool:

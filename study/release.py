@@ -8,7 +8,10 @@ noise could be recomputed), the trial seeds or the drawn number of trials: those
 private, and ``PRIVATE.txt`` in the release says so.
 
 A study whose selection bound does not apply (see :mod:`study.private_selection`) is
-refused: nothing is written.
+refused: nothing is written. The bound is recomputed here from the results, the study's
+audits and the trial count recorded in the experiment directory (checked to be the draw of
+its recorded seed), so a study interrupted before all its drawn trials completed, or one
+run with a count chosen by hand, is refused.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from study import hyperparameters, selection
-from study.private_selection import read_study_privacy, study_privacy_of, train_size
+from study.private_selection import (
+    recorded_trial_count,
+    study_audits,
+    study_privacy_of,
+    train_size,
+)
 from study.selection_spec import selection_metric
-from study.spec import StudySpec
+from study.spec import SpecError, StudySpec
 from trainables.errors import InputError
 
 RELEASE_FILE = "release.json"
@@ -40,6 +48,8 @@ the chosen configuration, its final model weights and its DP validation score.
 What must stay private (not covered; releasing it voids or weakens the guarantee):
 - the results table (trials.parquet, epochs.parquet): every trial's scores, including the
   non-DP validation and test accuracies, and the number of trials that ran;
+- the audits table (audits.parquet): each audit re-trained on the private data (a study
+  with audits is not released under the selection bound at all);
 - the Tune experiment directory: checkpoints (optimizer state, random generator states from
   which the DP noise could be recomputed), the trial seeds, and dpstudy-trial-count.json;
 - any test-set metric of the chosen model (computed on held-out data, not DP).
@@ -88,8 +98,12 @@ def release(spec: StudySpec, rows: list[dict[str, Any]], results: str, out: str,
     (epsilon, delta) into ``out`` (a new or empty directory), atomically."""
     if os.path.isdir(out) and os.listdir(out):
         raise ReleaseError(f"--out: must be a new or empty directory (got {out!r})")
-    privacy = read_study_privacy(results, spec.name) or study_privacy_of(
-        spec, rows, train_size(spec))
+    try:
+        drawn = recorded_trial_count(spec, experiment) if spec.selection.private else None
+    except SpecError as err:
+        raise ReleaseError(f"release: {err.problems[0]}") from None
+    privacy = study_privacy_of(spec, rows, train_size(spec), drawn=drawn,
+                               audits=study_audits(results, spec.name))
     if privacy.epsilon_selected is None:
         raise ReleaseError("release: the selection bound does not apply to this study, so "
                            "no release is covered by it: "

@@ -117,8 +117,8 @@ def noise_note(trials: pd.DataFrame) -> str:
     seeded = int((flags == True).sum())  # noqa: E712 (nullable column: True, False or NA)
     if seeded:
         return (f"reproducible_noise in {seeded} of {len(trials)} trials: their noise is "
-                f"seeded from the recorded seed, so their privacy guarantee assumes that seed "
-                f"stays secret")
+                f"seeded from the recorded seed, so each trial's guarantee assumes that seed "
+                f"stays secret, and no study-level bound holds (trials share their noise)")
     if flags.isna().all() and len(trials):
         return "not recorded (results written before the reproducible_noise column)"
     return "secret seed per trial (OS randomness, kept only in private checkpoints)"
@@ -303,14 +303,20 @@ def privacy_blocks(results_uri: str, study: str | None = None) -> list[tuple]:
     if recorded is None:
         return [("h2", "Study-level privacy"),
                 ("p", "Not recorded (results written before study-level accounting).")]
-    rows = [("Everything released (composition of all trials)",
+    if recorded.epsilon_all is None:
+        reason = "withheld: " + "; ".join(recorded.composition_failed)
+        return [("h2", "Study-level privacy"), ("table", _table([
+            ("Everything released (composition of all trials)", reason),
+            ("Only the selected result released (selection bound)", reason)]))]
+    runs = "all trials" + (f" and {recorded.audits} audit runs" if recorded.audits else "")
+    rows = [(f"Everything released (composition of {runs})",
              f"epsilon {recorded.epsilon_all:.3f}, delta {recorded.delta:g}"),
             ("Only the selected result released (selection bound)",
              "does not apply: " + "; ".join(recorded.failed_assumptions)
              if recorded.epsilon_selected is None else
              f"epsilon {recorded.epsilon_selected:.3f}, delta {recorded.delta:g}")]
     if recorded.not_covered:
-        rows.insert(1, ("Not covered by 'everything released' (no noise on private data)",
+        rows.insert(1, ("Not covered by 'everything released' (no noise; private or test data)",
                         ", ".join(recorded.not_covered) + ": publish the table without them"))
     return [("h2", "Study-level privacy"), ("table", _table(rows)),
             ("p", "Each trial is (epsilon_spent, delta)-DP on its own; a study runs many "

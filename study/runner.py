@@ -347,6 +347,9 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
     with _released(lock):
         _refuse_existing(spec, directory)  # another driver may have won the race
         try:
+            # drawn (or a recorded count checked) before Ray starts: a count file not drawn
+            # from its recorded seed is refused here
+            count = private_selection.trial_count(spec, directory)
             init_ray(address)
             check_capacity(spec)
             if spec.reproducible_noise:
@@ -360,7 +363,6 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
                 lock.release()
                 _remove_tree(directory)
             raise
-        count = private_selection.trial_count(spec, directory)
         if count == 0:  # a Poisson draw of 0: the study runs and releases nothing
             print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
             return _finish(spec, [], False, directory)

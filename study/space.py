@@ -226,8 +226,10 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 
 def baseline_point(spec: StudySpec) -> dict[str, float]:
     """The rates of plain DP-SGD (prune 0, drop 0) for those rates the spec searches and
-    allows 0 for; empty when ``baseline_trial`` is off or no rate is searched."""
-    if not spec.baseline_trial:
+    allows 0 for; empty when ``baseline_trial`` is off or no rate is searched, and in a
+    private-selection study, whose K trials must be identical, independent random draws
+    (a pinned first trial would void the selection bound)."""
+    if not spec.baseline_trial or spec.selection.private:
         return {}
     point = {}
     for name in ("prune_rate", "drop_rate"):

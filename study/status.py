@@ -40,39 +40,54 @@ def study_status(directory: str) -> str:
         pass
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    best = selection.best(rows, metric, mode)
     finished = sum(counts.values())
-    best_text = "-" if best is None else f"{best[metric]:.4f} (test_accuracy " + (
-        f"{best['test_accuracy']:.4f})" if best.get("test_accuracy") is not None else "-)")
     split = spec.objective.selection_split
     warning = " (SELECTED ON TEST: optimistic)" if split == "test" else ""
-    total = spec.trials if spec.trials is not None else recorded_trial_count(directory)
+    total, problem = (spec.trials, None) if spec.trials is not None else \
+        recorded_trial_count(spec, directory)
     total_text = "?" if total is None else str(total)
     remaining = "?" if total is None else str(max(total - finished, 0))
     return (f"{spec.name:<24} {finished}/{total_text} finished "
             f"({counts['completed']} completed, {counts['stopped']} stopped early, "
             f"{counts['failed']} failed), {remaining} remaining | "
-            f"best {metric} on {split}{warning} {best_text} | epsilon "
+            f"best {metric} on {split}{warning} {best_text(spec, rows, metric, mode)} | epsilon "
             f"{spec.privacy.epsilon:g} ({spec.privacy.scope}) | {directory}"
-            + "".join(f"\n    {line}" for line in
-                      study_privacy_lines(spec.results_path, spec.name)))
+            + "".join(f"\n    {line}" for line in ([problem] if problem else [])
+                      + study_privacy_lines(spec.results_path, spec.name, problem)))
 
 
-def recorded_trial_count(directory: str) -> int | None:
-    """The drawn number of trials of a private-selection study, if recorded yet."""
-    import json
+def best_text(spec: StudySpec, rows: list[dict], metric: str, mode: str) -> str:
+    """The best trial's ``VALUE (test_accuracy VALUE)``; for a private-selection study
+    ``withheld``: its scores are private, and a stop decided after seeing them would be
+    data-dependent (the selection bound needs every drawn trial)."""
+    from study import selection
 
-    from study.private_selection import TRIAL_COUNT_FILE
+    if spec.selection.private:
+        return "withheld (private selection)"
+    best = selection.best(rows, metric, mode)
+    value = "-" if best is None else f"{best[metric]:.4f} (test_accuracy " + (
+        f"{best['test_accuracy']:.4f})" if best.get("test_accuracy") is not None else "-)")
+    return value
 
-    path = os.path.join(directory, TRIAL_COUNT_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return int(json.load(f)["trials"])
+
+def recorded_trial_count(spec: StudySpec, directory: str) -> tuple[int | None, str | None]:
+    """The drawn number of trials of a private-selection study, if recorded yet, and why a
+    recorded count was refused (not the draw of its recorded seed)."""
+    from study.private_selection import recorded_trial_count as checked
+    from study.spec import SpecError
+
+    try:
+        return checked(spec, directory), None
+    except SpecError as err:
+        return None, f"trial count refused: {err.problems[0]}"
 
 
-def study_privacy_lines(results: str, study: str | None = None) -> list[str]:
-    """The study's (epsilon, delta) under both release models, from its Parquet metadata."""
+def study_privacy_lines(results: str, study: str | None = None,
+                        refused: str | None = None) -> list[str]:
+    """The study's (epsilon, delta) under both release models, from its Parquet metadata;
+    ``refused``: why its trial count no longer checks out (no selection bound then)."""
+    import dataclasses
+
     from study.private_selection import read_study_privacy
 
     try:
@@ -81,6 +96,9 @@ def study_privacy_lines(results: str, study: str | None = None) -> list[str]:
         return []
     if recorded is None:
         return ["study privacy: not recorded (results written before study-level accounting)"]
+    if refused and recorded.epsilon_selected is not None:
+        recorded = dataclasses.replace(recorded, epsilon_selected=None,
+                                       failed_assumptions=(refused,))
     return [f"study privacy, {line}" for line in recorded.lines()]
 
 

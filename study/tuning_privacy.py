@@ -181,6 +181,18 @@ def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
             return k
 
 
+def composition_assumptions(*, reproducible_noise: bool) -> list[str]:
+    """Why not even the composition of every run bounds a study (empty: it does). With
+    ``reproducible_noise`` every trial draws the same noise and batches from the spec's
+    seed: two trials that differ only in their clip norm cancel the noise by a linear
+    combination, so the trials are not independent mechanisms and neither bound holds."""
+    if not reproducible_noise:
+        return []
+    return ["reproducible_noise is on: every trial draws the same DP noise and batches "
+            "from the spec's seed, so trials can cancel each other's noise (neither the "
+            "composition nor the selection bound holds; turn reproducible_noise off)"]
+
+
 def selection_assumptions(*, mode: str, sampler: str, scheduler: str,
                           scores_private: bool, scores_dp: bool) -> list[str]:
     """Why the selection bound does *not* apply to a study (empty: it applies).
@@ -206,21 +218,33 @@ def selection_assumptions(*, mode: str, sampler: str, scheduler: str,
 
 @dataclass(frozen=True, kw_only=True)
 class StudyPrivacy:
-    """The (epsilon, delta) of a study under both release models."""
+    """The (epsilon, delta) of a study under both release models. A bound is None when an
+    assumption it needs failed: ``failed_assumptions`` for the selection bound,
+    ``composition_failed`` for the composition bound (which then withholds both)."""
 
     delta: float
     trials: int
-    epsilon_all: float
+    epsilon_all: float | None
     epsilon_selected: float | None
     failed_assumptions: tuple[str, ...] = ()
     #: results columns computed on private data without noise: the composition bound holds
     #: for the table only without them
     not_covered: tuple[str, ...] = ()
+    #: why even the composition of every run does not bound the study (empty: it does)
+    composition_failed: tuple[str, ...] = ()
+    #: audit runs (``dpstudy audit``) composed into ``epsilon_all``
+    audits: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable statement of both bounds."""
+        runs = f"{self.trials} trials" + (f" and {self.audits} audit runs" if self.audits
+                                          else "")
+        if self.epsilon_all is None:
+            reason = "; ".join(self.composition_failed)
+            return [f"everything released: bound withheld: {reason}",
+                    f"only the selected result released: bound withheld: {reason}"]
         out = [f"everything released: epsilon {self.epsilon_all:.3f}, delta {self.delta:g} "
-               f"(composition of {self.trials} trials)"]
+               f"(composition of {runs})"]
         if self.epsilon_selected is not None:
             out.append(f"only the selected result released: epsilon "
                        f"{self.epsilon_selected:.3f}, delta {self.delta:g} "
@@ -230,8 +254,8 @@ class StudyPrivacy:
                        + "; ".join(self.failed_assumptions))
         if self.not_covered:
             out.append(f"everything released: not covered: {', '.join(self.not_covered)} "
-                       f"(computed on private data without noise); the bound holds for "
-                       f"the models, the DP scores and the table without these columns")
+                       f"(computed on private or test data without noise); the bound holds "
+                       f"for the models, the DP scores and the tables without these columns")
         return out
 
     def to_dict(self) -> dict:
@@ -239,27 +263,35 @@ class StudyPrivacy:
         return {"delta": self.delta, "trials": self.trials, "epsilon_all": self.epsilon_all,
                 "epsilon_selected": self.epsilon_selected,
                 "failed_assumptions": list(self.failed_assumptions),
-                "not_covered": list(self.not_covered)}
+                "not_covered": list(self.not_covered),
+                "composition_failed": list(self.composition_failed), "audits": self.audits}
 
 
 def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
                   failed_assumptions: Sequence[str],
                   possible: Sequence[TrialMechanism] = (), mean: float | None = None,
-                  shape: float | None = None,
-                  not_covered: Sequence[str] = ()) -> StudyPrivacy:
-    """Both bounds of a study: composition of the trials ``run``; the selection bound over
-    the ``possible`` mechanisms of one trial (default: those run), when no assumption
-    failed. ``not_covered`` names released values that are not DP (see
+                  shape: float | None = None, not_covered: Sequence[str] = (),
+                  composition_failed: Sequence[str] = (), audits: int = 0) -> StudyPrivacy:
+    """Both bounds of a study: composition of the mechanisms ``run`` (trials, then
+    ``audits`` audit runs); the selection bound over the ``possible`` mechanisms of one
+    trial (default: those run), when no assumption failed. ``composition_failed`` withholds
+    both. ``not_covered`` names released values that are not DP (see
     :attr:`StudyPrivacy.not_covered`)."""
+    if composition_failed:
+        return StudyPrivacy(delta=delta, trials=len(run) - audits, epsilon_all=None,
+                            epsilon_selected=None,
+                            failed_assumptions=tuple(failed_assumptions or composition_failed),
+                            not_covered=tuple(not_covered),
+                            composition_failed=tuple(composition_failed), audits=audits)
     selected = None
     if not failed_assumptions and mean is not None and (possible or run):
         selected = selection_epsilon(list(possible or run), mean=mean, shape=shape,
                                      delta=delta)
-    return StudyPrivacy(delta=delta, trials=len(run),
+    return StudyPrivacy(delta=delta, trials=len(run) - audits,
                         epsilon_all=composition_epsilon(run, delta),
                         epsilon_selected=selected,
                         failed_assumptions=tuple(failed_assumptions),
-                        not_covered=tuple(not_covered))
+                        not_covered=tuple(not_covered), audits=audits)
 
 
 def calibrate_noise(*, epsilon: float, delta: float, designs: Sequence[tuple[float, int]],

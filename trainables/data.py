@@ -2,10 +2,14 @@
 
 Every loader returns its train and test data as ``uint8`` images ``(N, C, H, W)`` with
 ``int64`` labels. :func:`load_datasets` scales them to [0, 1] and normalises them with the
-constants in :data:`NORMALISATION`; ``idx`` data uses the per-channel mean and standard
-deviation of its training files (computed without noise: a small leak of the private data,
-accepted as is common practice). Test and public data from another dataset go through the
-same transform as the training data, since the same model sees them all.
+constants in :data:`NORMALISATION`; ``idx`` data, whose statistics no constant knows, with
+the data-independent :data:`IDX_NORMALISATION` (never statistics of the private training
+files, which no accountant would cover). Test and public data from another dataset go
+through the same transform as the training data, since the same model sees them all.
+
+The carved validation split assigns each example by a keyed hash of that example alone
+(:func:`validation_indices`); the sizes that enter privacy accounting are the *nominal*
+sizes of :func:`dataset_size` and :func:`nominal_validation_size`, never those drawn.
 
 Registry (:data:`LOADERS`):
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import math
 import os
 import zlib
@@ -35,6 +40,8 @@ from trainables.config import DataConfig
 from trainables.errors import InputError
 
 _SPLIT_SEED = 0  # fixed, not the trial seed: every trial sees the same mnist-5k split
+#: Key of the per-example validation hash (fixed: every trial sees the same split).
+_VALIDATION_KEY = b"dpstudy-validation-split-v1"
 _IMAGES_MAGIC = (0x0803, 0x0804)  # uint8, 3 dims (N, H, W) or 4 dims
 _LABELS_MAGIC = (0x0801,)  # uint8, 1 dim (N,)
 
@@ -45,6 +52,8 @@ NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+#: Per-channel (mean, std) of ``idx`` images: fixed, independent of the data.
+IDX_NORMALISATION = (0.5, 0.5)
 #: Training-set sizes of the torchvision datasets, so :func:`dataset_size` needs no files.
 TORCHVISION_TRAIN_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
 
@@ -83,6 +92,10 @@ class Datasets:
     image_shape: tuple[int, int, int]
     validation: Split | None = None
     validation_is_public: bool = False
+    #: nominal sizes (:func:`dataset_size`, :func:`nominal_validation_size`): the n of the
+    #: sample rate and the public denominator of the DP validation score
+    nominal_train: int = 0
+    nominal_validation: int | None = None
 
     def to(self, device: torch.device | str) -> Datasets:
         """Every split (whatever splits there are) on ``device``."""
@@ -94,14 +107,15 @@ class Datasets:
 def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:
     """Load ``config``'s dataset into memory.
 
-    The validation split is carved first, stratified with a fixed seed (the same for every
-    trial and seed of a study); ``seed`` picks the public hold-out only, out of what
-    remains. The DP sample rate is computed on the final ``train`` split.
+    The validation split is carved first, each example by its own keyed hash (the same
+    for every trial and seed of a study); ``seed`` picks the public hold-out only, out of
+    what remains. The DP sample rate uses the nominal ``n`` of :func:`dataset_size`.
     """
+    nominal_train = dataset_size(config, seed=seed)  # checks the public hold-out's size
     train, test = _load_raw(config)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     mean, std = _statistics(config.name, train.images)
-    keep, held = validation_indices(train.labels, config.carved_validation_fraction)
+    keep, held = validation_indices(train, config.carved_validation_fraction)
     train, validation = _take(train, keep), (_take(train, held) if len(held) else None)
     public = None
     if config.public is not None and config.public.size is not None:
@@ -123,18 +137,16 @@ def load_datasets(config: DataConfig, *, seed: int = 0) -> Datasets:
         image_shape=tuple(train.images.shape[1:]),
         validation=None if validation is None else _normalise(validation, mean, std),
         validation_is_public=config.validation is not None and config.validation.public,
+        nominal_train=nominal_train,
+        nominal_validation=nominal_validation_size(config),
     )
 
 
 def dataset_size(config: DataConfig, *, seed: int = 0) -> int:
-    """Number of private training examples (validation and public hold-outs removed);
-    downloads nothing."""
-    if config.name in TORCHVISION_TRAIN_SIZES:
-        total = TORCHVISION_TRAIN_SIZES[config.name]
-    elif config.name == "idx":
-        total = len(_read_idx(config.train_labels or "", "labels", _LABELS_MAGIC))
-    else:
-        total = len(_load_raw(config)[0])
+    """The nominal number n of private training examples, the n of every sample rate q =
+    batch / n: the training size less :func:`validation_size` and the public hold-out (a
+    function of the dataset's size and the config only); downloads nothing."""
+    total = _raw_train_size(config)
     total -= validation_size(total, config.carved_validation_fraction)
     size = config.public.size if config.public is not None else None
     if size is not None:
@@ -142,35 +154,49 @@ def dataset_size(config: DataConfig, *, seed: int = 0) -> int:
     return total - (size or 0)
 
 
+def nominal_validation_size(config: DataConfig) -> int | None:
+    """The public denominator of the DP score: the carved split's :func:`validation_size`,
+    or the size of the dataset given as the validation split (None: none). Never the size
+    of the split drawn, which depends on the private data."""
+    if config.validation is not None and config.validation.public:
+        if config.public is None:
+            return None
+        return config.public.size or _raw_train_size(config.public.dataset)
+    if config.validation is not None and config.validation.dataset is not None:
+        return _raw_train_size(config.validation.dataset)
+    return validation_size(_raw_train_size(config), config.carved_validation_fraction) or None
+
+
+def _raw_train_size(config: DataConfig) -> int:
+    if config.name in TORCHVISION_TRAIN_SIZES:
+        return TORCHVISION_TRAIN_SIZES[config.name]
+    if config.name == "idx":
+        return len(_read_idx(config.train_labels or "", "labels", _LABELS_MAGIC))
+    return len(_load_raw(config)[0])
+
+
 def validation_size(total: int, fraction: float) -> int:
-    """How many of ``total`` training examples the validation split takes: ``round(total x
-    fraction)``, at least one when the fraction is positive, never all of them."""
+    """The nominal size of the validation split of ``total`` training examples: ``round(total
+    x fraction)``, at least one when the fraction is positive, never all of them."""
     if fraction <= 0 or total < 2:
         return 0
     return min(total - 1, max(1, round(total * fraction)))
 
 
-def validation_indices(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:
-    """(train, validation) indices into ``labels``: a stratified, deterministic split.
-
-    The validation split has exactly :func:`validation_size` examples, allotted to classes
-    in proportion to their sizes (largest remainder), chosen with a fixed seed so every
-    trial of a study sees the same split; both index tensors are sorted.
-    """
-    k = validation_size(len(labels), fraction)
-    if k == 0:
-        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.int64)
-    classes, counts = torch.unique(labels, return_counts=True)
-    quota = counts.double() * k / len(labels)
-    take = quota.floor().long()
-    order = torch.argsort(quota - take, descending=True, stable=True)
-    take[order[:k - int(take.sum())]] += 1
-    generator = torch.Generator().manual_seed(_SPLIT_SEED)
-    held = []
-    for label, n in zip(classes.tolist(), take.tolist(), strict=True):
-        index = torch.nonzero(labels == label).flatten()
-        held.append(index[torch.randperm(len(index), generator=generator)[:n]])
-    held_index = torch.cat(held).sort().values
+def validation_indices(split: Split, fraction: float) -> tuple[torch.Tensor, ...]:
+    """(train, validation) sorted indices into ``split`` (uint8 images): an example goes to
+    validation when a keyed BLAKE2b hash of its own image and label, read in [0, 1), is
+    below ``fraction``: its assignment depends on that example only (adding or removing
+    one moves no other), the same for every trial of a study."""
+    if fraction <= 0 or len(split) == 0:
+        return torch.arange(len(split)), torch.zeros(0, dtype=torch.int64)
+    images = split.images.flatten(1).contiguous().numpy()
+    labels = split.labels.numpy()
+    threshold = fraction * 2.0 ** 64
+    held = [i for i in range(len(labels)) if int.from_bytes(hashlib.blake2b(
+        images[i].tobytes() + int(labels[i]).to_bytes(8, "little"), digest_size=8,
+        key=_VALIDATION_KEY).digest(), "little") < threshold]
+    held_index = torch.tensor(held, dtype=torch.int64)
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[held_index] = False
     return torch.nonzero(mask).flatten(), held_index
@@ -357,12 +383,14 @@ def _check_shape(field: str, name: str, other: Split, train: Split) -> None:
 
 
 def _statistics(name: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std): the dataset's constants, or :data:`IDX_NORMALISATION` for
+    every channel (fixed, so that no statistic of the private images is used)."""
     if name in NORMALISATION:
         mean, std = NORMALISATION[name]
         return torch.tensor(mean), torch.tensor(std)
-    pixels = images.transpose(0, 1).flatten(1).float() / 255  # (C, N * H * W)
-    std = pixels.std(dim=1)
-    return pixels.mean(dim=1), torch.where(std > 0, std, 1.0)
+    channels = images.shape[1]
+    mean, std = IDX_NORMALISATION
+    return torch.full((channels,), mean), torch.full((channels,), std)
 
 
 def _normalise(split: Split, mean: torch.Tensor, std: torch.Tensor) -> Split:

@@ -48,8 +48,8 @@ SEEDED = ("pruning", "selector")
 
 REPRODUCIBLE_NOISE_WARNING = (
     "reproducible_noise is on: the DP noise and batch sampling are seeded from the spec "
-    "seed, which is written to the results; the privacy guarantee assumes that seed stays "
-    "secret")
+    "seed, which is written to the results; each trial's privacy guarantee assumes that "
+    "seed stays secret, and no study-level bound holds (every trial draws the same noise)")
 
 
 def draw_secret_seed() -> int:

@@ -117,7 +117,7 @@ def build_run(cfg: TrialConfig, *, assigned_gpus: list[Any] | None = None,
     placement.set_determinism(cfg.deterministic)
     device = placement.choose_device(cfg.device, assigned_gpus=assigned_gpus)
     data = load_datasets(cfg.dataset, seed=cfg.seed).to(device)
-    sample_rate = cfg.optim.batch_size / len(data.train)
+    sample_rate = cfg.optim.batch_size / data.nominal_train  # public n, not the split's
     plan = plan_budget(cfg.privacy, sample_rate=sample_rate, max_epochs=cfg.optim.max_epochs)
     generators, seeds = make_generators(cfg.seed, device,
                                         reproducible_noise=cfg.reproducible_noise)
@@ -319,7 +319,7 @@ def release_dp_score(run: Run) -> dict[str, Any]:
                          "validation split (got no validation split)")
     _, accuracy = evaluate(run.model, split, run.config.eval_batch_size, run.device)
     correct = round(accuracy * len(split))
-    score = dp_accuracy(correct, len(split), noise, run.accountant)
+    score = dp_accuracy(correct, run.data.nominal_validation, noise, run.accountant)
     with warnings.catch_warnings():  # PRV at sample rate 1 takes log(0) on a masked branch
         warnings.filterwarnings("ignore", category=RuntimeWarning)
         spent = float(run.accountant.get_epsilon(delta=run.plan.delta))

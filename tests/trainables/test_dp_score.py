@@ -3,15 +3,18 @@ noise scale, its cost in the accountant and in the trial's plan."""
 
 from __future__ import annotations
 
+import gzip
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from opacus.accountants import create_accountant
 from scipy import stats
 
 from trainables.accounting import epsilon_after, plan_budget, release_entry
-from trainables.config import PrivacyConfig
+from trainables.config import DataConfig, PrivacyConfig
 from trainables.dp_score import dp_accuracy, noisy_count, release_rng
 
 
@@ -87,3 +90,76 @@ def test_trial_releases_one_dp_score_counted_in_epsilon_spent() -> None:
         final["steps"], noise_multiplier=final["noise_multiplier"],
         sample_rate=final["sample_rate"], delta=1e-5, accountant="rdp", releases=(10.0,)))
     assert final["budget_used"] == pytest.approx(final["epsilon_spent"] / 3.0)
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """A gzip IDX file holding the uint8 ``array``."""
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    return path
+
+
+def gaussian_renyi(order: float, mean_p: float, std_p: float, mean_q: float,
+                   std_q: float) -> float:
+    """D_order(N(mean_p, std_p^2) || N(mean_q, std_q^2)), the closed form (Gil et al. 2013)."""
+    var = order * std_q**2 + (1 - order) * std_p**2
+    if var <= 0:  # the divergence is infinite at this order
+        return math.inf
+    return (math.log(std_q / std_p) + math.log(std_q**2 / var) / (2 * (order - 1))
+            + order * (mean_p - mean_q) ** 2 / (2 * var))
+
+
+def test_released_score_has_the_renyi_divergence_of_a_sensitivity_1_count(
+        tmp_path: Path) -> None:
+    """Neighbouring training sets D and D + x, x drawn into the validation split: the DP
+    scores they release (noised count over the split's public nominal size) are at most
+    as far apart, order by order, as dp-accounting's GaussianDpEvent(noise) says a
+    sensitivity-1 count is. Dividing by the split's own size (which x changes) is not."""
+    from dp_accounting.dp_event import GaussianDpEvent
+
+    from study.tuning_privacy import StudyRdpAccountant
+    from trainables.data import Split, load_datasets, validation_indices
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (100, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 3, 100)
+    for _ in range(1000):  # a new example with label 0 that the hash puts in validation
+        x = rng.integers(0, 256, (1, 8, 8), dtype=np.uint8)
+        held = validation_indices(Split(torch.from_numpy(x[:, None]), torch.zeros(1,
+                                  dtype=torch.int64)), 0.5)[1]
+        if len(held):
+            break
+    loaded = []
+    for name, (xs, ys) in {"d": (images, labels), "dx": (np.concatenate([images, x]),
+                                                           np.r_[labels, 0])}.items():
+        paths = {k: str(write_idx(tmp_path / f"{name}-{k}", a)) for k, a in
+                 (("train_images", xs), ("train_labels", ys), ("test_images", images[:5]),
+                  ("test_labels", labels[:5]))}
+        loaded.append(load_datasets(DataConfig(name="idx", validation_fraction=0.5, **paths)))
+    d, dx = loaded
+    assert len(dx.validation) == len(d.validation) + 1  # x is in the validation split
+    # a fixed model, "always class 0": x adds one correct prediction
+    correct = [int((s.validation.labels == 0).sum()) for s in (d, dx)]
+    assert correct[1] == correct[0] + 1
+    noise, orders = 10.0, [1.5, 2.0, 4.0, 8.0, 16.0, 32.0]
+    accountant = StudyRdpAccountant(orders=orders)
+    accountant.compose(GaussianDpEvent(noise))
+    allowed = accountant.rdp_curve()
+
+    def divergences(sizes: list[int]) -> np.ndarray:
+        (m0, m1), (c0, c1) = sizes, correct
+        return np.array([max(gaussian_renyi(a, c0 / m0, noise / m0, c1 / m1, noise / m1),
+                             gaussian_renyi(a, c1 / m1, noise / m1, c0 / m0, noise / m0))
+                         for a in orders])
+
+    released = divergences([d.nominal_validation, dx.nominal_validation])
+    assert np.all(released <= allowed * (1 + 1e-9)), (released, allowed)
+    split_sizes = divergences([len(d.validation), len(dx.validation)])
+    assert np.any(split_sizes > allowed * 1.05)  # the old denominator leaks more
+    # and the released score is the noised count over that public size
+    acc = create_accountant("rdp")
+    score = dp_accuracy(correct[0], d.nominal_validation, noise, acc,
+                        rng=np.random.default_rng(1))
+    draw = np.random.default_rng(1).normal(0.0, noise)
+    assert score == pytest.approx((correct[0] + draw) / d.nominal_validation)
