@@ -14,7 +14,7 @@ gradient into a zero-filled buffer. :class:`FastGradSampleModule` keeps its inte
    gradient) and stored as ``p.grad_sample`` (a tensor; a list after accumulation across
    backward passes, as in Opacus).
 
-Fast paths: ``nn.Linear``, ``nn.Conv2d`` (``groups == 1``, zero padding) and
+Fast paths: ``nn.Linear``, ``nn.Conv2d`` (zero padding given as numbers) and
 ``nn.GroupNorm`` (the layers of ``cnn-mnist``, ``cnn-cifar10`` and ``resnet18``). Any other
 layer with an Opacus grad sampler uses that sampler on the same (input, output gradient)
 pair. A model with a layer Opacus can only handle through functorch falls back to Opacus'
@@ -35,16 +35,20 @@ Samplers = dict[nn.Parameter, torch.Tensor]
 
 def conv2d_grad_sample(layer: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> Samplers:
     """Per-sample weight/bias gradients of a 2-D convolution from its input and output
-    gradient: im2col of the input times the output gradient, one matmul per sample."""
-    n = x.shape[0]
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                    stride=layer.stride)  # (n, C*kh*kw, L)
-    g = grad.reshape(n, grad.shape[1], -1)  # (n, O, L)
+    gradient: one weight-gradient convolution with the batch folded into the groups (each
+    sample its own group), so no im2col copy of the input is made."""
+    n, c, o = x.shape[0], layer.in_channels, layer.out_channels
     out: Samplers = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = torch.bmm(g, cols.transpose(1, 2)).view(n, *layer.weight.shape)
+        shape = layer.weight.shape  # (O, C / groups, kh, kw)
+        weight = x.new_empty((n * shape[0], *shape[1:]))  # only its shape is read
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            grad.reshape(1, n * o, *grad.shape[2:]), x.reshape(1, n * c, *x.shape[2:]),
+            weight, None, layer.stride, layer.padding, layer.dilation, False, (0, 0),
+            n * layer.groups, (False, True, False))
+        out[layer.weight] = gw.view(n, *shape)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g.sum(2)
+        out[layer.bias] = grad.sum((2, 3))
     return out
 
 
@@ -89,8 +93,7 @@ FAST_SAMPLERS = {nn.Linear: linear_grad_sample, nn.Conv2d: conv2d_grad_sample,
 def fast_path(module: nn.Module) -> bool:
     """Whether ``module``'s per-sample gradients take one of this module's fast paths."""
     if type(module) is nn.Conv2d:
-        return (module.groups == 1 and module.padding_mode == "zeros"
-                and not isinstance(module.padding, str))
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     return type(module) in FAST_SAMPLERS
 
 

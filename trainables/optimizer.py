@@ -64,14 +64,20 @@ class MaskedDPOptimizer(DPOptimizer):
         return self.selector.select(self.params, self.trainable)
 
     def clip_and_accumulate(self) -> None:
-        """Mask per-sample gradients to the kept coordinates, then clip and sum them."""
+        """Mask per-sample gradients to the kept coordinates, then clip and sum them (into
+        ``p.summed_grad``, accumulating across calls as Opacus does between steps)."""
+        self.mask_grad_samples()
+        super().clip_and_accumulate()
+
+    @torch.no_grad()
+    def mask_grad_samples(self) -> None:
+        """Zero, in place, the per-sample gradients of coordinates not kept this step."""
         for p, keep in zip(self.params, self.keep, strict=True):
             if keep is None or p.grad_sample is None:
                 continue
             samples = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
             for g in samples:
                 g.mul_(keep)  # a bool mask multiplies without a float copy of it
-        super().clip_and_accumulate()
 
     def add_noise(self) -> None:
         """Add Gaussian noise (std = noise_multiplier * max_grad_norm) to kept coordinates."""

@@ -22,11 +22,13 @@ def small_resnet() -> nn.Module:
 
 
 def mixed_model() -> nn.Module:
-    """Every fast layer type with every option the models use, and one sampler fallback
-    (LayerNorm goes through Opacus' own grad sampler on the same activations)."""
+    """Every fast layer type with every option the models use (strides, padding, dilation,
+    groups, no bias), and sampler fallbacks: LayerNorm and a 'same'-padded convolution go
+    through Opacus' own grad samplers on the same activations."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4), nn.Tanh(),
         nn.Conv2d(4, 6, (3, 2), padding=(1, 0), dilation=(1, 2), bias=False), nn.Tanh(),
+        nn.Conv2d(6, 6, 1, groups=3), nn.Conv2d(6, 6, 3, padding="same"),
         nn.Flatten(), nn.LayerNorm(6 * 4 * 2), nn.Linear(6 * 4 * 2, 7), nn.Tanh(),
         nn.Linear(7, 5))
 
@@ -119,9 +121,10 @@ def test_hooks_off_eval_and_public_gradients_use_the_plain_model() -> None:
 
 
 def test_unsupported_layers_fall_back_to_opacus() -> None:
-    """A layer only functorch handles (here a grouped convolution) keeps Opacus' module."""
-    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
-    assert not fast_path(grouped[0])
+    """A layer only functorch handles (PReLU) keeps Opacus' module; a convolution with
+    string padding or reflection padding takes Opacus' conv sampler on the fast module."""
+    assert not fast_path(nn.Conv2d(2, 4, 3, padding="same"))
+    assert not fast_path(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"))
     assert not supported(nn.Sequential(nn.PReLU(), nn.Linear(2, 2)))
     assert type(wrap_model(nn.Sequential(nn.PReLU(), nn.Linear(2, 2)))) is GradSampleModule
     assert type(wrap_model(cnn_mnist(num_classes=10, image_shape=(1, 28, 28)))) \
