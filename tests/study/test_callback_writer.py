@@ -95,3 +95,13 @@ def test_writer_keeps_order_and_wait_blocks_until_written() -> None:
         writer.submit(item)
     writer.wait()
     assert written == items
+
+
+def test_time_line_puts_wall_next_to_training_over_concurrency(tmp_path: Path) -> None:
+    from study.runner import time_line
+
+    grid = [SimpleNamespace(metrics={"wall_time_s": 30.0}), SimpleNamespace(metrics={}),
+            SimpleNamespace(metrics={"wall_time_s": 10.0})]
+    s = spec(tmp_path)  # max_concurrent 1
+    assert time_line(s, grid, 44.0) == ("[writer] time: wall 44.0 s; trials' training 40.0 s "
+                                        "/ concurrency 1 = 40.0 s (1.10x)")
