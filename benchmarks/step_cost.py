@@ -295,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare cnn-mnist width 4 and ResNet-18-GN")
     parser.add_argument("--resnet-batch", type=int, default=32,
                         help="expected batch size of ResNet-18-GN under --models")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); 1 is steadier "
+                             "on a machine other jobs share")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if min(args.steps, args.repeats, args.resnet_batch) < 1 or min(args.warmup,
                                                                    args.phase_steps) < 0:
         parser.error("--steps, --repeats and --resnet-batch must be >= 1, "
