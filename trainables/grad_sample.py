@@ -165,6 +165,7 @@ class FastGradSampleModule(GradSampleModule):
         if not self.hooks_enabled:
             return
         grad = grad.detach()
+        x = x.to(grad.dtype)  # under autocast the saved input may be wider (as Opacus does)
         if self.loss_reduction == "mean":
             grad = grad * x.shape[0]
         params = {id(p) for p in _own_params(module)}
