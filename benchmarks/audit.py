@@ -51,6 +51,7 @@ def cases(claimed: list[float], sabotage_eps: float) -> list[tuple[str, type, fl
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, audit every selected mechanism, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--canaries", type=int, default=5000)
     parser.add_argument("--confidence", type=float, default=0.95)

@@ -203,7 +203,8 @@ def one_moment(moment: str, code: Path, trials: int, epochs: int) -> dict[str, A
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, kill and resume at each moment, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moments", default=",".join(MOMENTS))
     parser.add_argument("--code", default=str(Path(__file__).resolve().parents[1]),
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sys.path.insert(0, args.code)
     rows = [one_moment(m, Path(args.code), args.trials, args.epochs)
             for m in args.moments.split(",")]

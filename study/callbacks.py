@@ -5,7 +5,12 @@ as its own part file, so a killed driver keeps every trial that finished before 
 The write waits for the end of the controller step (``on_step_end``), which comes after
 Tune's experiment-state snapshot of that step: a trial is in Parquet only once Tune's
 state says it ended, so a resume does not run it again. Rows are upserted by trial id,
-so a trial recorded again after a resume is replaced, never duplicated. The callback is
+so a trial recorded again after a resume is replaced, never duplicated. The write itself
+runs on a background writer thread (:class:`Writer`), so it never blocks Tune's
+controller; ``on_experiment_end`` (also reached on Ctrl-C) waits for it. A driver killed
+before the writer finished loses nothing: the run or resume that follows records every
+ended trial its result grid holds and Parquet lacks (:func:`study.runner._finish`). The
+callback is
 pickled into Tune's experiment state and restored by ``dpstudy resume``; it therefore
 holds only plain settings and opens the results store lazily in :meth:`StudyCallback.setup`.
 """
@@ -14,8 +19,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import queue
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from ray.tune import Callback
@@ -86,6 +94,45 @@ def epoch_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{k: epoch.get(k) for k in EPOCH_COLUMNS} for epoch in history]
 
 
+Finished = tuple[str, dict, "dict | None", "str | None"]  # trial id, config, result, error
+
+
+class Writer:
+    """One daemon thread that runs ``write(item)`` for each submitted item, in order.
+
+    The first exception stops nothing: it is kept, later items are still written, and
+    :meth:`wait` raises it once everything submitted so far has been attempted."""
+
+    def __init__(self, write: Callable[[Finished], None]) -> None:
+        self._write = write
+        self._queue: queue.Queue[Finished] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dpstudy-parquet-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Finished) -> None:
+        """Queue ``item`` for writing; returns at once."""
+        self._queue.put(item)
+
+    def wait(self) -> None:
+        """Block until every submitted item was written; re-raise a write's exception."""
+        self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                self._write(item)
+            except BaseException as err:  # noqa: BLE001 (kept for wait() to raise)
+                self._error = self._error or err
+            finally:
+                self._queue.task_done()
+
+
 class StudyCallback(Callback):
     """Writes results as trials finish and prints one concise progress line."""
 
@@ -99,7 +146,8 @@ class StudyCallback(Callback):
 
     def _transient(self) -> None:
         self.store: ResultsStore | None = None
-        self._finished: list[tuple[str, dict, dict | None, str | None]] = []
+        self._finished: list[Finished] = []
+        self._writer: Writer | None = None
         self.stream: TextIO = sys.stdout
         self._last_line, self._last_time = "", 0.0
         self.backup: StateBackup | None = None
@@ -150,14 +198,25 @@ class StudyCallback(Callback):
               file=self.stream, flush=True)
 
     def write_finished(self) -> None:
-        """Record the trials that ended in this step (after Tune's snapshot of it)."""
+        """Hand the trials that ended in this step (after Tune's snapshot of it) to the
+        writer thread; returns without waiting for the write."""
+        if self._finished and self._writer is None:
+            self._writer = Writer(self._write_one)
         while self._finished:
-            trial_id, params, result, error = self._finished[0]
-            self.record(trial_id, params, result or None, error=error)
-            self._finished.pop(0)
+            self._writer.submit(self._finished.pop(0))
+
+    def wait_written(self) -> None:
+        """Block until every trial handed to the writer is in Parquet."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def _write_one(self, item: Finished) -> None:
+        trial_id, params, result, error = item
+        self.record(trial_id, params, result or None, error=error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.write_finished()
+        self.wait_written()
 
     def get_state(self) -> None:
         """Called by Tune right after it wrote its experiment state to the driver's staging

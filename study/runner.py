@@ -19,6 +19,7 @@ import os
 import posixpath
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,7 +374,7 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=make_scheduler(spec),
                                         num_samples=spec.trials, reuse_actors=True),
             run_config=run_config(spec))
-        return _finish(spec, *_fit(tuner), directory)
+        return _finish(spec, *_fit(tuner, spec), directory)
 
 
 def resume(directory: str, *, address: str | None = None) -> Summary:
@@ -391,7 +392,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                              f"was stopped before its first trial started; run it again)"])
         tuner = restore_tuner(directory, make_trainable(spec))
-        return _finish(spec, *_fit(tuner), directory)
+        return _finish(spec, *_fit(tuner, spec), directory)
 
 
 def restore_tuner(directory: str, trainable: Any) -> Any:
@@ -433,8 +434,9 @@ def _remove_tree(directory: str) -> None:
         pass
 
 
-def _fit(tuner: Any) -> tuple[Any, bool]:
-    """``tuner.fit()``, telling an interrupted fit (Ctrl-C) from a finished one.
+def _fit(tuner: Any, spec: StudySpec | None = None) -> tuple[Any, bool]:
+    """``tuner.fit()``, telling an interrupted fit (Ctrl-C) from a finished one; prints
+    :func:`time_line` for ``spec`` when the fit returns.
 
     Tune catches the first SIGINT itself: it saves the experiment state with the running
     trials still RUNNING (so resume continues them), stops them and returns normally. Its
@@ -444,8 +446,11 @@ def _fit(tuner: Any) -> tuple[Any, bool]:
     sentinel = _Sentinel()
     main = _in_main_thread()
     previous = signal.signal(signal.SIGINT, sentinel) if main else None
+    started = time.perf_counter()
     try:
         grid = tuner.fit()
+        if spec is not None:
+            print(time_line(spec, grid, time.perf_counter() - started), flush=True)
     finally:
         tune_handles_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
         interrupted = main and tune_handles_sigint and signal.getsignal(
@@ -453,6 +458,16 @@ def _fit(tuner: Any) -> tuple[Any, bool]:
         if main:
             signal.signal(signal.SIGINT, previous)
     return grid, interrupted
+
+
+def time_line(spec: StudySpec, grid: Any, wall_s: float) -> str:
+    """The fit's wall time next to the ideal: the trials' training time (their reported
+    ``wall_time_s``, training and evaluation) divided by the concurrency."""
+    train = sum(float((r.metrics or {}).get("wall_time_s") or 0.0) for r in grid)
+    ideal = train / spec.max_concurrent
+    ratio = f" ({wall_s / ideal:.2f}x)" if ideal > 0 else ""
+    return (f"[{spec.name}] time: wall {wall_s:.1f} s; trials' training {train:.1f} s / "
+            f"concurrency {spec.max_concurrent} = {ideal:.1f} s{ratio}")
 
 
 class _Sentinel:
@@ -540,7 +555,7 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
                                             reuse_actors=True),
                 run_config=config)
-        grid, interrupted = _fit(tuner)
+        grid, interrupted = _fit(tuner, spec)
     callback = StudyCallback(spec)
     callback.setup()
     for result in grid:  # record any run the callback missed (a killed driver)

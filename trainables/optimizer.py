@@ -7,7 +7,10 @@ noise -> scale -> step) and changes three steps:
    *before* their norms are taken, so clipping sees only the coordinates being trained;
 2. ``add_noise``: Gaussian noise lands only on kept coordinates;
 3. ``step``: coordinates not kept this step (pruned or dropped) keep their value and their
-   optimizer state (momentum, Adam moments) exactly; pruned weights therefore stay 0.
+   optimizer state (momentum, Adam moments) exactly; pruned weights therefore stay 0. With
+   plain SGD (no momentum, no weight decay) a zero gradient is no update, so the step is a
+   masked update (gradient zeroed off the mask); a stateful or decaying optimizer steps,
+   then frozen coordinates and their state are restored from a snapshot.
 
 The keep-mask is ``trainable & selected``: ``trainable`` comes from pre-pruning, fixed for
 the trial; ``selected`` from a :class:`trainables.dropping.Selector`, fresh each step.
@@ -61,21 +64,27 @@ class MaskedDPOptimizer(DPOptimizer):
         return self.selector.select(self.params, self.trainable)
 
     def clip_and_accumulate(self) -> None:
-        """Mask per-sample gradients to the kept coordinates, then clip and sum them."""
+        """Mask per-sample gradients to the kept coordinates, then clip and sum them (into
+        ``p.summed_grad``, accumulating across calls as Opacus does between steps)."""
+        self.mask_grad_samples()
+        super().clip_and_accumulate()
+
+    @torch.no_grad()
+    def mask_grad_samples(self) -> None:
+        """Zero, in place, the per-sample gradients of coordinates not kept this step."""
         for p, keep in zip(self.params, self.keep, strict=True):
             if keep is None or p.grad_sample is None:
                 continue
             samples = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
             for g in samples:
-                g.mul_(keep.to(g.dtype))
-        super().clip_and_accumulate()
+                g.mul_(keep)  # a bool mask multiplies without a float copy of it
 
     def add_noise(self) -> None:
         """Add Gaussian noise (std = noise_multiplier * max_grad_norm) to kept coordinates."""
         super().add_noise()
         for p, keep in zip(self.params, self.keep, strict=True):
             if keep is not None:
-                p.grad.mul_(keep.to(p.grad.dtype))
+                p.grad.mul_(keep)
 
     def pre_step(self, closure: Any = None) -> bool:
         """Choose this step's coordinates, then run Opacus' clip/noise/scale steps."""
@@ -90,12 +99,30 @@ class MaskedDPOptimizer(DPOptimizer):
                 closure()
         if not self.pre_step():
             return None
+        if self.zero_grad_is_no_update():  # a masked update: frozen gradients are 0
+            self._zero_frozen_grads()
+            return self.original_optimizer.step()
         frozen = self._snapshot_frozen()
         loss = self.original_optimizer.step()
         self._restore_frozen(frozen)
         return loss
 
+    def zero_grad_is_no_update(self) -> bool:
+        """Whether the base optimizer leaves a coordinate whose gradient is exactly 0
+        exactly unchanged, with no state: plain SGD (no momentum, no weight decay). Then
+        the masked gradient alone keeps frozen coordinates, with no snapshot to restore."""
+        opt = self.original_optimizer
+        return type(opt) is torch.optim.SGD and all(
+            g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0
+            for g in opt.param_groups)
+
     # -- helpers -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _zero_frozen_grads(self) -> None:
+        for p, keep in zip(self.params, self.keep, strict=True):
+            if keep is not None and p.grad is not None:
+                p.grad.masked_fill_(~keep, 0.0)
 
     @property
     def kept_fraction(self) -> float:

@@ -45,6 +45,7 @@ from trainables.config import OptimConfig, TrialConfig
 from trainables.data import Datasets, Split, load_datasets
 from trainables.dp_score import dp_accuracy
 from trainables.dropping import Selector, make_selector
+from trainables.grad_sample import wrap_model
 from trainables.models import build_model
 from trainables.optimizer import MaskedDPOptimizer
 from trainables.pruning import PruneResult, apply_masks, prune
@@ -124,7 +125,7 @@ def build_run(cfg: TrialConfig, *, assigned_gpus: list[Any] | None = None,
     model = build_model(cfg.model, num_classes=data.num_classes, image_shape=data.image_shape)
     pruned = prune(model, cfg.pruning, public=data.public, generator=generators["pruning"])
     ModuleValidator.validate(pruned.model, strict=True)
-    gsm = GradSampleModule(pruned.model.to(device), batch_first=True, loss_reduction="mean")
+    gsm = wrap_model(pruned.model.to(device))
     selector = make_selector(cfg.dropping, model=gsm, public=data.public,
                              generator=generators["selector"])
     optimizer = make_optimizer(cfg, gsm, pruned, plan, selector, generators["noise"],

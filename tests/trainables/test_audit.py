@@ -176,18 +176,3 @@ def test_white_box_audit_on_cuda() -> None:
     caught = run_audit(config, AuditConfig(canaries=CANARIES),
                        optimizer_cls=SABOTAGES["no-noise"])
     assert caught.epsilon_audited > caught.epsilon_claimed
-
-
-def test_audit_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    """``benchmarks/audit.py`` (one case, two draws of its OS-seeded noise, their median)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "audit.py"
-    spec = importlib.util.spec_from_file_location("audit_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--canaries", "100", "--width", "0.5", "--claimed", "1", "--only",
-                 "no-noise", "--repeats", "2"])
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| no-noise")]
-    assert len(rows) == 3 and rows[-1].startswith("| no-noise: median of 2 |")

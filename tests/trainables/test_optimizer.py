@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from trainables.dropping import MagnitudeSelector, RandomSelector
@@ -104,6 +105,38 @@ def test_unselected_coordinates_and_momentum_untouched() -> None:
             now = opt.original_optimizer.state[p]["momentum_buffer"]
             expected = torch.zeros_like(now) if buf is None else buf
             assert torch.equal(now[~keep], expected[~keep])
+
+
+def test_plain_sgd_keeps_frozen_coordinates_without_a_snapshot(monkeypatch) -> None:
+    """Plain SGD: a masked update (no clone and restore) leaves unselected and pruned
+    coordinates exactly as they were, even when noise reached them (a subclass adding
+    noise everywhere); with momentum the snapshot is still taken."""
+    model = tiny_model()
+    trainable = half_masks(model)
+    selector = RandomSelector(0.5, generator=torch.Generator().manual_seed(5))
+
+    class NoiseEverywhere(MaskedDPOptimizer):
+        def add_noise(self) -> None:
+            DPOptimizer.add_noise(self)  # no masking of the noise
+
+    base = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = NoiseEverywhere(base, trainable=trainable, selector=selector, noise_multiplier=1.0,
+                          max_grad_norm=1.0, expected_batch_size=1, loss_reduction="sum",
+                          generator=torch.Generator().manual_seed(1))
+    assert opt.zero_grad_is_no_update()
+    monkeypatch.setattr(MaskedDPOptimizer, "_snapshot_frozen",
+                        lambda self: pytest.fail("plain SGD took a snapshot"))
+    x, y = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), torch.arange(4) % 3
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        backward_one(model, x, y)
+        opt.step()
+        for p, old, keep in zip(opt.params, before, opt.keep, strict=True):
+            assert torch.equal(p.detach()[~keep], old[~keep])
+            if keep.any():
+                assert not torch.equal(p.detach()[keep], old[keep])
+    assert not masked_optimizer(tiny_model(), momentum=0.9).zero_grad_is_no_update()
 
 
 def test_magnitude_selector_keeps_largest_trainable_weights() -> None:

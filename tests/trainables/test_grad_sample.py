@@ -1,0 +1,131 @@
+"""FastGradSampleModule: per-sample gradients equal to Opacus' own, without ``p.grad``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from torch import nn
+
+from trainables.grad_sample import FastGradSampleModule, fast_path, supported, wrap_model
+from trainables.models import cnn_mnist, resnet18
+from trainables.optimizer import MaskedDPOptimizer
+
+TOL = 1e-5
+
+
+def small_resnet() -> nn.Module:
+    """ResNet-18-GN (conv without bias, GroupNorm, linear head) on 3x8x8 images."""
+    return resnet18(num_classes=10, image_shape=(3, 8, 8))
+
+
+def mixed_model() -> nn.Module:
+    """Every fast layer type with every option the models use (strides, padding, dilation,
+    groups, no bias), and sampler fallbacks: LayerNorm and a 'same'-padded convolution go
+    through Opacus' own grad samplers on the same activations."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4), nn.Tanh(),
+        nn.Conv2d(4, 6, (3, 2), padding=(1, 0), dilation=(1, 2), bias=False), nn.Tanh(),
+        nn.Conv2d(6, 6, 1, groups=3), nn.Conv2d(6, 6, 3, padding="same"),
+        nn.Flatten(), nn.LayerNorm(6 * 4 * 2), nn.Linear(6 * 4 * 2, 7), nn.Tanh(),
+        nn.Linear(7, 5))
+
+
+CASES = {"cnn-mnist": (lambda: cnn_mnist(num_classes=10, image_shape=(1, 28, 28)), (1, 28, 28)),
+         "resnet18-gn": (small_resnet, (3, 8, 8)),
+         "mixed": (mixed_model, (2, 8, 8))}
+
+
+def both(build, shape, batch: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build()
+    x = torch.randn(batch, *shape)
+    y = torch.randint(0, 5, (batch,))
+    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    fast = FastGradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    for m in (ref, fast):
+        nn.functional.cross_entropy(m(x), y).backward()
+    return ref, fast
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_per_sample_gradients_equal_opacus_for_every_layer_type(case: str) -> None:
+    ref, fast = both(*CASES[case])
+    types = set()
+    for (name, pr), (_, pf) in zip(ref.named_parameters(), fast.named_parameters(),
+                                   strict=True):
+        assert pf.grad is None, f"{name}: the summed gradient was computed"
+        assert pf.grad_sample.shape == pr.grad_sample.shape, name
+        torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for module in fast._module.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            types.add(type(module).__name__)
+    expected = {"cnn-mnist": {"Conv2d", "Linear"}, "resnet18-gn": {"Conv2d", "GroupNorm",
+                                                                   "Linear"},
+                "mixed": {"Conv2d", "GroupNorm", "Linear", "LayerNorm"}}[case]
+    assert types == expected
+
+
+@pytest.mark.parametrize("case", ["cnn-mnist", "mixed"])  # mixed: GroupNorm too
+def test_masked_clipped_sums_equal_opacus(case: str) -> None:
+    """Masks (pre-pruning and a fresh selection) applied before clipping: the clipped,
+    accumulated gradient of the fast module equals the one from Opacus' module."""
+    ref, fast = both(*CASES[case], batch=5, seed=1)
+    g = torch.Generator().manual_seed(4)
+    masks = [torch.rand(p.shape, generator=g) < 0.6 for p in ref.parameters()]
+    sums = []
+    for module in (ref, fast):
+        opt = MaskedDPOptimizer(torch.optim.SGD(module.parameters(), lr=0.1),
+                                trainable=masks, noise_multiplier=0.0, max_grad_norm=0.5,
+                                expected_batch_size=5, loss_reduction="mean")
+        opt.keep = opt.select()
+        opt.clip_and_accumulate()
+        sums.append([p.summed_grad for p in opt.params])
+    for a, b in zip(*sums, strict=True):
+        torch.testing.assert_close(b, a, atol=TOL, rtol=TOL)
+
+
+def test_accumulation_across_backward_passes_stacks_like_opacus() -> None:
+    """Two backward passes without zero_grad: a list of per-sample gradients (chunks)."""
+    torch.manual_seed(0)
+    model = cnn_mnist(num_classes=10, image_shape=(1, 28, 28))
+    ref = GradSampleModule(copy.deepcopy(model))
+    fast = FastGradSampleModule(copy.deepcopy(model))
+    chunks = [(torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))) for _ in range(2)]
+    for m in (ref, fast):
+        for x, y in chunks:
+            nn.functional.cross_entropy(m(x), y).backward()
+    for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
+        assert isinstance(pf.grad_sample, list) and len(pf.grad_sample) == 2
+        for a, b in zip(pr.grad_sample, pf.grad_sample, strict=True):
+            torch.testing.assert_close(b, a, atol=TOL, rtol=TOL)
+
+
+def test_hooks_off_eval_and_public_gradients_use_the_plain_model() -> None:
+    """disable_hooks (public-gradient selection) gives ordinary autograd gradients; eval
+    and no_grad forwards record nothing; parameters still require grad afterwards."""
+    torch.manual_seed(0)
+    fast = FastGradSampleModule(cnn_mnist(num_classes=10, image_shape=(1, 28, 28)))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    fast.disable_hooks()
+    params = list(fast.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(fast(x), y), params)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    fast.enable_hooks()
+    with torch.no_grad():
+        fast(x)
+    assert all(p.grad_sample is None and p.requires_grad for p in params)
+
+
+def test_unsupported_layers_fall_back_to_opacus() -> None:
+    """A layer only functorch handles (PReLU) keeps Opacus' module; a convolution with
+    string padding or reflection padding takes Opacus' conv sampler on the fast module."""
+    assert not fast_path(nn.Conv2d(2, 4, 3, padding="same"))
+    assert not fast_path(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"))
+    assert not supported(nn.Sequential(nn.PReLU(), nn.Linear(2, 2)))
+    assert type(wrap_model(nn.Sequential(nn.PReLU(), nn.Linear(2, 2)))) is GradSampleModule
+    assert type(wrap_model(cnn_mnist(num_classes=10, image_shape=(1, 28, 28)))) \
+        is FastGradSampleModule
