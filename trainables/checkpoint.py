@@ -33,7 +33,7 @@ from trainables.randomness import generator_records, restore_generators
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 2  # 2: generators stored with their device and seed
 #: Config fields that may change between a run and its resume (they do not change results).
-RESUMABLE_CHANGES = ("checkpoint_dir", "device", "eval_batch_size")
+RESUMABLE_CHANGES = ("checkpoint_dir", "device", "eval_batch_size", "optim.physical_batch_size")
 _KEYS = ("model", "optimizer", "accountant", "masks", "selector", "rng", "progress", "plan",
          "config")
 
@@ -74,8 +74,12 @@ def set_rng_state(generators: dict[str, torch.Generator], state: dict[str, Any],
 def save(directory: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          accountant: Any, masks: dict[str, torch.Tensor], selector_state: dict[str, Any],
          generators: dict[str, torch.Generator], seeds: dict[str, int], progress: Progress,
-         plan: PrivacyPlan, config: dict[str, Any]) -> str:
-    """Write a checkpoint into ``directory`` atomically; returns the directory."""
+         plan: PrivacyPlan, config: dict[str, Any],
+         ema_state: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint into ``directory`` atomically; returns the directory.
+
+    ``ema_state`` is the parameter average (:mod:`trainables.ema`), when the trial keeps
+    one."""
     os.makedirs(directory, exist_ok=True)
     payload = {
         "format": FORMAT_VERSION,
@@ -88,6 +92,7 @@ def save(directory: str, *, model: torch.nn.Module, optimizer: torch.optim.Optim
         "progress": asdict(progress),
         "plan": asdict(plan),
         "config": config,
+        "ema": ema_state,
     }
     tmp = os.path.join(directory, f".{FILENAME}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
