@@ -83,7 +83,11 @@ def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
     row.update({"prune_rate": config["pruning"]["rate"], "drop_rate": config["dropping"]["rate"],
                 "clip_norm": config["optim"]["clip_norm"],
                 "learning_rate": config["optim"]["learning_rate"],
-                "batch_size": config["optim"]["batch_size"]})
+                "batch_size": config["optim"]["batch_size"],
+                "augmentation_multiplicity": config["optim"]["augmentation_multiplicity"],
+                "ema_decay": config["optim"]["ema_decay"],
+                "physical_batch_size": config["optim"].get("physical_batch_size"),
+                "precision": config["precision"]})
     row.update({k: result[k] for k in RESULT_COLUMNS if result.get(k) is not None})
     return row
 

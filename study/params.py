@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from trainables.config import (
     DROPPING_CRITERIA,
     GRANULARITIES,
+    MAX_AUGMENTATION_MULTIPLICITY,
     PRUNING_CRITERIA,
     PRUNING_SCOPES,
     ConfigError,
@@ -26,15 +27,18 @@ from trainables.config import (
 )
 
 SEARCH_PARAMS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
-                 "batch_size", "max_epochs", "epochs")
+                 "batch_size", "max_epochs", "epochs", "augmentation_multiplicity", "ema_decay")
 _POSITIVE = {"low": 0, "low_open": True}
 _RATE = {"low": 0, "high": 1, "high_open": True}
 _BOUNDS: dict[str, dict[str, Any]] = {
     "prune_rate": _RATE, "drop_rate": _RATE, "clip_norm": _POSITIVE,
     "noise_multiplier": _POSITIVE, "learning_rate": _POSITIVE, "max_epochs": _POSITIVE,
     "epochs": _POSITIVE, "batch_size": {"low": 1, "integer": True},
+    "augmentation_multiplicity": {"low": 1, "high": MAX_AUGMENTATION_MULTIPLICITY,
+                                  "integer": True},
+    "ema_decay": {"low": 0, "high": 1, "low_open": True, "high_open": True},
 }
-_INTEGER_PARAMS = ("batch_size",)
+_INTEGER_PARAMS = ("batch_size", "augmentation_multiplicity")
 _SEARCH_DEFAULTS = {"prune_rate": 0.0, "drop_rate": 0.0, "max_epochs": 10}
 
 
@@ -250,6 +254,8 @@ class SearchSpec(_Spec):
     batch_size: Param | None = None
     max_epochs: Param | None = None
     epochs: Param | None = None
+    augmentation_multiplicity: Param | None = None  # K views per example (1 = off)
+    ema_decay: Param | None = None  # parameter averaging (None = off)
 
     def __post_init__(self) -> None:
         c = _Checks("")

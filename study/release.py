@@ -32,7 +32,8 @@ NOTE_FILE = "PRIVATE.txt"
 _CONFIG_KEYS = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate",
                 "batch_size", "sample_rate", "steps", "epochs", "pruning_criterion",
                 "pruning_scope", "pruning_granularity", "dropping_criterion", "model",
-                "dataset", "delta", "accountant", "val_noise")
+                "dataset", "delta", "accountant", "val_noise", "augmentation_multiplicity",
+                "ema_decay")
 NOTE = """What this release contains is covered by the study-level guarantee stated in
 release.json (the selection bound of Papernot & Steinke 2022, computed with dp-accounting):
 the chosen configuration, its final model weights and its DP validation score.
