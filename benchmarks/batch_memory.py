@@ -15,7 +15,8 @@ Targets: the peak at the largest logical batch is within 1.2x of the peak at the
 (chunked), and the time per example chunked is within 1.15x of unchunked where both ran.
 
 Usage: ``python benchmarks/batch_memory.py [--models cnn-mnist,resnet18] [--logical
-256,1024,4096] [--physical 128] [--steps 2] [--unchunked-max 1024] [--device cpu]
+256,1024,4096] [--physical 128] [--steps 2] [--warmup 1] [--unchunked-max
+cnn-mnist=1024,resnet18=0] [--device cpu]
 [--json FILE] [--smoke]``. ``--smoke`` is a seconds-long run for the test suite.
 """
 
@@ -80,7 +81,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = peak_bytes(device)
-    logical_step(gsm, opt, train, idx, batching)  # warm-up (allocator, first-call costs)
+    for _ in range(job.get("warmup", 1)):  # allocator, first-call costs
+        logical_step(gsm, opt, train, idx, batching)
     times = []
     for _ in range(job["steps"]):
         started = time.perf_counter()
@@ -116,7 +118,8 @@ def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     for model in args.models:
         for logical in args.logical:
             base = {"model": model, "width": WIDTHS[model] if not args.smoke else 1.0,
-                    "logical": logical, "steps": args.steps, "device": args.device}
+                    "logical": logical, "steps": args.steps, "warmup": args.warmup,
+                    "device": args.device}
             out.append({**base, "physical": args.physical})
             if logical <= args.unchunked_max.get(model, 0):
                 out.append({**base, "physical": None})
@@ -167,6 +170,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logical", default="256,1024,4096")
     p.add_argument("--physical", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--unchunked-max", default="cnn-mnist=1024,resnet18=0",
                    help="per model, the largest logical batch also run in one pass")
     p.add_argument("--device", default="cpu")

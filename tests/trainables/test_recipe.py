@@ -119,6 +119,19 @@ def test_bad_values_name_the_field() -> None:
         TrialConfig.from_dict({"device": "cpu", "precision": "bf16"})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cli_refuses_bf16_without_a_gpu_before_training(capsys) -> None:
+    from trainables.__main__ import main
+
+    assert main(["--set", "precision=bf16", "--set", "optim.augmentation_multiplicity=0"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.augmentation_multiplicity: must be >= 1 (got 0)" in err
+    assert main(["--set", "precision=bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "precision: bf16 needs a CUDA device and none is available (got 'bf16')" in err
+    assert "Traceback" not in err
+
+
 def test_resuming_with_another_physical_batch_is_allowed() -> None:
     base = copy.deepcopy(CONFIG)
     other = copy.deepcopy(CONFIG)
