@@ -177,12 +177,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", help="append one JSON line per configuration to this file")
     p.add_argument("--smoke", action="store_true", help="tiny: cnn-mnist width 1, logical "
-                   "64 and 256, physical 32, one step")
+                   "64 and 128, physical 32, one step")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.models, args.logical, args.physical, args.steps = "cnn-mnist", "64,256", 32, 1
-        args.unchunked_max = "cnn-mnist=256"
+        args.models, args.logical, args.physical, args.steps = "cnn-mnist", "64,128", 32, 1
+        args.unchunked_max = "cnn-mnist=128"
     args.models = args.models.split(",")
     args.logical = [int(v) for v in args.logical.split(",")]
     args.unchunked_max = {k: int(v) for k, v in

@@ -19,7 +19,7 @@ spends the whole budget in ``--epochs`` epochs.
 Resumable: every finished trial is one JSON line in ``--results`` (default
 ``benchmarks/results/recipe.jsonl``); a rerun skips the work already there (trial
 parameters are drawn from per-trial seeds, so a rerun draws the same ones). ``--smoke``
-is a tiny run (mnist-5k, one width, two arms, two trials, two seeds) for the test suite.
+is a tiny run (mnist-5k, one width, two arms, one trial, two seeds) for the test suite.
 
 Usage: ``python benchmarks/recipe.py [--widths 1,4] [--arms plain,k4-ema,k8-ema]
 [--trials 6] [--seeds 3] [--epochs 5] [--results FILE] [--report] [--smoke]``.
@@ -209,7 +209,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
-        args.widths, args.arms, args.trials, args.seeds = "1", "plain,k2-ema", 2, 2
+        args.widths, args.arms, args.trials, args.seeds = "1", "plain,k2-ema", 1, 2
         args.epochs, args.batch_size, args.physical = 1.0, 300, 256
     args.widths = [float(w) for w in args.widths.split(",")]
     args.arms = args.arms.split(",")
