@@ -3,6 +3,11 @@
 Prints one JSON line per epoch. ``--checkpoint-dir`` keeps a checkpoint after every
 epoch, and ``--resume`` continues from it (same final model and epsilon as an
 uninterrupted run). Exit code 2 on an invalid configuration.
+
+Large batches and the DP recipe: ``--set optim.batch_size=4096 --set
+optim.physical_batch_size=256`` (the logical batch in chunks of 256 images), ``--set
+optim.augmentation_multiplicity=8`` (8 augmented views per example), ``--set
+optim.ema_decay=0.999`` (evaluate the parameter average), ``--set precision=bf16`` (CUDA).
 """
 
 from __future__ import annotations

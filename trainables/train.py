@@ -75,7 +75,7 @@ class Run:
     accountant: IAccountant
     generators: dict[str, torch.Generator]
     seeds: dict[str, int]  # private: the noise and sampler seeds are secret
-    batching: Batching | None = None  # None: one pass per step, no augmentation views
+    batching: Batching  # physical chunks, augmentation views, precision
     ema: ParameterAverage | None = None  # the parameter average (optim.ema_decay)
 
     @contextlib.contextmanager
@@ -276,7 +276,6 @@ def train_epoch(run: Run, n_steps: int) -> tuple[float, int, float, float]:
     chunks, augmentation views), followed by the parameter average's update. Loss and kept
     coordinates are summed on the device and read once, at the end."""
     model, opt, train = run.model, run.optimizer, run.data.train
-    batching = run.batching or default_batching(run)
     model.train()
     loss_sum = torch.zeros((), device=run.device)
     kept = torch.zeros((), device=run.device)
@@ -284,7 +283,7 @@ def train_epoch(run: Run, n_steps: int) -> tuple[float, int, float, float]:
     started = time.perf_counter()
     for _ in range(n_steps):
         idx = poisson_batch(len(train), run.plan.sample_rate, run.generators["sampler"])
-        loss_sum += logical_step(model, opt, train, idx, batching)
+        loss_sum += logical_step(model, opt, train, idx, run.batching)
         if run.ema is not None:
             run.ema.update(model._module)
         samples += len(idx)
@@ -294,14 +293,6 @@ def train_epoch(run: Run, n_steps: int) -> tuple[float, int, float, float]:
     count = opt.trainable_count or 1
     return (float(loss_sum) / max(samples, 1), samples, seconds,
             float(kept) / count / max(n_steps, 1))
-
-
-def default_batching(run: Run) -> Batching:
-    """One pass per step, no views: for a :class:`Run` built without :class:`Batching`."""
-    return Batching(physical_batch_size=None, multiplicity=1,
-                    augmentation=augmentation_for(run.config.dataset.name),
-                    generator=run.generators["augment"], precision=run.config.precision,
-                    device=run.device)
 
 
 @torch.no_grad()
