@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from trainables import precision
-from trainables.augment import Augmentation
+from trainables.augment import Augmentation, Views
 from trainables.data import Split
 from trainables.optimizer import MaskedDPOptimizer
 
@@ -83,7 +83,7 @@ def logical_step(model: nn.Module, opt: MaskedDPOptimizer, train: Split, idx: to
     return loss_sum
 
 
-def chunk_backward(model: nn.Module, train: Split, chunk: torch.Tensor, views,
+def chunk_backward(model: nn.Module, train: Split, chunk: torch.Tensor, views: Views | None,
                    batching: Batching) -> torch.Tensor:
     """Forward and backward on one chunk (its views when ``views`` is given); the mean
     loss over its images."""

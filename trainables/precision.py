@@ -7,7 +7,8 @@ hooks from the stored activations and the backpropagated gradients; both are cas
 float32 first (:class:`Float32GradSampleModule`), so per-sample gradients, their norms,
 the clipping, the sum and the Gaussian noise (drawn in the parameters' float32) are all
 float32. The parameters themselves stay float32 (autocast casts copies), so the optimizer
-step is float32 too. bf16 needs CUDA: on a CPU it is a configuration error.
+step is float32 too. Evaluation (validation, test, the DP score) runs in float32. bf16
+needs CUDA: on a CPU it is a configuration error.
 """
 
 from __future__ import annotations
