@@ -115,7 +115,10 @@ def done_records(path: str) -> list[dict[str, Any]]:
 
 
 def ident(r: dict[str, Any]) -> tuple:
-    return (r["mode"], r["width"], r["arm"], r["stage"], r["index"])
+    """A run's identity: a confirmation run also by the configuration it confirms (more
+    tuning trials may change the best one)."""
+    confirms = json.dumps(r["params"], sort_keys=True) if r["stage"] == "confirm" else None
+    return (r["mode"], r["width"], r["arm"], r["stage"], r["index"], confirms)
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -136,7 +139,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             best = max(tuned, key=lambda r: r["val_accuracy"])
             for index in range(args.seeds):
                 key = {"mode": mode, "width": width, "arm": arm, "stage": "confirm",
-                       "index": index}
+                       "index": index, "params": best["params"]}
                 if ident(key) not in have:
                     append(args, records, run_one(args, key, best["params"],
                                                   seed=1000 + index))
@@ -173,6 +176,7 @@ def report(records: list[dict[str, Any]], mode: str) -> str:
         tune = [r for r in rs if r["stage"] == "tune"]
         conf = [r for r in rs if r["stage"] == "confirm"]
         best = max(tune, key=lambda r: r["val_accuracy"])["params"] if tune else {}
+        conf = [r for r in conf if r["params"] == best]  # confirmations of the best
         acc = "not run"
         if conf:
             mean, half = interval([r["test_accuracy"] for r in conf])
