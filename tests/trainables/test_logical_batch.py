@@ -47,6 +47,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2])
 def test_chunked_update_equals_unchunked(k: int) -> None:
     whole, chunked = run_of(augmentation_multiplicity=k), run_of(
@@ -70,6 +71,7 @@ def test_chunked_update_equals_unchunked(k: int) -> None:
         assert torch.all(weights(chunked)[name][~mask] == 0)
 
 
+@pytest.mark.slow
 def test_keep_mask_is_drawn_once_per_logical_batch() -> None:
     run = run_of(physical_batch_size=128)
     calls = []
@@ -79,6 +81,7 @@ def test_keep_mask_is_drawn_once_per_logical_batch() -> None:
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_empty_and_very_large_draws() -> None:
     run = run_of(physical_batch_size=400)
     train = run.data.train
