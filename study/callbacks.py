@@ -84,6 +84,8 @@ def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
         "finished_at": dt.datetime.now(dt.timezone.utc),
     }
     row.update(hyperparameters.recorded_values(config))
+    row.update({"physical_batch_size": config["optim"].get("physical_batch_size"),
+                "precision": config["precision"]})  # resource settings, not searched
     row.update({k: result[k] for k in RESULT_COLUMNS if result.get(k) is not None})
     return row
 

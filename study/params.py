@@ -20,6 +20,7 @@ from study import hyperparameters
 from trainables.config import (
     DROPPING_CRITERIA,
     GRANULARITIES,
+    MAX_AUGMENTATION_MULTIPLICITY,
     MAX_BATCH_SIZE,
     MAX_EPOCHS,
     PRUNING_CRITERIA,
@@ -36,8 +37,11 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "prune_rate": _RATE, "drop_rate": _RATE, "clip_norm": _POSITIVE,
     "noise_multiplier": _POSITIVE, "learning_rate": _POSITIVE, "max_epochs": _EPOCHS,
     "epochs": _EPOCHS, "batch_size": {"low": 1, "high": MAX_BATCH_SIZE, "integer": True},
+    "augmentation_multiplicity": {"low": 1, "high": MAX_AUGMENTATION_MULTIPLICITY,
+                                  "integer": True},
+    "ema_decay": {"low": 0, "high": 1, "low_open": True, "high_open": True},
 }
-_INTEGER_PARAMS = ("batch_size",)
+_INTEGER_PARAMS = ("batch_size", "augmentation_multiplicity")
 _SEARCH_DEFAULTS = {"prune_rate": 0.0, "drop_rate": 0.0, "max_epochs": 10}
 
 
@@ -253,6 +257,8 @@ class SearchSpec(_Spec):
     batch_size: Param | None = None
     max_epochs: Param | None = None
     epochs: Param | None = None
+    augmentation_multiplicity: Param | None = None  # K views per example (1 = off)
+    ema_decay: Param | None = None  # parameter averaging (None = off)
 
     def __post_init__(self) -> None:
         c = _Checks("")

@@ -81,7 +81,8 @@ def chosen_trial(spec: StudySpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def model_weights(experiment: str, trial_id: str) -> dict[str, Any]:
-    """The final model weights of ``trial_id`` from its last Tune checkpoint."""
+    """The final model weights of ``trial_id`` from its last Tune checkpoint: its parameter
+    average when the trial kept one (``optim.ema_decay``), else its trained weights."""
     from trainables import checkpoint
 
     found = sorted(glob.glob(os.path.join(experiment, f"*{trial_id}*", "checkpoint_*")))
@@ -89,7 +90,9 @@ def model_weights(experiment: str, trial_id: str) -> dict[str, Any]:
         raise ReleaseError(f"release: no checkpoint of trial {trial_id!r} under "
                            f"{experiment!r} (the experiment directory is needed for the "
                            f"model weights)")
-    return checkpoint.load(found[-1])["model"]
+    state = checkpoint.load(found[-1])
+    average = (state.get("ema") or {}).get("average") or {}
+    return {k: average.get(k, v) for k, v in state["model"].items()}
 
 
 def release(spec: StudySpec, rows: list[dict[str, Any]], results: str, out: str, *,

@@ -75,6 +75,15 @@ TRIALS_SCHEMA = _schema("trials", [
     _field("noise_multiplier", _F, "Gaussian noise std divided by clip_norm", "ratio"),
     _field("learning_rate", _F, "optimizer learning rate"),
     _field("batch_size", _I, "expected (logical) batch size", "examples"),
+    _field("physical_batch_size", _I, "images per forward/backward pass (null: the whole "
+           "logical batch in one pass); a resource setting, results do not depend on it",
+           "images"),
+    _field("augmentation_multiplicity", _I, "augmented views per example whose gradients "
+           "are averaged before clipping (1: no augmentation)", "views"),
+    _field("ema_decay", _F, "decay of the parameter average that is evaluated and released "
+           "(null: no averaging, the trained weights are)", "ratio"),
+    _field("precision", _S, "fp32 | bf16 (autocast forward/backward; per-sample gradients, "
+           "clipping and noise in float32)"),
     _field("sample_rate", _F, "Poisson sampling probability q", "probability"),
     _field("epsilon_target", _F, "privacy budget the trial was calibrated for", "epsilon"),
     _field("epsilon_spent", _F, "epsilon spent at the end of training", "epsilon"),

@@ -33,8 +33,10 @@ from study.selection_spec import SelectionSpec, ValidationSpec, selection_proble
 from trainables.config import (
     ACCOUNTANTS,
     DEVICES,
+    MAX_PHYSICAL_BATCH,
     MAX_SEED,
     OPTIMIZERS,
+    PRECISIONS,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -95,17 +97,23 @@ class PrivacySpec(_Spec):
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerSpec(_Spec):
-    """The optimiser settings that are not searched."""
+    """The optimiser settings that are not searched. ``physical_batch_size`` (a resource
+    setting, not a hyperparameter: it changes memory, not results) caps the images per
+    forward/backward pass; unset, a logical batch is one pass."""
 
     name: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    physical_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         c = _Checks("")
         c.choice("name", self.name, OPTIMIZERS)
         c.number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         c.number("weight_decay", self.weight_decay, low=0.0)
+        if self.physical_batch_size is not None:
+            c.number("physical_batch_size", self.physical_batch_size, low=1,
+                     high=MAX_PHYSICAL_BATCH, integer=True)
         c.done()
 
 
@@ -281,6 +289,7 @@ class StudySpec(_Spec):
     device: str = "auto"
     reproducible_noise: bool = False
     deterministic: bool = False
+    precision: str = "fp32"
     privacy: PrivacySpec | None = None
     pruning: PruningSpec = field(default_factory=PruningSpec)
     dropping: DroppingSpec = field(default_factory=DroppingSpec)
@@ -311,6 +320,7 @@ class StudySpec(_Spec):
             object.__setattr__(self, "results", f"results/{self.name}")
         c.number("seed", self.seed, low=0, high=MAX_STUDY_SEED, integer=True)
         c.choice("device", self.device, DEVICES)
+        c.choice("precision", self.precision, PRECISIONS)
         for flag in ("reproducible_noise", "deterministic"):
             if not isinstance(getattr(self, flag), bool):
                 c.fail(flag, "must be true or false", getattr(self, flag))
@@ -354,6 +364,16 @@ class StudySpec(_Spec):
                    list(self.objective.metrics))
         if self.device == "cuda" and self.resources_per_trial.gpu == 0:
             c.fail("device", "cuda needs resources_per_trial.gpu > 0", self.device)
+        if self.precision == "bf16" and (self.device == "cpu"
+                                         or self.resources_per_trial.gpu == 0):
+            c.fail("precision", "bf16 needs a CUDA device: device auto or cuda, and "
+                   "resources_per_trial.gpu > 0", self.precision)
+        views = self.search.augmentation_multiplicity
+        physical = self.optimizer.physical_batch_size
+        if physical is not None and views is not None and physical < views.max_value():
+            c.fail("optimizer.physical_batch_size", f"must be >= the largest "
+                   f"search.augmentation_multiplicity = {views.max_value():g} (a pass holds "
+                   f"every view of at least one example)", physical)
         if self.device == "cpu" and self.resources_per_trial.gpu > 0:
             c.fail("device", f"cpu would leave the resources_per_trial.gpu = "
                    f"{self.resources_per_trial.gpu:g} reserved for each trial unused; use auto "
@@ -437,6 +457,7 @@ class StudySpec(_Spec):
         return {
             "seed": self.seed if seed is None else seed, "device": self.device,
             "reproducible_noise": self.reproducible_noise, "deterministic": self.deterministic,
+            "precision": self.precision,
             "dataset": self.dataset.to_dict(), "model": self.model.to_dict(),
             "pruning": {"rate": v["prune_rate"], "criterion": v["pruning_criterion"],
                         "scope": v["pruning_scope"], "granularity": v["pruning_granularity"]},
@@ -448,7 +469,9 @@ class StudySpec(_Spec):
                         "noise_multiplier": v.get("noise_multiplier"), "epochs": v.get("epochs")},
             "optim": {**self.optimizer.to_dict(), "learning_rate": v["learning_rate"],
                       "clip_norm": v["clip_norm"], "batch_size": v["batch_size"],
-                      "max_epochs": v["max_epochs"]},
+                      "max_epochs": v["max_epochs"],
+                      "augmentation_multiplicity": v.get("augmentation_multiplicity", 1),
+                      "ema_decay": v.get("ema_decay")},
         }
 
 

@@ -3,6 +3,11 @@
 Prints one JSON line per epoch. ``--checkpoint-dir`` keeps a checkpoint after every
 epoch, and ``--resume`` continues from it (same final model and epsilon as an
 uninterrupted run). Exit code 2 on an invalid configuration.
+
+Large batches and the DP recipe: ``--set optim.batch_size=4096 --set
+optim.physical_batch_size=256`` (the logical batch in chunks of 256 images), ``--set
+optim.augmentation_multiplicity=8`` (8 augmented views per example), ``--set
+optim.ema_decay=0.999`` (evaluate the parameter average), ``--set precision=bf16`` (CUDA).
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 def preflight(config: Any) -> list[str]:
     """Problems found before training: local weights present, the data large enough for
-    the public hold-out and the batch size, the checkpoint directory writable."""
+    the public hold-out and the batch size, a GPU for bf16, the checkpoint directory
+    writable."""
     import os
 
     from trainables.data import DataUnavailableError, dataset_size
@@ -69,6 +75,12 @@ def preflight(config: Any) -> list[str]:
                             f"(got {config.optim.batch_size!r})")
     except (DataUnavailableError, ValueError) as err:
         problems.append(str(err) if str(err).startswith("dataset") else f"dataset: {err}")
+    if config.precision == "bf16":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("precision: bf16 needs a CUDA device and none is available "
+                            "(got 'bf16')")
     if config.checkpoint_dir:
         problem = writable_dir(config.checkpoint_dir)
         if problem:

@@ -136,7 +136,7 @@ class CanaryDPOptimizer(MaskedDPOptimizer):
 
     def pre_step(self, closure: Any = None) -> bool:
         """Inject canary rows, then the usual pre-step."""
-        if self.canaries is not None:
+        if self.canaries is not None and self.starts_logical_batch:
             self.canaries.inject(self.params)
         return super().pre_step(closure)
 
@@ -160,14 +160,15 @@ def run_audit(trial: TrialConfig | dict[str, Any], audit: AuditConfig, *,
     generator = torch.Generator().manual_seed(10_007 + audit.seed)
     canaries = insert_canaries(run, audit, generator)
     train_all(run)
-    if isinstance(canaries, DiracCanaries):
-        scores = canaries.scores(run.optimizer.params)
-    else:
-        scores = canaries.scores(run.model, run.device)
+    with run.evaluated_weights():  # the released model: the average with optim.ema_decay
+        if isinstance(canaries, DiracCanaries):
+            scores = canaries.scores(run.optimizer.params)
+        else:
+            scores = canaries.scores(run.model, run.device)
+        _, accuracy = evaluate(run.model, run.data.test, cfg.eval_batch_size, run.device)
     included = canaries.included.numpy()
     bound = epsilon_lower_bound(scores[included], scores[~included],
                                 confidence=audit.confidence, delta=run.plan.delta)
-    _, accuracy = evaluate(run.model, run.data.test, cfg.eval_batch_size, run.device)
     return AuditResult(
         mode=audit.mode, canaries=audit.canaries, included=int(included.sum()),
         confidence=audit.confidence, delta=run.plan.delta,

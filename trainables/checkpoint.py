@@ -38,7 +38,7 @@ from trainables.randomness import generator_records, restore_generators
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 2  # 2: generators stored with their device and seed
 #: Config fields that may change between a run and its resume (they do not change results).
-RESUMABLE_CHANGES = ("checkpoint_dir", "device", "eval_batch_size")
+RESUMABLE_CHANGES = ("checkpoint_dir", "device", "eval_batch_size", "optim.physical_batch_size")
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # owner only
 _KEYS = ("model", "optimizer", "accountant", "masks", "selector", "rng", "progress", "plan",
          "config")
@@ -80,9 +80,13 @@ def set_rng_state(generators: dict[str, torch.Generator], state: dict[str, Any],
 def save(directory: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          accountant: Any, masks: dict[str, torch.Tensor], selector_state: dict[str, Any],
          generators: dict[str, torch.Generator], seeds: dict[str, int], progress: Progress,
-         plan: PrivacyPlan, config: dict[str, Any]) -> str:
+         plan: PrivacyPlan, config: dict[str, Any],
+         ema_state: dict[str, Any] | None = None) -> str:
     """Write a checkpoint into ``directory`` atomically, readable by its owner only (file
-    0600, ``directory`` made 0700); returns the directory."""
+    0600, ``directory`` made 0700); returns the directory.
+
+    ``ema_state`` is the parameter average (:mod:`trainables.ema`), when the trial keeps
+    one."""
     os.makedirs(directory, mode=PRIVATE_DIR, exist_ok=True)
     os.chmod(directory, PRIVATE_DIR)
     payload = {
@@ -96,6 +100,7 @@ def save(directory: str, *, model: torch.nn.Module, optimizer: torch.optim.Optim
         "progress": asdict(progress),
         "plan": asdict(plan),
         "config": config,
+        "ema": ema_state,
     }
     tmp = os.path.join(directory, f".{FILENAME}.tmp-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):

@@ -30,6 +30,10 @@ DROPPING_CRITERIA = ("random", "magnitude", "public-grad")
 ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+#: Largest physical batch (examples x augmentation views per forward/backward pass).
+MAX_PHYSICAL_BATCH = 65536
+MAX_AUGMENTATION_MULTIPLICITY = 64
 DEFAULT_VALIDATION_FRACTION = 0.1
 # Epsilons the accountants calibrate reliably and quickly: below, RDP cannot reach the
 # budget at any noise; above, PRV calibration takes tens of seconds and then overflows.
@@ -436,7 +440,15 @@ class PrivacyConfig(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig(_Section):
-    """Optimiser, step size, clipping norm and (expected) batch size."""
+    """Optimiser, step size, clipping norm and (expected, logical) batch size.
+
+    ``physical_batch_size`` (None: one pass per step) caps the images one forward/backward
+    pass sees: a logical batch is processed in chunks of ``physical_batch_size //
+    augmentation_multiplicity`` examples, each with its ``augmentation_multiplicity``
+    views, and noised and stepped once. ``augmentation_multiplicity`` K (1 = off) averages
+    each example's per-sample gradient over K augmented views before clipping;
+    ``ema_decay`` (None = off) keeps an exponential moving average of the parameters
+    that evaluation, selection, the audit and release use."""
 
     section: ClassVar[str] = "optim"
     name: str = "sgd"
@@ -446,10 +458,27 @@ class OptimConfig(_Section):
     clip_norm: float = 1.0
     batch_size: int = 256
     max_epochs: float = 10.0
+    physical_batch_size: int | None = None
+    augmentation_multiplicity: int = 1
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         c = _Checks("")
         c.choice("name", self.name, OPTIMIZERS)
+        c.number("augmentation_multiplicity", self.augmentation_multiplicity, low=1,
+                 high=MAX_AUGMENTATION_MULTIPLICITY, integer=True)
+        if self.physical_batch_size is not None:
+            c.number("physical_batch_size", self.physical_batch_size, low=1,
+                     high=MAX_PHYSICAL_BATCH, integer=True)
+            k = self.augmentation_multiplicity
+            if (not c.problems and isinstance(self.physical_batch_size, int)
+                    and self.physical_batch_size < k):
+                c.fail("physical_batch_size", f"must be >= augmentation_multiplicity = {k} "
+                       f"(a pass holds every view of at least one example)",
+                       self.physical_batch_size)
+        if self.ema_decay is not None:
+            c.number("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=True,
+                     high_open=True)
         c.number("learning_rate", self.learning_rate, low=0.0, low_open=True)
         c.number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         c.number("weight_decay", self.weight_decay, low=0.0)
@@ -465,12 +494,15 @@ class TrialConfig(_Section):
 
     ``reproducible_noise`` (research only) seeds the DP noise and batch sampling from
     ``seed`` instead of a secret seed (see :mod:`trainables.randomness`);
-    ``deterministic`` asks torch for deterministic algorithms and no TF32."""
+    ``deterministic`` asks torch for deterministic algorithms and no TF32;
+    ``precision: bf16`` (CUDA only) runs forward and backward under bfloat16 autocast, with
+    per-sample gradients, clipping and noise in float32 (:mod:`trainables.precision`)."""
 
     seed: int = 0
     device: str = "auto"
     reproducible_noise: bool = False
     deterministic: bool = False
+    precision: str = "fp32"
     eval_batch_size: int = 1024
     checkpoint_dir: str | None = None
     dataset: DataConfig = field(default_factory=DataConfig)
@@ -484,6 +516,9 @@ class TrialConfig(_Section):
         c = _Checks("")
         c.number("seed", self.seed, low=0, high=MAX_SEED, integer=True)
         c.choice("device", self.device, DEVICES)
+        c.choice("precision", self.precision, PRECISIONS)
+        if self.precision == "bf16" and self.device == "cpu":
+            c.fail("precision", "bf16 needs a CUDA device (device is cpu)", self.precision)
         for flag in ("reproducible_noise", "deterministic"):
             if not isinstance(getattr(self, flag), bool):
                 c.fail(flag, "must be true or false", getattr(self, flag))

@@ -13,7 +13,8 @@ noise -> scale -> step) and changes three steps:
    then frozen coordinates and their state are restored from a snapshot.
 
 The keep-mask is ``trainable & selected``: ``trainable`` comes from pre-pruning, fixed for
-the trial; ``selected`` from a :class:`trainables.dropping.Selector`, fresh each step.
+the trial; ``selected`` from a :class:`trainables.dropping.Selector`, fresh each step
+(once per logical batch: the chunks of a physical-batch split share it).
 Neither reads private data, so the privacy analysis is the one of plain DP-SGD with the
 same noise multiplier, clipping norm and sampling rate: the sensitivity of the clipped sum
 is still at most ``max_grad_norm``, and the accountant is unchanged.
@@ -86,10 +87,18 @@ class MaskedDPOptimizer(DPOptimizer):
             if keep is not None:
                 p.grad.mul_(keep)
 
+    @property
+    def starts_logical_batch(self) -> bool:
+        """Whether the next :meth:`pre_step` begins a logical batch: False while chunks of
+        one are being accumulated (Opacus' ``signal_skip_step`` protocol)."""
+        return not self._is_last_step_skipped
+
     def pre_step(self, closure: Any = None) -> bool:
-        """Choose this step's coordinates, then run Opacus' clip/noise/scale steps."""
-        self.keep = self.select()
-        self.kept_count = self._kept_count()
+        """Choose the coordinates once per logical batch (on its first chunk), then run
+        Opacus' clip/accumulate (per chunk) and noise/scale (per logical batch) steps."""
+        if self.starts_logical_batch:
+            self.keep = self.select()
+            self.kept_count = self._kept_count()
         return super().pre_step(closure)
 
     def step(self, closure: Any = None) -> float | None:

@@ -1,6 +1,6 @@
 """The random generators of one trial: which are secret, which are seeded, how they resume.
 
-A trial draws from four named generators:
+A trial draws from five named generators:
 
 ========== ========== ===================================== ==============================
 name       device     what it draws                         seeded from
@@ -9,6 +9,7 @@ noise      trial's    the Gaussian noise of every DP step   secret seed
 sampler    CPU        Poisson batch membership              secret seed
 pruning    CPU        random pruning scores                 spec ``seed``
 selector   trial's    random dropping masks, public batches spec ``seed``
+augment    trial's    augmentation views (crops, flips)     spec ``seed``
 ========== ========== ===================================== ==============================
 
 The DP guarantee needs the noise *and* the batch membership to be unknown to whoever sees
@@ -16,9 +17,9 @@ the released model: with the noise stream one subtracts the noise, with the samp
 one learns which steps saw an example, which voids the amplification by subsampling the
 accountant relies on. Both are therefore seeded from a *secret seed* drawn from the
 operating system (:func:`secrets.randbits`) once per trial. It is kept only in the trial's
-private checkpoint (so a resumed trial continues exactly) and never reported. Pruning and
-dropping read no private data, and the privacy analysis does not depend on their
-randomness, so they stay reproducible from the spec's seed.
+private checkpoint (so a resumed trial continues exactly) and never reported. Pruning,
+dropping and augmentation draw no randomness from private data, and the privacy analysis
+does not depend on their randomness, so they stay reproducible from the spec's seed.
 
 ``reproducible_noise: true`` (a research switch) seeds noise and sampler from the spec
 seed instead; the guarantee then holds only while that seed stays secret, and every
@@ -44,7 +45,7 @@ import torch
 #: Generators seeded from the secret seed unless ``reproducible_noise`` is set.
 SECRET = ("noise", "sampler")
 #: Generators seeded from the spec seed (they read no private data).
-SEEDED = ("pruning", "selector")
+SEEDED = ("pruning", "selector", "augment")
 
 REPRODUCIBLE_NOISE_WARNING = (
     "reproducible_noise is on: the DP noise and batch sampling are seeded from the spec "
@@ -66,7 +67,7 @@ def derived_seed(seed: int, name: str, step: int = 0) -> int:
 def make_generators(spec_seed: int, device: torch.device, *, reproducible_noise: bool,
                     secret_seed: int | None = None) -> tuple[dict[str, torch.Generator],
                                                            dict[str, int]]:
-    """The four generators of a trial and their seeds (name -> seed).
+    """The five generators of a trial and their seeds (name -> seed).
 
     ``secret_seed`` defaults to :func:`draw_secret_seed`; with ``reproducible_noise`` the
     spec seed takes its place (and :data:`REPRODUCIBLE_NOISE_WARNING` is issued)."""
@@ -76,7 +77,7 @@ def make_generators(spec_seed: int, device: torch.device, *, reproducible_noise:
     elif secret_seed is None:
         secret_seed = draw_secret_seed()
     devices = {"noise": device, "sampler": torch.device("cpu"),
-               "pruning": torch.device("cpu"), "selector": device}
+               "pruning": torch.device("cpu"), "selector": device, "augment": device}
     seeds = {name: derived_seed(secret_seed if name in SECRET else spec_seed, name)
              for name in (*SECRET, *SEEDED)}
     generators = {name: torch.Generator(device=devices[name]).manual_seed(seed)

@@ -6,10 +6,13 @@
    split for reporting, optional public);
 2. calibrate: the accountant turns (epsilon, delta, sigma, q) into a number of steps T;
 3. build the model and pre-prune it (masks, or a physically smaller network);
-4. wrap it for per-sample gradients and build the masked DP optimizer and its selector;
+4. wrap it for per-sample gradients and build the masked DP optimizer and its selector
+   (and the parameter average, with ``optim.ema_decay``);
 5. resume from a checkpoint if one is given;
-6. train T Poisson-sampled steps, one epoch (ceil(1/q) steps) at a time; after each epoch
-   evaluate (validation and test), checkpoint and report.
+6. train T Poisson-sampled steps, one epoch (ceil(1/q) steps) at a time, each logical batch
+   in physical chunks with its augmentation views (:mod:`trainables.logical_batch`); after
+   each epoch evaluate (validation and test; the averaged weights with EMA), checkpoint
+   and report.
 
 ``report(metrics, checkpoint_dir)`` is called once per epoch; the Ray Tune edge
 (:mod:`trainables.tune_trainable`) forwards it to ``ray.tune.report``.
@@ -22,13 +25,14 @@ Validation metrics computed on private examples are not themselves DP releases.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,13 +43,15 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from trainables import checkpoint, placement
+from trainables import checkpoint, placement, precision
 from trainables.accounting import PrivacyPlan, plan_budget, steps_per_epoch
+from trainables.augment import augmentation_for
 from trainables.config import OptimConfig, TrialConfig
 from trainables.data import Datasets, Split, load_datasets
 from trainables.dp_score import dp_accuracy
 from trainables.dropping import Selector, make_selector
-from trainables.grad_sample import wrap_model
+from trainables.ema import ParameterAverage
+from trainables.logical_batch import Batching, logical_step
 from trainables.models import build_model
 from trainables.optimizer import MaskedDPOptimizer
 from trainables.pruning import PruneResult, apply_masks, prune
@@ -69,6 +75,18 @@ class Run:
     accountant: IAccountant
     generators: dict[str, torch.Generator]
     seeds: dict[str, int]  # private: the noise and sampler seeds are secret
+    batching: Batching  # physical chunks, augmentation views, precision
+    ema: ParameterAverage | None = None  # the parameter average (optim.ema_decay)
+
+    @contextlib.contextmanager
+    def evaluated_weights(self) -> Iterator[None]:
+        """Within the block the model holds the weights evaluation and release use: the
+        parameter average with ``optim.ema_decay``, else the trained weights."""
+        if self.ema is None:
+            yield
+        else:
+            with self.ema.applied(self.model._module):
+                yield
 
 
 def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = None,
@@ -92,12 +110,14 @@ def train(config: TrialConfig | dict[str, Any], *, report: Reporter | None = Non
         train_loss, samples, train_s, kept = train_epoch(run, n_steps)
         progress.step += n_steps
         progress.epoch += 1
-        scores = evaluate_splits(run)
+        with run.evaluated_weights():
+            scores = evaluate_splits(run)
         progress.elapsed_s += time.perf_counter() - started
         metrics = epoch_metrics(run, progress, train_loss=train_loss, scores=scores,
                                 samples_per_s=samples / train_s, kept=kept)
         if progress.step >= run.plan.steps:
-            metrics |= release_dp_score(run)
+            with run.evaluated_weights():
+                metrics |= release_dp_score(run)
         progress.history.append(metrics)
         save_checkpoint(run, progress, ckpt_dir)
         if report is not None:
@@ -117,6 +137,7 @@ def build_run(cfg: TrialConfig, *, assigned_gpus: list[Any] | None = None,
     seed_everything(cfg.seed)
     placement.set_determinism(cfg.deterministic)
     device = placement.choose_device(cfg.device, assigned_gpus=assigned_gpus)
+    precision.check_precision(cfg.precision, device)
     data = load_datasets(cfg.dataset, seed=cfg.seed).to(device)
     sample_rate = cfg.optim.batch_size / data.nominal_train  # public n, not the split's
     plan = plan_budget(cfg.privacy, sample_rate=sample_rate, max_epochs=cfg.optim.max_epochs)
@@ -125,16 +146,23 @@ def build_run(cfg: TrialConfig, *, assigned_gpus: list[Any] | None = None,
     model = build_model(cfg.model, num_classes=data.num_classes, image_shape=data.image_shape)
     pruned = prune(model, cfg.pruning, public=data.public, generator=generators["pruning"])
     ModuleValidator.validate(pruned.model, strict=True)
-    gsm = wrap_model(pruned.model.to(device))
+    gsm = precision.wrap_model(pruned.model.to(device), cfg.precision)
     selector = make_selector(cfg.dropping, model=gsm, public=data.public,
                              generator=generators["selector"])
     optimizer = make_optimizer(cfg, gsm, pruned, plan, selector, generators["noise"],
                                cls=optimizer_cls)
     accountant = create_accountant(mechanism=plan.accountant)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    batching = Batching(physical_batch_size=cfg.optim.physical_batch_size,
+                        multiplicity=cfg.optim.augmentation_multiplicity,
+                        augmentation=augmentation_for(cfg.dataset.name),
+                        generator=generators["augment"], precision=cfg.precision,
+                        device=device)
+    ema = (None if cfg.optim.ema_decay is None
+           else ParameterAverage(gsm._module, cfg.optim.ema_decay))
     return Run(config=cfg, device=device, data=data, plan=plan, pruned=pruned, model=gsm,
                optimizer=optimizer, selector=selector, accountant=accountant,
-               generators=generators, seeds=seeds)
+               generators=generators, seeds=seeds, batching=batching, ema=ema)
 
 
 def make_optimizer(cfg: TrialConfig, model: GradSampleModule, pruned: PruneResult,
@@ -193,6 +221,8 @@ def restore(run: Run, directory: str,
         run.accountant.load_state_dict(state["accountant"])
         if run.selector is not None:
             run.selector.load_state_dict(state["selector"])
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise checkpoint.CheckpointError(f"{where}: does not fit this trial's model "
@@ -227,7 +257,7 @@ def save_checkpoint(run: Run, progress: checkpoint.Progress, directory: str) -> 
         accountant=run.accountant, masks=run.pruned.masks,
         selector_state=run.selector.state_dict() if run.selector else {},
         generators=run.generators, seeds=run.seeds, progress=progress, plan=run.plan,
-        config=run.config.to_dict())
+        config=run.config.to_dict(), ema_state=run.ema.state_dict() if run.ema else None)
 
 
 # --- 6: train and evaluate ----------------------------------------------------------
@@ -242,29 +272,20 @@ def train_epoch(run: Run, n_steps: int) -> tuple[float, int, float, float]:
 
     The data already lives on the trial's device; batch indices are drawn on the CPU (so
     the batch size is known without a synchronisation) and copied over asynchronously.
-    Loss and kept coordinates are summed on the device and read once, at the end."""
+    Each logical batch is one :func:`trainables.logical_batch.logical_step` (physical
+    chunks, augmentation views), followed by the parameter average's update. Loss and kept
+    coordinates are summed on the device and read once, at the end."""
     model, opt, train = run.model, run.optimizer, run.data.train
     model.train()
     loss_sum = torch.zeros((), device=run.device)
     kept = torch.zeros((), device=run.device)
     samples = 0
-    pin = run.device.type == "cuda"
     started = time.perf_counter()
     for _ in range(n_steps):
         idx = poisson_batch(len(train), run.plan.sample_rate, run.generators["sampler"])
-        opt.zero_grad(set_to_none=True)
-        if len(idx) == 0:  # an empty Poisson batch is still a (noise-only) step
-            for p in opt.params:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-        else:
-            idx = idx.pin_memory().to(run.device, non_blocking=True) if pin else idx
-            x, y = train.images[idx], train.labels[idx]
-            loss = nn.functional.cross_entropy(model(x), y)
-            with warnings.catch_warnings():  # Opacus' hooks on inputs without grad: harmless
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            loss_sum += loss.detach() * len(idx)
-        opt.step()
+        loss_sum += logical_step(model, opt, train, idx, run.batching)
+        if run.ema is not None:
+            run.ema.update(model._module)
         samples += len(idx)
         kept += opt.kept_count
     placement.synchronize(run.device)
@@ -363,6 +384,10 @@ def epoch_metrics(run: Run, progress: checkpoint.Progress, *, train_loss: float,
         "wall_time_s": progress.elapsed_s,
         "device": str(run.device),
         "reproducible_noise": run.config.reproducible_noise,
+        "physical_batch_size": run.config.optim.physical_batch_size,
+        "augmentation_multiplicity": run.config.optim.augmentation_multiplicity,
+        "ema_decay": run.config.optim.ema_decay,
+        "precision": run.config.precision,
         "finished": progress.step >= plan.steps,
     }
 
