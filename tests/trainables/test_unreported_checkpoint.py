@@ -50,7 +50,7 @@ def tune_session(monkeypatch, tmp_path: Path) -> dict[str, Any]:
                         lambda: SimpleNamespace(get_assigned_resources=lambda: {}))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)  # Tune recorded none
     monkeypatch.setattr(tune, "report", report)
-    monkeypatch.setattr(tune_trainable, "_trial_storage",
+    monkeypatch.setattr(tune_trainable, "trial_storage",
                         lambda: (pafs.LocalFileSystem(), str(trial)))
     return state
 
