@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import posixpath
 import secrets
 from dataclasses import dataclass
@@ -66,10 +67,18 @@ def trial_count(spec: StudySpec, directory: str) -> int:
     t = spec.selection.trials
     seed = secrets.randbits(63)  # never derived from anything written out but this file
     count = draw_trial_count(t.distribution, mean=t.mean, shape=t.shape, seed=seed)
+    record = json.dumps({"trials": count, "seed": seed, "distribution": t.distribution,
+                         "mean": t.mean, "shape": t.shape}).encode()
     fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(posixpath.join(where, TRIAL_COUNT_FILE)) as out:
-        out.write(json.dumps({"trials": count, "seed": seed, "distribution": t.distribution,
-                              "mean": t.mean, "shape": t.shape}).encode())
+    path = posixpath.join(where, TRIAL_COUNT_FILE)
+    if fs.type_name == "local":  # owner only, whatever the umask (an object store: its policy)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(record)
+        return count
+    with fs.open_output_stream(path) as out:
+        out.write(record)
     return count
 
 

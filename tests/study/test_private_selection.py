@@ -189,7 +189,12 @@ def test_scope_study_trials_meet_the_budget_as_they_will_run() -> None:
 
 def test_trial_count_is_recorded_and_read_back(tmp_path: Path) -> None:
     spec = spec_of()
-    count = ps.trial_count(spec, str(tmp_path))
+    previous = os.umask(0)
+    try:
+        count = ps.trial_count(spec, str(tmp_path))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / ps.TRIAL_COUNT_FILE).stat().st_mode & 0o777 == 0o600  # owner only
     recorded = json.loads((tmp_path / ps.TRIAL_COUNT_FILE).read_text())
     assert recorded["trials"] == count >= 1 and recorded["distribution"] == "geometric"
     assert all(ps.trial_count(spec, str(tmp_path)) == count for _ in range(3))
