@@ -225,11 +225,6 @@ def gcs_endpoint(address: str) -> tuple[str, str]:
     return host, port
 
 
-def gpu_node_capacity() -> tuple[list[float], dict[str, float]]:
-    """GPUs of each live node, and of each node type the autoscaler may still start."""
-    return node_capacity("GPU")
-
-
 def node_capacity(resource: str) -> tuple[list[float], dict[str, float]]:
     """``resource`` (``CPU``, ``GPU``) of each live node, and of each node type the
     autoscaler may still start."""
@@ -246,46 +241,27 @@ def node_capacity(resource: str) -> tuple[list[float], dict[str, float]]:
 
 
 def check_capacity(spec: StudySpec) -> None:
-    """Fail fast when no node could ever hold one trial's CPUs or GPUs (see
-    :func:`check_gpu_capacity`, :func:`check_cpu_capacity`), naming both if both fail."""
-    problems: list[str] = []
-    for check in (check_cpu_capacity, check_gpu_capacity):
-        try:
-            check(spec)
-        except SpecError as err:
-            problems.extend(err.problems)
+    """Fail fast when no node, now or after autoscaling, could ever hold one trial's CPUs
+    or GPUs (Tune would leave every trial pending), naming each resource that fails."""
+    problems = [p for field, resource in (("cpu", "CPU"), ("gpu", "GPU"))
+                if (p := capacity_problem(spec, field, resource)) is not None]
     if problems:
         raise SpecError(problems)
 
 
-def check_cpu_capacity(spec: StudySpec) -> None:
-    """Fail fast when no node, now or after autoscaling, has as many CPUs as one trial
-    asks for (Tune would leave every trial pending)."""
-    cpu = spec.resources_per_trial.cpu
-    if cpu <= 0:
-        return
-    nodes, types = node_capacity("CPU")
-    if max([*nodes, *types.values()], default=0.0) >= cpu:
-        return
-    raise SpecError([
-        f"resources_per_trial.cpu: each trial asks for {cpu:g} CPU(s) on one node, but no "
-        f"node of this cluster can ever offer that (CPUs per live node: {nodes}; autoscaler "
-        f"node types: {types or 'none'}); its trials would wait forever (got {cpu!r})"])
-
-
-def check_gpu_capacity(spec: StudySpec) -> None:
-    """Fail fast when no node, now or after autoscaling, could ever hold one trial's GPUs
-    (its trials would otherwise wait forever)."""
-    gpu = spec.resources_per_trial.gpu
-    if gpu <= 0:
-        return
-    nodes, types = gpu_node_capacity()
-    if max([*nodes, *types.values()], default=0.0) >= gpu:
-        return
-    raise SpecError([
-        f"resources_per_trial.gpu: each trial asks for {gpu:g} GPU(s) on one node, but no "
-        f"node of this cluster can ever offer that (GPUs per live node: {nodes}; autoscaler "
-        f"node types: {types or 'none'}); its trials would wait forever (got {gpu!r})"])
+def capacity_problem(spec: StudySpec, field: str, resource: str) -> str | None:
+    """Why no node can offer one trial's ``resources_per_trial.<field>`` (None: one can,
+    or the trial asks for none)."""
+    wanted = getattr(spec.resources_per_trial, field)
+    if wanted <= 0:
+        return None
+    nodes, types = node_capacity(resource)
+    if max([*nodes, *types.values()], default=0.0) >= wanted:
+        return None
+    return (f"resources_per_trial.{field}: each trial asks for {wanted:g} {resource}(s) on "
+            f"one node, but no node of this cluster can ever offer that ({resource}s per "
+            f"live node: {nodes}; autoscaler node types: {types or 'none'}); its trials "
+            f"would wait forever (got {wanted!r})")
 
 
 def dpstudy_trial(config: dict[str, Any], spec: StudySpec,

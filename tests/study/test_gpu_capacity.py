@@ -37,20 +37,22 @@ def spec_with(gpu: float) -> StudySpec:
     ([1.0], {}, 0.25, True),  # fractional share of a GPU that exists
 ])
 def test_check_gpu_capacity(monkeypatch, nodes, types, gpu, ok) -> None:
-    monkeypatch.setattr(runner, "gpu_node_capacity", lambda: (nodes, types))
+    monkeypatch.setattr(runner, "node_capacity", lambda resource: (
+        (nodes, types) if resource == "GPU" else ([64.0], {})))  # CPUs are not at issue
     if ok:
-        runner.check_gpu_capacity(spec_with(gpu))
+        runner.check_capacity(spec_with(gpu))
         return
     with pytest.raises(SpecError) as info:
-        runner.check_gpu_capacity(spec_with(gpu))
+        runner.check_capacity(spec_with(gpu))
     (problem,) = info.value.problems
     assert problem.startswith(f"resources_per_trial.gpu: each trial asks for {gpu:g} GPU")
     assert "wait forever" in problem and str(nodes) in problem
 
 
 def test_no_gpu_asked_needs_no_cluster(monkeypatch) -> None:
-    monkeypatch.setattr(runner, "gpu_node_capacity", lambda: pytest.fail("asked the cluster"))
-    runner.check_gpu_capacity(spec_with(0))
+    monkeypatch.setattr(runner, "node_capacity", lambda resource: (
+        pytest.fail("asked the cluster") if resource == "GPU" else ([64.0], {})))
+    runner.check_capacity(spec_with(0))
 
 
 @pytest.mark.slow
