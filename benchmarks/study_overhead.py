@@ -35,11 +35,12 @@ import optuna
 import ray
 from ray import tune
 
-from study import runner
-from study.callbacks import StudyCallback
-from study.results import ResultsStore
-from study.space import NoiseBudget, make_search, noise_budget
-from study.spec import StudySpec
+from study.execution import cluster, runner
+from study.execution.callbacks import StudyCallback
+from study.search.space import NoiseBudget, make_search, noise_budget
+from study.spec.model import StudySpec
+from study.storage import experiment
+from study.storage.results import ResultsStore
 from trainables.data import dataset_size
 
 CONCURRENCY, REPORTS = 2, 3
@@ -157,7 +158,7 @@ class Monitor(tune.Callback):
 def run_study(label: str, spec: StudySpec, trainable: Any, *, reuse: bool,
               budget: NoiseBudget | None = None) -> tuple[float, list[Row]]:
     """Fit a study as ``runner.run`` does; returns fit()'s wall time and the rows for it."""
-    runner.save_spec(spec, runner.experiment_dir(spec))
+    experiment.save_spec(spec, experiment.experiment_dir(spec))
     config, monitor = runner.run_config(spec), Monitor()
     hooks = [time_hooks(cb) for cb in config.callbacks if isinstance(cb, StudyCallback)]
     config.callbacks.append(monitor)
@@ -168,7 +169,7 @@ def run_study(label: str, spec: StudySpec, trainable: Any, *, reuse: bool,
         start = time.perf_counter()
         grid = tuner.fit()
         wall = time.perf_counter() - start
-    done = runner._finish(spec, grid, False, runner.experiment_dir(spec)).completed
+    done = runner._finish(spec, grid, False, experiment.experiment_dir(spec)).completed
     rows = info(label, {f"tune wall ({done}/{spec.trials} completed)": wall,
                         **monitor.phases(start, wall, spec.max_concurrent)})
     longest = max((max(h.values(), default=(0.0, "-")) for h in hooks), default=(0.0, "-"))
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ray {ray.__version__}, optuna {optuna.__version__}", flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
-    runner.init_ray()  # embedded, on 127.0.0.1
+    cluster.init_ray()  # embedded, on 127.0.0.1
     rows = info("ray.init", {"embedded start (excluded)": time.perf_counter() - start})
     try:
         with tempfile.TemporaryDirectory(prefix="dpstudy-overhead-") as tmp:

@@ -39,22 +39,23 @@ def _ray_environment(address: str | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate a spec, then run the study on the embedded Ray (or ``--address``)."""
-    from study.paths import check_locations, resolve_paths
-    from study.spec import load_spec
+    from study.spec.model import load_spec
+    from study.storage.locations import check_locations, resolve_paths
 
     # structural checks and writable locations first: a bad spec never imports Ray or torch
     check_locations(resolve_paths(load_spec(args.spec)))
     _ray_environment(args.address)
-    from study import runner
+    from study.execution import runner
+    from study.storage import experiment
 
     spec, budget = runner.prepare(args.spec, cluster=bool(args.address))
-    from study.selection_spec import selection_label
+    from study.spec.selection import selection_label
 
     _print_study_budget(spec)
     print(f"[{spec.name}] {spec.trials or 'a drawn number of'} trials at epsilon="
           f"{spec.privacy.epsilon:g}, "
           f"delta={spec.privacy.delta:g}, selecting on {spec.objective.selection_split} "
-          f"({selection_label(spec)}); experiment {runner.experiment_dir(spec)}; "
+          f"({selection_label(spec)}); experiment {experiment.experiment_dir(spec)}; "
           f"results {spec.results_path}", flush=True)
     summary = runner.run(spec, budget, address=args.address)
     return _then_confirm(runner, spec, summary, args.address)
@@ -77,7 +78,7 @@ def _then_confirm(runner: object, spec: object, summary: object, address: str | 
 
 def _print_study_budget(spec: object) -> None:
     """Per-trial vs study budget, before running (scope: study or private selection)."""
-    from study import private_selection
+    from study.privacy import private_selection
 
     s = spec
     n = private_selection.train_size(s)
@@ -98,14 +99,14 @@ def _print_study_budget(spec: object) -> None:
 
 def cmd_release(args: argparse.Namespace) -> int:
     """Write only what a private-selection study's guarantee covers."""
-    from study import runner
-    from study.release import release
-    from study.results import read_trials
+    from study.privacy.release import release
+    from study.storage import experiment
+    from study.storage.results import read_trials
 
     results = _results_uri(args.results)
-    spec = runner.find_spec(results, args.study)
+    spec = experiment.find_spec(results, args.study)
     rows = [r for r in read_trials(results).to_pylist() if r.get("study") == spec.name]
-    experiment = os.path.expanduser(args.experiment or runner.experiment_dir(spec))
+    experiment = os.path.expanduser(args.experiment or experiment.experiment_dir(spec))
     done = release(spec, rows, results, args.out, experiment=experiment)
     print(f"[{spec.name}] released trial {done.trial_id} (DP score {done.score:.4f}) at "
           f"study epsilon {done.epsilon:.3f}, delta {done.delta:g} into {done.directory}; "
@@ -121,13 +122,14 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     _ray_environment(args.address)
     import dataclasses
 
-    from study import runner
+    from study.execution import runner
+    from study.storage import experiment
 
     location = os.path.expanduser(args.results)
     if "://" not in location and not os.path.exists(location):
         location = _results_uri(args.results)
-    spec = runner.find_spec(location, args.study)
-    if not runner.is_experiment_dir(location):  # rows live where the user pointed
+    spec = experiment.find_spec(location, args.study)
+    if not experiment.is_experiment_dir(location):  # rows live where the user pointed
         location = location if "://" in location else os.path.abspath(location)
         spec = dataclasses.replace(spec, results=location)
     return _confirm(runner, spec, args.top, args.seeds, args.baseline, args.address)
@@ -135,7 +137,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str | None,
              address: str | None) -> int:
-    from study.confirm import format_summary
+    from study.analysis.confirm import format_summary
 
     print(f"[{spec.name}] confirming the top {top} configuration(s) by "
           f"{spec.objective.primary[0]} with {seeds} fresh seeds each", flush=True)
@@ -152,16 +154,17 @@ def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str |
 def cmd_resume(args: argparse.Namespace) -> int:
     """Finish an interrupted study: ``resume NAME --storage DIR`` or ``resume DIR/NAME``."""
     if _is_jobs_address(args.address):  # the driver runs on the cluster, as a Ray Job
-        from study import jobs
+        from study.execution import jobs
 
         job_id = jobs.submit_resume(args.study, args.address, python=args.python)
         print(f"submitted resume of {args.study} as job {job_id}")
         return EXIT_OK
     target = _experiment_target(args.study, args.storage)
     _ray_environment(args.address)
-    from study import runner
+    from study.execution import runner
+    from study.storage import experiment
 
-    spec = runner.read_spec(target)  # refuses a directory that holds no study
+    spec = experiment.read_spec(target)  # refuses a directory that holds no study
     print(f"resuming {target}", flush=True)
     summary = runner.resume(target, address=args.address)
     return _then_confirm(runner, spec, summary, args.address)
@@ -171,8 +174,8 @@ def _experiment_target(study: str, storage: str) -> str:
     """The experiment directory ``study`` (a path, relative ones made absolute: Tune takes
     only absolute paths and URIs) or ``storage/study``, preferring one with a saved spec;
     a :class:`UsageError` if neither is a directory, before Ray starts."""
-    from study.paths import resolve_location
-    from study.status import SPEC_FILE
+    from study.storage.experiment import SPEC_FILE
+    from study.storage.locations import resolve_location
 
     if "://" in study:
         return study
@@ -192,7 +195,7 @@ def _experiment_target(study: str, storage: str) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a study to a cluster as a Ray Job; returns at once with its id."""
-    from study import jobs
+    from study.execution import jobs
 
     job_id, spec = jobs.submit(args.spec, args.address, python=args.python)
     print(job_id)
@@ -204,7 +207,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Print what a submitted study's driver printed."""
-    from study import jobs
+    from study.execution import jobs
 
     print(jobs.logs(args.address, args.job_id), end="")
     return EXIT_OK
@@ -212,7 +215,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a submitted study (finish it later with ``dpstudy resume``)."""
-    from study import jobs
+    from study.execution import jobs
 
     stopped = jobs.stop(args.address, args.job_id)
     print(f"{args.job_id}: {'stopping' if stopped else 'not running'}")
@@ -226,12 +229,12 @@ def _is_jobs_address(address: str | None) -> bool:
 def cmd_status(args: argparse.Namespace) -> int:
     """One line per study under the storage root, or per submitted study (``--address``)."""
     if args.address:
-        from study.status import submitted_statuses
+        from study.report.status import submitted_statuses
 
         for line in submitted_statuses(args.address) or ["no studies submitted"]:
             print(line)
         return EXIT_OK
-    from study.status import study_statuses
+    from study.report.status import study_statuses
 
     storage = args.storage or DEFAULT_STORAGE
     problem = _storage_problem(storage, given=args.storage is not None)
@@ -261,8 +264,8 @@ def _storage_problem(storage: str, *, given: bool) -> str | None:
 
 def cmd_query(args: argparse.Namespace) -> int:
     """Filter, select, sort and print results (or their Pareto front)."""
-    from study import query
-    from study.results import read_epochs, read_trials
+    from study.analysis import query
+    from study.storage.results import read_epochs, read_trials
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: must be a positive number of rows (got {args.limit})")
@@ -287,8 +290,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """PNG plots and an HTML or Markdown page for one study."""
-    from study.report import build_report, render_markdown_summary
-    from study.results import read_trials
+    from study.report.html import build_report, render_markdown_summary
+    from study.storage.results import read_trials
 
     uri = _results_uri(args.results)
     out = args.out or (os.path.join(uri, "report") if "://" not in uri else "report")
@@ -296,7 +299,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: must be a directory, but {out!r} is a file")
     pareto = None
     if args.pareto:
-        from study.query import parse_pareto
+        from study.analysis.query import parse_pareto
 
         pareto = parse_pareto(args.pareto)
     files = build_report(uri, out, pareto=pareto, fmt=args.format)
@@ -309,7 +312,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Empirical privacy audit of one trial's mechanism: claimed vs audited epsilon."""
-    from study import audit
+    from study.execution import audit
     from trainables.audit import AuditConfig
 
     if args.trial and args.best:
@@ -332,7 +335,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of study spec files (for editors' YAML language server)."""
     import json
 
-    from study.schema import spec_schema
+    from study.spec.schema import spec_schema
 
     print(json.dumps(spec_schema(), indent=2))
     return EXIT_OK
@@ -353,8 +356,8 @@ def _summarise(summary: object, spec: object) -> int:
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:
-        from study import hyperparameters
-        from study.selection_spec import selection_metric
+        from study.spec import hyperparameters
+        from study.spec.selection import selection_metric
 
         metric = selection_metric(spec)[0]
         keys = dict.fromkeys(("trial_id", metric, "val_accuracy", "test_accuracy",

@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-_STATE = "import sys; from study.jobs import job_status; print(job_status(*sys.argv[1:]))"
+_STATE = "import sys; from study.execution.jobs import job_status; print(job_status(*sys.argv[1:]))"
 
 
 @pytest.fixture()

@@ -103,7 +103,7 @@ def test_tradeoff_studies_are_valid_specs() -> None:
         spec.loader.exec_module(studies)
     finally:
         del sys.modules["tradeoff_studies"]
-    from study.spec import StudySpec
+    from study.spec.model import StudySpec
 
     for scale in studies.SCALES.values():
         for study in [*studies.stage1([1.0, 4.0]), *studies.stage2([1.0, 4.0], "both")]:

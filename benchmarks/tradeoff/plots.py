@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from study import plots as study_plots
+from study.report import plots as study_plots
 
 
 def _figure(ncols: int, width: float = 5.0, height: float = 4.0):

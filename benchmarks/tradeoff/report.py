@@ -4,7 +4,7 @@ Reads the Parquet results of every study under ``benchmarks/tradeoff/results`` (
 confirmation rows, see docs/results-schema.md), and writes the page and its PNGs
 (``docs/results/*.png``). Arms are compared at the same width and epsilon through their
 confirmed configurations: test accuracy over the same seeds, and the paired difference to
-the baseline (seed by seed) with a 95% t-interval (``study.confirm.t_interval``). The best
+the baseline (seed by seed) with a 95% t-interval (``study.analysis.confirm.t_interval``). The best
 arm of stage 1 is chosen on *validation* accuracy of the confirmation runs, never on test.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import pandas as pd
 import studies
 
-from study.confirm import t_interval
-from study.results import read_trials
+from study.analysis.confirm import t_interval
+from study.storage.results import read_trials
 
 HYPER = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate")
 

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _trials(results: Path, name: str) -> list[dict]:
-    from study.results import read_trials
+    from study.storage.results import read_trials
 
     try:
         return [r for r in read_trials(str(results)).to_pylist() if r["study"] == name]
@@ -79,7 +79,8 @@ def search_done(rows: list[dict], trials: int) -> bool:
 def run_study(study: studies.Study, args: argparse.Namespace,
               fixed: dict[str, float] | None = None) -> None:
     """Search (run, resume, or redo without Tune state), then confirm; times each part."""
-    from study import runner
+    from study.execution import runner
+    from study.storage import experiment as experiment_files
 
     scale = studies.SCALES[args.scale]
     trials = studies.trials(study, scale)
@@ -92,7 +93,7 @@ def run_study(study: studies.Study, args: argparse.Namespace,
     started = time.perf_counter()
     if not search_done(_trials(results, study.name), trials):
         if (experiment / "dpstudy-spec.yaml").exists():
-            saved = runner.read_spec(str(experiment))
+            saved = experiment_files.read_spec(str(experiment))
             if (saved.trials, saved.search.max_epochs.value, saved.dataset.name) != (
                     trials, scale.max_epochs, spec_data["dataset"]["name"]):
                 raise SystemExit(f"error: {experiment} holds a study of another design "
@@ -111,7 +112,7 @@ def run_study(study: studies.Study, args: argparse.Namespace,
     if not search_done(_trials(results, study.name), trials):
         raise SystemExit(f"[bench] the search of {study.name} was interrupted; run the "
                          f"benchmark again to continue it")
-    spec = runner.find_spec(str(results), study.name)
+    spec = experiment_files.find_spec(str(results), study.name)
     print(f"[bench] confirming {study.name} over {scale.seeds} seeds", flush=True)
     runner.confirm(spec, top=1, seeds=scale.seeds, address=args.address)
     record_time(study.name, time.perf_counter() - started)

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from study import audit
 from study.cli import main
-from study.results import AUDITS_FILE, ResultsStore, append_audit, read_audits
-from study.runner import results_spec_name, save_spec
-from study.spec import load_spec
+from study.execution import audit
+from study.spec.model import load_spec
+from study.storage.experiment import results_spec_name, save_spec
+from study.storage.results import AUDITS_FILE, ResultsStore, append_audit, read_audits
 from trainables.accounting import plan_budget
 from trainables.config import TrialConfig
 from trainables.data import dataset_size
@@ -160,7 +160,7 @@ def test_audit_a_recorded_trial_on_ray(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_report_shows_claimed_vs_audited(tmp_path: Path) -> None:
-    from study.report import audit_blocks
+    from study.report.html import audit_blocks
 
     results = str(tmp_path / "results")
     assert audit_blocks(results, "aud") == []  # no audits yet: no section

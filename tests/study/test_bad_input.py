@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.paths import LocationError, check_writable, join_location
-from study.results import ResultsStore
+from study.storage.locations import LocationError, check_writable, join_location
+from study.storage.results import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,7 +131,7 @@ def test_write_check_keeps_what_another_study_wrote_meanwhile(tmp_path: Path,
                                                                 monkeypatch) -> None:
     """Two studies check one new results root at once: the check that created the directory
     removes it only if it is empty, never another study's files (CI once lost a probe)."""
-    import study.paths as paths
+    import study.storage.locations as paths
 
     shared = tmp_path / "shared" / "deeper"
     real_filesystem = paths.filesystem
@@ -169,26 +169,27 @@ def test_query_parameters_stay_after_the_joined_path() -> None:
 
 
 def test_experiment_dir_with_query_storage() -> None:
-    from study import runner
-    from study.spec import StudySpec
+    from study.spec.model import StudySpec
+    from study.storage import experiment
 
     spec = StudySpec.from_dict({**GOOD, "storage": "s3://b/runs?endpoint_override=h:1",
                                 "results": "s3://b/res?endpoint_override=h:1"})
-    assert runner.experiment_dir(spec) == "s3://b/runs/hostile?endpoint_override=h:1"
+    assert experiment.experiment_dir(spec) == "s3://b/runs/hostile?endpoint_override=h:1"
 
 
 def test_relative_locations_are_stored_absolute(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from study import runner
+    from study.execution import runner
+    from study.storage import experiment
 
     monkeypatch.chdir(tmp_path)
     spec_path = tmp_path / "rel.yaml"
     spec_path.write_text(yaml.safe_dump({**GOOD, "storage": "runs", "results": "out/r"}))
     spec, _ = runner.prepare(str(spec_path))
     assert spec.storage == str(tmp_path / "runs") and spec.results == str(tmp_path / "out/r")
-    runner.save_spec(spec, str(tmp_path / "exp"))
+    experiment.save_spec(spec, str(tmp_path / "exp"))
     monkeypatch.chdir("/")
-    again = runner.read_spec(str(tmp_path / "exp"))
+    again = experiment.read_spec(str(tmp_path / "exp"))
     assert again.results_path == str(tmp_path / "out/r")  # whoever resumes, from wherever
     assert runner.resolve_paths(again) == again
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from study.callbacks import StudyCallback, Writer
-from study.results import ResultsStore, read_trials
-from study.spec import StudySpec
+from study.execution.callbacks import StudyCallback, Writer
+from study.spec.model import StudySpec
+from study.storage.results import ResultsStore, read_trials
 
 DEADLINE_S = 60.0
 
@@ -98,7 +98,7 @@ def test_writer_keeps_order_and_wait_blocks_until_written() -> None:
 
 
 def test_time_line_puts_wall_next_to_training_over_concurrency(tmp_path: Path) -> None:
-    from study.runner import time_line
+    from study.execution.runner import time_line
 
     grid = [SimpleNamespace(metrics={"wall_time_s": 30.0}), SimpleNamespace(metrics={}),
             SimpleNamespace(metrics={"wall_time_s": 10.0})]

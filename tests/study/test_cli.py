@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.results import TRIALS_SCHEMA, ResultsStore
+from study.storage.results import TRIALS_SCHEMA, ResultsStore
 
 GOOD: dict[str, Any] = {
     "name": "bad", "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from study import confirm
+from study.analysis import confirm
 
 
 def search_row(tid: str, val: float, prune: float, drop: float = 0.0,

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from study.spec import StudySpec
+from study.spec.model import StudySpec
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_worker_loss_resumes_trial_without_extra_privacy(tmp_path: Path) -> None
     import ray
     from ray.cluster_utils import Cluster
 
-    from study import runner
+    from study.execution import runner
     from trainables.train import train
 
     spec = StudySpec.from_dict({**FIXED, "storage": str(tmp_path / "runs"),
@@ -117,17 +117,17 @@ def test_a_process_attached_to_ray_moves_to_the_cluster_it_is_asked_for() -> Non
     cluster's address gets that cluster, not the embedded Ray it was attached to."""
     import ray
 
-    from study import runner
+    from study.execution import cluster
 
-    runner.init_ray(None)  # an embedded Ray
+    cluster.init_ray(None)  # an embedded Ray
     try:
         current = ray.get_runtime_context().gcs_address
-        assert not runner.other_cluster(current) and not runner.other_cluster(None)
-        assert not runner.other_cluster("auto") and not runner.other_cluster("ray://h:10001")
-        assert runner.other_cluster("127.0.0.1:1")
+        assert not cluster.other_cluster(current) and not cluster.other_cluster(None)
+        assert not cluster.other_cluster("auto") and not cluster.other_cluster("ray://h:10001")
+        assert cluster.other_cluster("127.0.0.1:1")
         port = current.rpartition(":")[2]
-        assert current.startswith("127.0.0.1:") and not runner.other_cluster(f"localhost:{port}")
-        runner.init_ray(current)  # the same cluster: stays attached
+        assert current.startswith("127.0.0.1:") and not cluster.other_cluster(f"localhost:{port}")
+        cluster.init_ray(current)  # the same cluster: stays attached
         assert ray.get_runtime_context().gcs_address == current
     finally:
         ray.shutdown()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study import runner
-from study.spec import SpecError, StudySpec
+from study.execution import cluster
+from study.spec.model import SpecError, StudySpec
 
 SPEC = {
     "name": "gpus", "seed": 0, "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},
@@ -37,22 +37,22 @@ def spec_with(gpu: float) -> StudySpec:
     ([1.0], {}, 0.25, True),  # fractional share of a GPU that exists
 ])
 def test_check_gpu_capacity(monkeypatch, nodes, types, gpu, ok) -> None:
-    monkeypatch.setattr(runner, "node_capacity", lambda resource: (
+    monkeypatch.setattr(cluster, "node_capacity", lambda resource: (
         (nodes, types) if resource == "GPU" else ([64.0], {})))  # CPUs are not at issue
     if ok:
-        runner.check_capacity(spec_with(gpu))
+        cluster.check_capacity(spec_with(gpu))
         return
     with pytest.raises(SpecError) as info:
-        runner.check_capacity(spec_with(gpu))
+        cluster.check_capacity(spec_with(gpu))
     (problem,) = info.value.problems
     assert problem.startswith(f"resources_per_trial.gpu: each trial asks for {gpu:g} GPU")
     assert "wait forever" in problem and str(nodes) in problem
 
 
 def test_no_gpu_asked_needs_no_cluster(monkeypatch) -> None:
-    monkeypatch.setattr(runner, "node_capacity", lambda resource: (
+    monkeypatch.setattr(cluster, "node_capacity", lambda resource: (
         pytest.fail("asked the cluster") if resource == "GPU" else ([64.0], {})))
-    runner.check_capacity(spec_with(0))
+    cluster.check_capacity(spec_with(0))
 
 
 @pytest.mark.slow
@@ -63,8 +63,9 @@ def test_a_gpu_study_on_a_cluster_without_gpus_fails_fast(tmp_path: Path) -> Non
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     script = textwrap.dedent(f"""
         import sys, time, ray
-        from study import runner
-        from study.spec import SpecError, load_spec
+        from study.execution import runner
+        from study.execution import cluster
+        from study.spec.model import SpecError, load_spec
         ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
         started = time.monotonic()
         try:

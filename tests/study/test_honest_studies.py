@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from study.space import NoiseBudget, check_space, suggest
-from study.spec import SpecError, StudySpec
+from study.search.space import NoiseBudget, check_space, suggest
+from study.spec.model import SpecError, StudySpec
 from trainables.config import DataConfig
 from trainables.data import load_datasets
 
@@ -58,7 +58,7 @@ def test_unreachable_rdp_budget_is_a_spec_error_naming_the_field() -> None:
 def test_epochs_mode_unreachable_budget_is_refused_before_training(tmp_path: Path) -> None:
     """In epochs mode nothing checks the budget before training: every trial fails at
     runtime in plan_budget with 'The privacy budget is too low.'"""
-    from study import runner
+    from study.execution import runner
 
     data = yaml.safe_load(yaml.safe_dump(BASE))
     data["privacy"] = {"epsilon": 0.1, "delta": 1e-5, "accountant": "rdp"}
@@ -123,7 +123,9 @@ def test_explicit_validation_dataset_must_be_disjoint_from_test(tmp_path: Path) 
 
 def test_resume_runs_the_confirm_section(monkeypatch: pytest.MonkeyPatch,
                                           tmp_path: Path) -> None:
-    from study import cli, runner
+    from study import cli
+    from study.execution import runner
+    from study.storage import experiment
 
     spec = make_spec(confirm={"top": 1, "seeds": 2})
     (tmp_path / "exp").mkdir()
@@ -131,7 +133,7 @@ def test_resume_runs_the_confirm_section(monkeypatch: pytest.MonkeyPatch,
     summary = runner.Summary(name="review", experiment=str(tmp_path / "exp"), results="r",
                              completed=2, stopped=0, failed=0, best=None)
     monkeypatch.setattr(runner, "resume", lambda target, address=None: summary)
-    monkeypatch.setattr(runner, "read_spec", lambda target: spec)
+    monkeypatch.setattr(experiment, "read_spec", lambda target: spec)
     monkeypatch.setattr(runner, "confirm",
                         lambda *a, **k: calls.append(k) or (_Plan(), []))
     args = argparse.Namespace(study=str(tmp_path / "exp"), storage=str(tmp_path),
@@ -162,8 +164,10 @@ def test_confirm_reads_the_results_directory_it_is_given(monkeypatch: pytest.Mon
     /abs/results/quickstart`` run from another directory must confirm the study in
     /abs/results/quickstart; today it reads ``$CWD/results/quickstart`` (0 rows) and fails
     with 'no completed search trial', or confirms whatever study lives there."""
-    from study import cli, runner
-    from study.callbacks import StudyCallback
+    from study import cli
+    from study.execution import runner
+    from study.execution.callbacks import StudyCallback
+    from study.storage import experiment
 
     project = tmp_path / "project"
     project.mkdir()
@@ -174,7 +178,7 @@ def test_confirm_reads_the_results_directory_it_is_given(monkeypatch: pytest.Mon
         callback.record(f"t{i}", {"prune_rate": 0.5 * i, "noise_multiplier": 1.2}, {
             "finished": True, "val_accuracy": acc, "test_accuracy": acc,
             "epsilon_spent": 2.99, "budget_used": 0.997})
-    runner.save_spec(spec, spec.results_path, runner.results_spec_name(spec.name))
+    experiment.save_spec(spec, spec.results_path, experiment.results_spec_name(spec.name))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -195,7 +199,7 @@ def test_heatmap_cell_is_the_test_accuracy_of_the_validation_choice() -> None:
     choice is made on test, which the selection banner says never happens."""
     import pandas as pd
 
-    from study import plots
+    from study.report import plots
 
     bin_trials = pd.DataFrame({"prune_rate": [0.5, 0.5], "drop_rate": [0.5, 0.5],
                                "val_accuracy": [0.90, 0.70],
@@ -210,7 +214,7 @@ def test_progress_line_best_is_over_completed_trials_only() -> None:
     can go down again) and a trial stopped early (it spent less) do not count."""
     from types import SimpleNamespace
 
-    from study.callbacks import StudyCallback
+    from study.execution.callbacks import StudyCallback
 
     def trial(status: str, finished: bool, acc: float) -> SimpleNamespace:
         return SimpleNamespace(status=status, last_result={"finished": finished,

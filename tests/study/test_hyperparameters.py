@@ -3,9 +3,12 @@ and every module that lists hyperparameters reads the table."""
 
 from __future__ import annotations
 
-from study import hyperparameters, params, plots, release, report
-from study.hyperparameters import HYPERPARAMETERS
-from study.results import TRIALS_SCHEMA
+from study.privacy import release
+from study.report import html as report
+from study.report import plots
+from study.spec import hyperparameters, params
+from study.spec.hyperparameters import HYPERPARAMETERS
+from study.storage.results import TRIALS_SCHEMA
 from trainables.config import TrialConfig
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from study.lock import LOCK_DIR, StudyLock, StudyLockedError
-from study.paths import join_location
+from study.execution.lock import LOCK_DIR, StudyLock, StudyLockedError
+from study.storage.locations import join_location
 
 HOLD = """
 import sys, time
-from study.lock import StudyLock, StudyLockedError
+from study.execution.lock import StudyLock, StudyLockedError
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 try:

@@ -10,9 +10,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from study import optuna_storage
-from study.space import TUNE_TRIAL_ID, StudySearch, make_search
-from study.spec import StudySpec
+from study.search import persisted as optuna_storage
+from study.search.space import TUNE_TRIAL_ID, StudySearch, make_search
+from study.spec.model import StudySpec
 
 SPEC = {"name": "journal", "trials": 5, "privacy": {"epsilon": 3.0},
         "search": {"prune_rate": {"low": 0.0, "high": 0.8}, "clip_norm": 1.0,

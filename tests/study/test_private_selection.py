@@ -18,18 +18,18 @@ from typing import Any
 import pytest
 import yaml
 
-from study import private_selection as ps
-from study.release import ReleaseError, release
-from study.results import ResultsStore
-from study.spec import SpecError, StudySpec
-from study.status import study_privacy_lines
-from study.tuning_privacy import (
+from study.privacy import private_selection as ps
+from study.privacy.bounds import (
     TrialMechanism,
     composition_epsilon,
     draw_trial_count,
     epsilon_of,
     selection_epsilon,
 )
+from study.privacy.release import ReleaseError, release
+from study.report.status import study_privacy_lines
+from study.spec.model import SpecError, StudySpec
+from study.storage.results import ResultsStore
 from trainables.accounting import epsilon_after, plan_budget
 from trainables.config import PrivacyConfig
 
@@ -341,7 +341,7 @@ def test_a_count_file_not_drawn_from_its_seed_is_refused(tmp_path: Path,
 def test_reproducible_noise_withholds_both_bounds(tmp_path: Path) -> None:
     """Seeded noise: every trial draws the same noise, so two trials can cancel it; neither
     the composition nor the selection bound holds, wherever the bounds are shown."""
-    from study.report import privacy_blocks
+    from study.report.html import privacy_blocks
 
     spec = dataclasses.replace(spec_of(**{
         "results": str(tmp_path / "r"), "privacy__scope": "trial", "search__epochs": 1,
@@ -371,7 +371,7 @@ def test_reproducible_noise_withholds_both_bounds(tmp_path: Path) -> None:
 def test_no_pinned_baseline_trial_in_private_selection() -> None:
     """A pinned first trial (prune 0, drop 0) would make the K runs not identical and
     independent; private selection draws every trial at random."""
-    from study.space import baseline_point, make_search
+    from study.search.space import baseline_point, make_search
 
     spec = spec_of()
     assert spec.baseline_trial and spec.search.prune_rate.choices == (0.0, 0.5)
@@ -386,8 +386,8 @@ def test_audit_runs_appear_in_the_study_statement(tmp_path: Path) -> None:
     """Each `dpstudy audit` re-trains on the private data: its run is composed into
     'everything released', its test accuracy named as not covered, and the selection bound
     withdrawn (the audit is a release outside the selection)."""
-    from study.report import privacy_blocks
-    from study.results import append_audit
+    from study.report.html import privacy_blocks
+    from study.storage.results import append_audit
 
     spec = dataclasses.replace(spec_of(**{
         "results": str(tmp_path / "r"), "privacy__scope": "trial", "search__epochs": 1,
@@ -424,13 +424,13 @@ def test_audit_runs_appear_in_the_study_statement(tmp_path: Path) -> None:
 
 def test_run_refuses_a_hand_written_count_before_ray_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from study import runner
+    from study.execution import cluster, runner
 
     spec = spec_of(storage=str(tmp_path / "runs"), results=str(tmp_path / "r"))
     experiment = tmp_path / "runs" / "ps"
     experiment.mkdir(parents=True)
     (experiment / ps.TRIAL_COUNT_FILE).write_text(json.dumps({"trials": 2}))
-    monkeypatch.setattr(runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     with pytest.raises(SpecError, match="must record the trial count drawn"):
         runner.run(spec, None)
     written = [n for n in os.listdir(experiment) if not n.startswith(".")]  # .dpstudy-lock
@@ -443,8 +443,8 @@ def test_progress_and_status_of_a_private_selection_study_show_counts_not_scores
     nor `status` shows one in private selection."""
     from types import SimpleNamespace
 
-    from study.callbacks import StudyCallback
-    from study.status import study_status
+    from study.execution.callbacks import StudyCallback
+    from study.report.status import study_status
 
     spec = dataclasses.replace(spec_of(**{
         "results": str(tmp_path / "r"), "storage": str(tmp_path / "runs"),

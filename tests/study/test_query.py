@@ -1,4 +1,4 @@
-"""Tests of study.query: filters, column selection, sorting, Pareto fronts, formats."""
+"""Tests of study.analysis.query: filters, column selection, sorting, Pareto fronts, formats."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from study.query import (
+from study.analysis.query import (
     Filter,
     apply_filters,
     default_columns,
@@ -23,7 +23,7 @@ from study.query import (
     select_columns,
     sort,
 )
-from study.results import TRIALS_SCHEMA
+from study.storage.results import TRIALS_SCHEMA
 
 # id, status, epsilon_target, prune_rate, density, test_accuracy, criterion, wall_time_s
 ROWS = [

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from study.callbacks import trial_row
 from study.cli import main
-from study.release import model_weights
-from study.results import TRIALS_SCHEMA
-from study.schema import spec_schema
-from study.spec import SpecError, StudySpec
+from study.execution.callbacks import trial_row
+from study.privacy.release import model_weights
+from study.spec.model import SpecError, StudySpec
+from study.spec.schema import spec_schema
+from study.storage.results import TRIALS_SCHEMA
 from trainables.config import TrialConfig
 
 GOOD: dict[str, Any] = {

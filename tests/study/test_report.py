@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from study.report import FIGURES, ReportFiles, build_report, render_markdown_summary
-from study.results import ResultsStore, read_trials
+from study.report.html import FIGURES, ReportFiles, build_report, render_markdown_summary
+from study.storage.results import ResultsStore, read_trials
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INJECTED = "<script>alert('x')</script>"

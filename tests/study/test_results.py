@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from study import results
-from study.results import (
+from study.storage import results
+from study.storage.results import (
     EPOCHS_SCHEMA,
     SCHEMA_VERSION,
     TRIALS_SCHEMA,
@@ -282,7 +282,7 @@ def test_polars_reads_the_files(store: ResultsStore, tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from study.results import ResultsStore
+from study.storage.results import ResultsStore
 store = ResultsStore(sys.argv[1], sys.argv[2])
 for i in range(int(sys.argv[3])):
     store.add_trial({"trial_id": f"t{i}", "status": "completed", "test_accuracy": i / 100},
@@ -298,7 +298,7 @@ def test_concurrent_studies_sharing_a_results_root_lose_nothing(where: str, tmp_
     import subprocess
     import sys
 
-    from study.paths import join_location
+    from study.storage.locations import join_location
 
     root = Path(__file__).resolve().parents[2]
     base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")

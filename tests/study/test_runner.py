@@ -17,8 +17,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from study.optuna_storage import load_study
-from study.space import TUNE_TRIAL_ID
+from study.search.persisted import load_study
+from study.search.space import TUNE_TRIAL_ID
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.params import SEARCH_PARAMS
-from study.schema import spec_schema
-from study.spec import SAMPLERS, StudySpec, load_spec
+from study.spec.model import SAMPLERS, StudySpec, load_spec
+from study.spec.params import SEARCH_PARAMS
+from study.spec.schema import spec_schema
 from trainables.config import DATASETS, PRUNING_CRITERIA
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from study import selection
+from study.analysis import selection
 
 
 def row(tid: str, *, val: float | None, test: float | None, status: str = "completed",

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from study.space import (
+from study.search.space import (
     NoiseBudget,
     StudySearch,
     baseline_point,
@@ -19,7 +19,7 @@ from study.space import (
     noise_budget,
     suggest,
 )
-from study.spec import Param, SpecError, StudySpec
+from study.spec.model import Param, SpecError, StudySpec
 from trainables.accounting import epsilon_after, plan_budget, steps_per_epoch
 from trainables.config import PrivacyConfig
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from study.spec import (
+from study.spec.model import (
     Param,
     SpecError,
     StudySpec,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.spec import MAX_STUDY_SEED, StudySpec
+from study.spec.model import MAX_STUDY_SEED, StudySpec
 
 GOOD: dict[str, Any] = {
     "name": "limits", "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},
@@ -120,7 +120,7 @@ def test_the_largest_seed_leaves_room_for_confirmation_seeds() -> None:
     import numpy as np
 
     spec = StudySpec.from_dict({**GOOD, "seed": MAX_STUDY_SEED, "confirm": {"seeds": 100}})
-    from study.confirm import confirm_seeds
+    from study.analysis.confirm import confirm_seeds
 
     for seed in confirm_seeds(spec.seed, spec.confirm.seeds):
         np.random.seed(seed)  # numpy's range holds every confirmation seed
@@ -150,17 +150,17 @@ def test_more_cpus_than_this_machine_has_is_refused_before_anything_is_written(
     ([2.0], {}, 0.5, True),
 ])
 def test_check_cpu_capacity_on_a_cluster(monkeypatch, nodes, types, cpu, ok) -> None:
-    from study import runner
-    from study.spec import SpecError
+    from study.execution import cluster
+    from study.spec.model import SpecError
 
-    monkeypatch.setattr(runner, "node_capacity",
+    monkeypatch.setattr(cluster, "node_capacity",
                         lambda resource: (nodes, types) if resource == "CPU" else ([0.0], {}))
     spec = StudySpec.from_dict({**GOOD, "resources_per_trial": {"cpu": cpu}})
     if ok:
-        runner.check_capacity(spec)
+        cluster.check_capacity(spec)
         return
     with pytest.raises(SpecError) as info:
-        runner.check_capacity(spec)
+        cluster.check_capacity(spec)
     (problem,) = info.value.problems
     assert problem.startswith(f"resources_per_trial.cpu: each trial asks for {cpu:g} CPU")
     assert "wait forever" in problem and str(nodes) in problem

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from study.callbacks import CONFIRM_KEY
-from study.spec import SpecError, StudySpec, check_against_data
+from study.execution.callbacks import CONFIRM_KEY
+from study.spec.model import SpecError, StudySpec, check_against_data
 
 BASE: dict[str, Any] = {
     "name": "tracked", "seed": 0, "dataset": {"name": "mnist-5k"}, "device": "cpu",
@@ -44,7 +44,7 @@ def test_callbacks_follow_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     pytest.importorskip("mlflow")
     from ray.tune.logger import TBXLoggerCallback
 
-    from study.trackers import StudyMLflowCallback, tracker_callbacks, tracking_uri
+    from study.execution.trackers import StudyMLflowCallback, tracker_callbacks, tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec = spec_of(tmp_path)
@@ -74,7 +74,7 @@ def test_a_resumed_trial_logs_into_its_earlier_run(tmp_path: Path,
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from study.trackers import TRIAL_ID_TAG, StudyMLflowCallback
+    from study.execution.trackers import TRIAL_ID_TAG, StudyMLflowCallback
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -98,7 +98,7 @@ def test_a_resumed_trial_logs_into_its_earlier_run(tmp_path: Path,
 
 
 def test_hyperparameters_of_search_and_confirmation_runs(tmp_path: Path) -> None:
-    from study.trackers import trial_hyperparameters
+    from study.execution.trackers import trial_hyperparameters
 
     spec = spec_of(tmp_path)
     sampled = {"prune_rate": 0.3, "learning_rate": 1.0, "noise_multiplier": 1.2}
@@ -195,8 +195,8 @@ def test_optuna_journal_holds_each_trial_once(study: dict[str, Path]) -> None:
     from optuna.importance import get_param_importances
     from optuna.trial import TrialState
 
-    from study.optuna_storage import load_study
-    from study.space import TUNE_TRIAL_ID
+    from study.search.persisted import load_study
+    from study.search.space import TUNE_TRIAL_ID
 
     optuna_study = load_study(str(study["experiment"]), "tracked")
     done = [t for t in optuna_study.trials if t.state == TrialState.COMPLETE]
@@ -246,7 +246,7 @@ def browser_check(page: Path) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed (.ci/run installs it)")
 def test_report_loads_in_chromium_and_shows_every_image(study: dict[str, Path]) -> None:
-    from study.report import build_report
+    from study.report.html import build_report
 
     out = study["tmp"] / "report"
     files = build_report(str(study["results"]), str(out))
@@ -268,7 +268,7 @@ def test_report_loads_in_chromium_and_shows_every_image(study: dict[str, Path]) 
 def test_browser_check_sees_a_missing_image(tmp_path: Path) -> None:
     if chromium() is None:
         pytest.skip("chromium is not installed (.ci/run installs it)")
-    from study.plots import new_figure, save_png
+    from study.report.plots import new_figure, save_png
 
     fig, (ax,) = new_figure()
     ax.plot([0, 1], [1, 0])

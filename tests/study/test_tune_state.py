@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from study.tune_state import DamagedStateError, newest_session_files, repair
+from study.execution.tune_state import DamagedStateError, newest_session_files, repair
 
 SESSION = "2026-11-24_00-05-38"
 STATE = f"experiment_state-{SESSION}.json"
@@ -92,7 +92,7 @@ def test_backup_copies_the_staged_set_and_repair_prefers_it(tmp_path: Path) -> N
     """Both copies can be cut short (Tune rewrites the staged files while a background
     thread still copies the previous ones): the backup taken inside Tune's snapshot is
     put back, as a whole set."""
-    from study.tune_state import BACKUP_DIR, StateBackup
+    from study.execution.tune_state import BACKUP_DIR, StateBackup
 
     directory = experiment(tmp_path)
     staging = tmp_path / "staging"
@@ -114,7 +114,7 @@ def test_backup_copies_the_staged_set_and_repair_prefers_it(tmp_path: Path) -> N
 
 
 def test_a_pickled_json_state_file_counts_as_intact() -> None:
-    from study.tune_state import loads
+    from study.execution.tune_state import loads
 
     assert loads(pickle.dumps({"counter": 3}))  # Tune pickles search_gen_state
     assert loads(b'{"trial_data": []}')

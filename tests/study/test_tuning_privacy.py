@@ -10,7 +10,7 @@ import pytest
 from dp_accounting import dp_event as E
 from dp_accounting.rdp import RdpAccountant
 
-from study.tuning_privacy import (
+from study.privacy.bounds import (
     DISTRIBUTIONS,
     TrialMechanism,
     calibrate_noise,

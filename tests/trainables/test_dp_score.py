@@ -118,7 +118,7 @@ def test_released_score_has_the_renyi_divergence_of_a_sensitivity_1_count(
     sensitivity-1 count is. Dividing by the split's own size (which x changes) is not."""
     from dp_accounting.dp_event import GaussianDpEvent
 
-    from study.tuning_privacy import StudyRdpAccountant
+    from study.privacy.bounds import StudyRdpAccountant
     from trainables.data import Split, load_datasets, validation_indices
 
     rng = np.random.default_rng(5)

@@ -11,13 +11,13 @@ from trainables.errors import EXIT_FAILED, EXIT_USAGE, DpstudyError
 
 USER_ERRORS = {  # module, class, exit code, the standard base it keeps
     ("study.cli", "UsageError", EXIT_USAGE, Exception),
-    ("study.lock", "StudyLockedError", EXIT_USAGE, RuntimeError),
-    ("study.paths", "LocationError", EXIT_USAGE, ValueError),
-    ("study.release", "ReleaseError", EXIT_USAGE, ValueError),
-    ("study.jobs", "ClusterError", EXIT_FAILED, RuntimeError),
-    ("study.runner", "StudyExistsError", EXIT_USAGE, RuntimeError),
-    ("study.tune_state", "DamagedStateError", EXIT_FAILED, RuntimeError),
-    ("study.spec", "SpecError", EXIT_USAGE, ValueError),
+    ("study.execution.lock", "StudyLockedError", EXIT_USAGE, RuntimeError),
+    ("study.storage.locations", "LocationError", EXIT_USAGE, ValueError),
+    ("study.privacy.release", "ReleaseError", EXIT_USAGE, ValueError),
+    ("study.execution.jobs", "ClusterError", EXIT_FAILED, RuntimeError),
+    ("study.execution.runner", "StudyExistsError", EXIT_USAGE, RuntimeError),
+    ("study.execution.tune_state", "DamagedStateError", EXIT_FAILED, RuntimeError),
+    ("study.spec.model", "SpecError", EXIT_USAGE, ValueError),
     ("trainables.accounting", "BudgetError", EXIT_USAGE, ValueError),
     ("trainables.config", "ConfigError", EXIT_USAGE, ValueError),
     ("trainables.data", "DataUnavailableError", EXIT_USAGE, FileNotFoundError),
@@ -36,7 +36,7 @@ def test_every_user_error_derives_from_the_root(module: str, name: str, code: in
 
 def test_the_cli_maps_by_type_and_prints_one_line(capsys: pytest.CaptureFixture) -> None:
     from study.cli import _report_error  # noqa: PLC2701 (the function under test)
-    from study.lock import StudyLockedError
+    from study.execution.lock import StudyLockedError
     from trainables.errors import FailureError
 
     class Renamed(StudyLockedError):  # a name the CLI never heard of
@@ -55,7 +55,7 @@ def test_the_cli_maps_by_type_and_prints_one_line(capsys: pytest.CaptureFixture)
 
 def test_a_spec_error_prints_its_own_header(capsys: pytest.CaptureFixture) -> None:
     from study.cli import _report_error
-    from study.spec import SpecError
+    from study.spec.model import SpecError
 
     assert _report_error(SpecError(["trials: must be >= 1 (got 0)"])) == EXIT_USAGE
     assert capsys.readouterr().err.startswith("invalid study spec (1 problem):\n  - trials")

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
-from study.spec import StudySpec
+from study.spec.model import StudySpec
+from study.storage.experiment import SPEC_FILE
 from trainables.config import read_yaml_file
-
-SPEC_FILE = "dpstudy-spec.yaml"
 
 
 def find_studies(root: str) -> list[str]:
@@ -25,14 +24,14 @@ def find_studies(root: str) -> list[str]:
 def study_status(directory: str) -> str:
     """``NAME  done/total (stopped, failed), remaining, best METRIC VALUE``."""
     spec = StudySpec.from_dict(read_yaml_file(os.path.join(directory, SPEC_FILE), "saved spec"))
-    from study import selection
-    from study.selection_spec import selection_metric
+    from study.analysis import selection
+    from study.spec.selection import selection_metric
 
     metric, mode = selection_metric(spec)
     counts = {"completed": 0, "stopped": 0, "failed": 0}
     rows: list[dict] = []
     try:
-        from study.results import read_trials
+        from study.storage.results import read_trials
 
         rows = [r for r in read_trials(spec.results_path).to_pylist()
                 if r.get("study") == spec.name and selection.is_search(r)]
@@ -60,7 +59,7 @@ def best_text(spec: StudySpec, rows: list[dict], metric: str, mode: str) -> str:
     """The best trial's ``VALUE (test_accuracy VALUE)``; for a private-selection study
     ``withheld``: its scores are private, and a stop decided after seeing them would be
     data-dependent (the selection bound needs every drawn trial)."""
-    from study import selection
+    from study.analysis import selection
 
     if spec.selection.private:
         return "withheld (private selection)"
@@ -73,8 +72,8 @@ def best_text(spec: StudySpec, rows: list[dict], metric: str, mode: str) -> str:
 def recorded_trial_count(spec: StudySpec, directory: str) -> tuple[int | None, str | None]:
     """The drawn number of trials of a private-selection study, if recorded yet, and why a
     recorded count was refused (not the draw of its recorded seed)."""
-    from study.private_selection import recorded_trial_count as checked
-    from study.spec import SpecError
+    from study.privacy.private_selection import recorded_trial_count as checked
+    from study.spec.model import SpecError
 
     try:
         return checked(spec, directory), None
@@ -88,7 +87,7 @@ def study_privacy_lines(results: str, study: str | None = None,
     ``refused``: why its trial count no longer checks out (no selection bound then)."""
     import dataclasses
 
-    from study.private_selection import read_study_privacy
+    from study.privacy.private_selection import read_study_privacy
 
     try:
         recorded = read_study_privacy(results, study)
@@ -107,7 +106,7 @@ def results_counts(results: str | None) -> str:
     if not results:
         return "results unknown"
     try:
-        from study.results import read_trials
+        from study.storage.results import read_trials
 
         statuses = read_trials(os.path.expanduser(results)).column("status").to_pylist()
     except (FileNotFoundError, OSError, ValueError):
@@ -117,7 +116,7 @@ def results_counts(results: str | None) -> str:
 
 def submitted_statuses(address: str) -> list[str]:
     """One line per study submitted to the cluster at ``address``."""
-    from study.jobs import list_studies
+    from study.execution.jobs import list_studies
 
     return [f"{row['job_id']:<40} {row['study']:<20} {row['status']:<10} "
             f"{results_counts(row['results'])}" for row in list_studies(address)]

@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from study.paths import filesystem
+from study.storage.locations import filesystem
 
 SCHEMA_VERSION = 2  # 2: validation metrics, budget_used, stage, config_id, selection,
 #                      DP validation score (val_accuracy_dp, val_noise, val_releases)
@@ -382,7 +382,7 @@ class ResultsStore:
     study are loaded on construction, so a resumed study merges with them. Parts of other
     studies are never read back into this store, rewritten or deleted, so any number of
     studies may share one results directory. At most one writer per study (the study
-    lock, :mod:`study.lock`, ensures it).
+    lock, :mod:`study.execution.lock`, ensures it).
     """
 
     def __init__(self, uri: str, study: str) -> None:

@@ -2,7 +2,7 @@
 
 :func:`load_spec` reads the file and :meth:`StudySpec.from_dict` builds the tree: the sections
 here (privacy, optimizer, resources, objective, scheduler) and the search space from
-:mod:`study.params` (whose names are re-exported). Unknown keys get a "did you mean" hint, and
+:mod:`study.spec.params` (whose names are re-exported). Unknown keys get a "did you mean" hint, and
 *every* problem is reported together in one :class:`SpecError`, each as
 ``"<dotted.field>: <rule> (got <value>)"``. :func:`check_against_data` adds the checks that
 need the dataset or the machine (delta < 1/n, batch size <= n, GPUs present).
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.params import (
+from study.spec.params import (
     DroppingSpec,
     Param,
     PruningSpec,
@@ -29,7 +29,7 @@ from study.params import (
     trial_space,
     trial_values,
 )
-from study.selection_spec import SelectionSpec, ValidationSpec, selection_problems
+from study.spec.selection import SelectionSpec, ValidationSpec, selection_problems
 from trainables.config import (
     ACCOUNTANTS,
     DEVICES,

@@ -1,4 +1,4 @@
-"""The figures of a study report (see :mod:`study.report`), one function per PNG.
+"""The figures of a study report (see :mod:`study.report.html`), one function per PNG.
 
 Every ``plot_*`` function takes the trials (and epochs) of one study as pandas frames,
 writes one PNG to ``path`` atomically and raises :class:`SkipFigure` with a reason when
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study import hyperparameters
+from study.spec import hyperparameters
 
 SEARCHED_PARAMS = hyperparameters.names(reported=True)
 HEATMAP_BINS = 5

@@ -5,7 +5,7 @@ bounds); :class:`SearchSpec` holds the numeric ones, :class:`PruningSpec` and
 :class:`DroppingSpec` the criteria. :func:`trial_space` flattens them into the trial
 parameters and :func:`trial_values` resolves one trial's values. :class:`_Spec` and the helpers
 parse YAML strictly, collecting ``"<dotted.field>: <rule> (got <value>)"`` problems; they are
-the base of :mod:`study.spec`, which this module never imports.
+the base of :mod:`study.spec.model`, which this module never imports.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from study import hyperparameters
+from study.spec import hyperparameters
 from trainables.config import (
     DROPPING_CRITERIA,
     GRANULARITIES,

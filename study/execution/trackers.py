@@ -11,7 +11,8 @@
 - ``tensorboard``: Ray's ``TBXLoggerCallback`` (``ray.tune.logger``), event files in each
   trial's directory under ``STORAGE/NAME``.
 
-Attached by :func:`study.runner.run_config`; ``pip install 'dpstudy[trackers]'`` for MLflow.
+Attached by :func:`study.execution.runner.run_config`; ``pip install 'dpstudy[trackers]'``
+for MLflow.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.logger import TBXLoggerCallback
 
-from study.callbacks import CONFIRM_KEY
-from study.spec import StudySpec
+from study.execution.callbacks import CONFIRM_KEY
+from study.spec.model import StudySpec
 
 MLFLOW_DB = "mlflow.db"
 TRIAL_ID_TAG = "dpstudy.trial_id"

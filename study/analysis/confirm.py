@@ -2,7 +2,7 @@
 
 One lucky seed can decide a search: DP-SGD's spread across seeds is as large as the effects
 users look for. ``dpstudy confirm`` (or ``confirm:`` in a spec) takes the ``top`` K
-configurations by the study's objective on validation (:mod:`study.selection`), plus a
+configurations by the study's objective on validation (:mod:`study.analysis.selection`), plus a
 baseline (prune 0, drop 0) when the study has one or the user names one, and re-trains each
 with the same S fresh seeds. Each re-run is a row of ``trials.parquet`` with
 ``stage = confirm``, ``config_id`` = the search trial it re-trains, and a run id derived
@@ -12,7 +12,7 @@ exactly once.
 :func:`plan` decides the runs, :func:`summarise` turns recorded runs into per-configuration
 test accuracy mean, standard deviation and 95% t-interval (``scipy.stats``), and the paired
 difference to the baseline over the seeds both have. The runs themselves go through Ray Tune
-in :func:`study.runner.confirm`.
+in :func:`study.execution.runner.confirm`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from study import selection
+from study.analysis import selection
 
 Row = dict[str, Any]
 CONFIDENCE = 0.95
@@ -165,6 +165,6 @@ def format_summary(summary: list[Row]) -> str:
     """The summary as a fixed-width text table (what ``dpstudy confirm`` prints)."""
     import pandas as pd
 
-    from study.query import format_table
+    from study.analysis.query import format_table
 
     return format_table(pd.DataFrame(summary), "table")

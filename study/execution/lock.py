@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from study.paths import filesystem, join_location
+from study.storage.locations import filesystem, join_location
 from trainables.errors import InputError
 
 LOCK_DIR = ".dpstudy-lock"

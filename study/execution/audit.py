@@ -4,7 +4,7 @@
 
 1. resolve the target to a trial configuration: a study spec (YAML), a results directory
    or an experiment directory (the spec copy there, as ``dpstudy confirm`` finds it); with
-   ``--trial ID`` or ``--best`` (the study's selection, :mod:`study.selection`) the trial's
+   ``--trial ID`` or ``--best`` (the study's selection, :mod:`study.analysis.selection`) the trial's
    recorded hyperparameters and seed, else the spec's fixed configuration (only when it
    searches nothing);
 2. check everything (the ``dpstudy[audit]`` extra, the audit settings, the trial config)
@@ -30,9 +30,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from study import selection
-from study.results import append_audit, read_trials
-from study.spec import StudySpec, check_against_data, load_spec
+from study.analysis import selection
+from study.spec.model import StudySpec, check_against_data, load_spec
+from study.storage.results import append_audit, read_trials
 from trainables.audit import AuditConfig, AuditUnavailableError, require_auditing
 from trainables.config import TrialConfig
 
@@ -53,7 +53,7 @@ def resolve(target: str, *, trial: str | None = None, best: bool = False,
             study: str | None = None) -> Target:
     """A spec path, results directory or experiment directory, plus ``--trial``/``--best``,
     as a :class:`Target`."""
-    from study.runner import find_spec
+    from study.storage.experiment import find_spec
 
     location = os.path.expanduser(target)
     if location.endswith((".yaml", ".yml")):
@@ -129,7 +129,7 @@ def run_remote(target: Target, settings: AuditConfig, *,
     """Run the audit as a Ray task with the spec's per-trial resources."""
     import ray
 
-    from study.runner import init_ray
+    from study.execution.cluster import init_ray
 
     init_ray(address)
     resources = target.spec.resources_per_trial

@@ -2,11 +2,11 @@
 each is shown.
 
 Every part of the service that lists hyperparameters reads this table: the search space
-(:mod:`study.params`), the trial rows (:mod:`study.callbacks`), the report and its figures
-(:mod:`study.report`, :mod:`study.plots`), the run summary (:mod:`study.cli`) and the
-release (:mod:`study.release`). A hyperparameter is named in the spec and in the results
-by ``name`` and lives in the trial config (:class:`trainables.config.TrialConfig`) at
-``section.key``.
+(:mod:`study.spec.params`), the trial rows (:mod:`study.execution.callbacks`), the report
+and its figures (:mod:`study.report.html`, :mod:`study.report.plots`), the run summary
+(:mod:`study.cli`) and the release (:mod:`study.privacy.release`). A hyperparameter is named
+in the spec and in the results by ``name`` and lives in the trial config
+(:class:`trainables.config.TrialConfig`) at ``section.key``.
 """
 
 from __future__ import annotations

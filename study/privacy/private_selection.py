@@ -6,11 +6,11 @@
   experiment directory, so ``resume`` runs the same number and nothing released reveals it.
 - :func:`plan_study_budget`: for ``privacy: {scope: study}``, the per-trial noise multiplier
   that makes the selection bound meet the study budget (the calibrator of
-  :mod:`study.tuning_privacy`), and :func:`study_trial_config` that applies it to a trial.
+  :mod:`study.privacy.bounds`), and :func:`study_trial_config` that applies it to a trial.
 - :func:`study_privacy_of`: both release models for a results table, with the assumption
   checks; it is what ``status``, the report, the Parquet metadata and ``release`` state.
 
-The bounds themselves are pure functions in :mod:`study.tuning_privacy`.
+The bounds themselves are pure functions in :mod:`study.privacy.bounds`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from study import selection
-from study.paths import filesystem
-from study.selection_spec import validation_noise, validation_public
-from study.spec import SpecError, StudySpec
-from study.tuning_privacy import (
+from study.analysis import selection
+from study.privacy.bounds import (
     StudyPrivacy,
     TrialMechanism,
     calibrate_noise,
@@ -44,6 +41,9 @@ from study.tuning_privacy import (
     selection_epsilon,
     study_privacy,
 )
+from study.spec.model import SpecError, StudySpec
+from study.spec.selection import validation_noise, validation_public
+from study.storage.locations import filesystem
 from trainables.accounting import BudgetError, cap_steps, epsilon_after, plan_budget
 from trainables.config import PrivacyConfig
 
@@ -338,7 +338,7 @@ def study_privacy_metadata(spec: StudySpec, store: Any) -> dict[str, str]:
 
 def study_audits(results: str, study: str) -> list[dict[str, Any]]:
     """The audit rows (``audits.parquet``) of ``study`` in a results location."""
-    from study.results import read_audits
+    from study.storage.results import read_audits
 
     try:
         return [r for r in read_audits(results).to_pylist() if r["study"] == study]
@@ -349,7 +349,7 @@ def study_audits(results: str, study: str) -> list[dict[str, Any]]:
 def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy | None:
     """The study's (epsilon, delta) as recorded in its Parquet metadata (None if absent),
     with the study's audit runs composed in: every audit re-trained on the private data."""
-    from study.results import read_metadata
+    from study.storage.results import read_metadata
 
     meta = read_metadata(results, study)
     raw = meta.get(PRIVACY_METADATA_KEY)
@@ -371,7 +371,7 @@ def with_audits(recorded: StudyPrivacy, results: str, study: str,
                 audits: list[dict[str, Any]]) -> StudyPrivacy:
     """``recorded`` with ``audits`` composed into the composition bound (recomputed over
     the study's trial rows) and the selection bound withdrawn."""
-    from study.results import read_trials
+    from study.storage.results import read_trials
 
     rows = [r for r in read_trials(results).to_pylist() if r["study"] == study]
     run = [m for m in map(mechanism_of, rows + audits) if m is not None]

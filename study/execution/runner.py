@@ -6,10 +6,11 @@ and writes nothing on a bad spec. It then builds a ``Tuner``: ``OptunaSearch``
 ``tune.with_resources``, ``FailureConfig(max_failures)`` and ``CheckpointConfig``.
 Experiment state lives under ``storage/NAME``, next to the resolved spec
 (``dpstudy-spec.yaml``) that ``resume`` reads. Results go to Parquet through
-:class:`study.callbacks.StudyCallback`, and once more from the final ``ResultGrid`` so that
-no trial is ever missing. ``confirm`` re-runs the chosen configurations over fresh seeds
-(:mod:`study.confirm`) as a second Tune experiment, ``storage/NAME-confirm-<digest>``,
-restored rather than restarted when an interrupted confirmation is run again.
+:class:`study.execution.callbacks.StudyCallback`, and once more from the final
+``ResultGrid`` so that no trial is ever missing. ``confirm`` re-runs the chosen
+configurations over fresh seeds (:mod:`study.analysis.confirm`) as a second Tune
+experiment, ``storage/NAME-confirm-<digest>``, restored rather than restarted when an
+interrupted confirmation is run again.
 """
 
 from __future__ import annotations
@@ -24,33 +25,36 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-import pyarrow.fs as pafs
-import yaml
 from ray import tune
 
-from study import confirm as confirmation
-from study import private_selection, selection, tune_state
-from study.callbacks import CONFIRM_KEY, StudyCallback
-from study.lock import StudyLock
-from study.optuna_storage import experiment_storage
-from study.paths import (
-    LocationError,
+from study.analysis import confirm as confirmation
+from study.analysis import selection
+from study.execution import cluster, tune_state
+from study.execution.callbacks import CONFIRM_KEY, StudyCallback
+from study.execution.lock import StudyLock
+from study.execution.trackers import tracker_callbacks
+from study.privacy import private_selection
+from study.search.persisted import experiment_storage
+from study.search.space import NoiseBudget, check_space, make_search, noise_budget
+from study.spec.model import SpecError, StudySpec, check_against_data, load_spec
+from study.spec.selection import selection_metric
+from study.storage.experiment import (
+    SPEC_FILE,
+    exists,
+    experiment_dir,
+    read_spec,
+    results_spec_name,
+    save_spec,
+)
+from study.storage.locations import (
     check_locations,
     filesystem,
     join_location,
     resolve_location,
     resolve_paths,
 )
-from study.selection_spec import selection_metric
-from study.space import NoiseBudget, check_space, make_search, noise_budget
-from study.spec import SpecError, StudySpec, check_against_data, load_spec
-from study.status import SPEC_FILE
-from study.trackers import tracker_callbacks
-from trainables.compat import autoscaler_cluster_config
-from trainables.config import load_yaml
 from trainables.data import dataset_size
 from trainables.errors import InputError
-from trainables.placement import ALLOC_CONF
 from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
 from trainables.tune_trainable import run_trial
 
@@ -103,167 +107,6 @@ def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseB
     return spec, budget
 
 
-def experiment_dir(spec: StudySpec) -> str:
-    """``storage/NAME`` (a local path or a URI; joined before any query string)."""
-    return join_location(spec.storage_path, spec.name)
-
-
-def _exists(path: str) -> bool:
-    fs, where = filesystem(path, "storage")
-    return fs.get_file_info(where).type != pafs.FileType.NotFound
-
-
-def save_spec(spec: StudySpec, directory: str, name: str = SPEC_FILE) -> None:
-    """Write the resolved spec next to Tune's experiment state (or, named after the study,
-    into its results directory, where ``dpstudy confirm RESULTS`` finds it)."""
-    fs, where = filesystem(directory, "storage")
-    fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(posixpath.join(where, name)) as out:
-        out.write(yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
-
-
-def results_spec_name(study: str) -> str:
-    """File name of a study's spec copy in its results directory."""
-    return f"{study}.{SPEC_FILE}"
-
-
-def is_experiment_dir(location: str) -> bool:
-    """Whether ``location`` is an experiment directory (holds the saved spec)."""
-    fs, where = filesystem(location, "storage")
-    return fs.get_file_info(posixpath.join(where, SPEC_FILE)).type == pafs.FileType.File
-
-
-def find_spec(location: str, study: str | None = None) -> StudySpec:
-    """The spec of a study from its experiment directory (``STORAGE/NAME``) or its results
-    directory (``study`` picks one when several studies share it)."""
-    if is_experiment_dir(location):
-        return read_spec(location)
-    fs, where = filesystem(location, "storage")
-    suffix = "." + SPEC_FILE
-    infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
-    names = sorted(i.base_name.removesuffix(suffix) for i in infos
-                   if i.base_name.endswith(suffix))
-    if study is not None and study not in names:
-        raise SpecError([f"study: no spec of study {study!r} in {location!r} (found: "
-                         f"{', '.join(names) or 'none'})"])
-    if study is None and len(names) != 1:
-        found = "no study spec" if not names else f"several studies ({', '.join(names)}); " \
-            "pass --study"
-        raise SpecError([f"results: {location!r} holds {found} (got {location!r})"])
-    with fs.open_input_stream(posixpath.join(where, results_spec_name(study or names[0]))) as f:
-        return StudySpec.from_dict(yaml.safe_load(f.read().decode()))
-
-
-def read_spec(directory: str) -> StudySpec:
-    """The spec saved by :func:`save_spec` in an experiment directory."""
-    try:
-        fs, where = filesystem(directory, "storage")
-    except LocationError as err:
-        raise SpecError([f"resume: {err}"]) from None
-    path = posixpath.join(where, SPEC_FILE)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise SpecError([f"resume: {directory!r} is not a dpstudy experiment directory "
-                         f"(no {SPEC_FILE})"])
-    with fs.open_input_stream(path) as f:
-        return StudySpec.from_dict(load_yaml(f.read().decode(), path))
-
-
-# --- Ray ------------------------------------------------------------------------------
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to a cluster at ``address``, or start an embedded one on 127.0.0.1. A process
-    already attached to Ray stays attached, unless ``address`` names another cluster."""
-    import ray
-
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Snapshot Tune's experiment state at every controller step (default "auto": every
-    # 10 s or more). After a kill -9 a resume then knows every trial that started, finished
-    # or checkpointed before the kill, so it neither re-runs finished trials nor restarts
-    # running ones from scratch. Read when the Tuner is built, so setting it here suffices.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF  # inherited by local workers
-    if ray.is_initialized():
-        if not other_cluster(address):
-            return
-        ray.shutdown()  # asked for another cluster than this process is attached to
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        return
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only) must be set before Ray is
-    # imported; the CLI does that for local runs. address="local": always a new embedded
-    # Ray; with None, ray.init attaches to whatever cluster `ray start` last started on
-    # this machine (/tmp/ray/ray_current_cluster), someone else's included.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
-
-
-def other_cluster(address: str | None) -> bool:
-    """Whether ``address`` (``host:port`` of a GCS) names another cluster than the one this
-    process is attached to (a library caller, or a test, that used Ray before)."""
-    import ray
-
-    if not address or address == "auto" or "://" in address:
-        return False
-    try:
-        current = ray.get_runtime_context().gcs_address
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(current) and gcs_endpoint(current) != gcs_endpoint(address)
-
-
-def gcs_endpoint(address: str) -> tuple[str, str]:
-    """``(ip, port)`` of a ``host:port`` address, the host name resolved when it can be."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        host = socket.gethostbyname(host)
-    except OSError:
-        pass
-    return host, port
-
-
-def node_capacity(resource: str) -> tuple[list[float], dict[str, float]]:
-    """``resource`` (``CPU``, ``GPU``) of each live node, and of each node type the
-    autoscaler may still start."""
-    import ray
-
-    nodes = [float(n.get("Resources", {}).get(resource, 0)) for n in ray.nodes()
-             if n.get("Alive")]
-    types: dict[str, float] = {}
-    config = autoscaler_cluster_config()  # the autoscaler's node types, if it runs
-    for group in getattr(config, "node_group_configs", []) or []:
-        if group.max_count != 0:
-            types[group.name] = float(group.resources.get(resource, 0))
-    return nodes, types
-
-
-def check_capacity(spec: StudySpec) -> None:
-    """Fail fast when no node, now or after autoscaling, could ever hold one trial's CPUs
-    or GPUs (Tune would leave every trial pending), naming each resource that fails."""
-    problems = [p for field, resource in (("cpu", "CPU"), ("gpu", "GPU"))
-                if (p := capacity_problem(spec, field, resource)) is not None]
-    if problems:
-        raise SpecError(problems)
-
-
-def capacity_problem(spec: StudySpec, field: str, resource: str) -> str | None:
-    """Why no node can offer one trial's ``resources_per_trial.<field>`` (None: one can,
-    or the trial asks for none)."""
-    wanted = getattr(spec.resources_per_trial, field)
-    if wanted <= 0:
-        return None
-    nodes, types = node_capacity(resource)
-    if max([*nodes, *types.values()], default=0.0) >= wanted:
-        return None
-    return (f"resources_per_trial.{field}: each trial asks for {wanted:g} {resource}(s) on "
-            f"one node, but no node of this cluster can ever offer that ({resource}s per "
-            f"live node: {nodes}; autoscaler node types: {types or 'none'}); its trials "
-            f"would wait forever (got {wanted!r})")
-
-
 def dpstudy_trial(config: dict[str, Any], spec: StudySpec,
                   budget: private_selection.StudyBudget | None = None) -> None:
     """The Tune function trainable: sampled params (or a confirmation run: params and a
@@ -313,12 +156,12 @@ def run_config(spec: StudySpec) -> tune.RunConfig:
 
 def run(spec: StudySpec, budget: NoiseBudget | None, *,
         address: str | None = None) -> Summary:
-    """Run a new study to completion, holding its lock (:class:`study.lock.StudyLock`)."""
+    """Run a new study to completion, holding its lock (:class:`study.execution.lock.StudyLock`)."""
     spec = resolve_paths(spec)
     directory = experiment_dir(spec)
     _refuse_existing(spec, directory)
     check_locations(spec)
-    created = not _exists(directory)
+    created = not exists(directory)
     lock = StudyLock(directory)
     lock.acquire()  # refused: another driver has the study (never remove its directory)
     with _released(lock):
@@ -327,8 +170,8 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
             # drawn (or a recorded count checked) before Ray starts: a count file not drawn
             # from its recorded seed is refused here
             count = private_selection.trial_count(spec, directory)
-            init_ray(address)
-            check_capacity(spec)
+            cluster.init_ray(address)
+            cluster.check_capacity(spec)
             if spec.reproducible_noise:
                 print(f"WARNING [{spec.name}]: {REPRODUCIBLE_NOISE_WARNING}", file=sys.stderr,
                       flush=True)
@@ -362,8 +205,8 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
         if count == 0:
             return _finish(spec, [], False, directory)
         spec = dataclasses.replace(spec, trials=count)
-        init_ray(address)
-        check_capacity(spec)
+        cluster.init_ray(address)
+        cluster.check_capacity(spec)
         if not tune.Tuner.can_restore(directory):
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                              f"was stopped before its first trial started; run it again)"])
@@ -373,7 +216,8 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
 
 def restore_tuner(directory: str, trainable: Any) -> Any:
     """``Tuner.restore`` of an interrupted study, after putting back any state file a killed
-    driver left truncated (see :mod:`study.tune_state`; Tune would silently start over)."""
+    driver left truncated (see :mod:`study.execution.tune_state`; Tune would silently start
+    over)."""
     fs, where = filesystem(directory, "storage")
     for name in tune_state.repair(fs, where):
         print(f"resume: {name} was damaged by the interruption; restored the driver's copy",
@@ -383,7 +227,7 @@ def restore_tuner(directory: str, trainable: Any) -> Any:
 
 
 def _refuse_existing(spec: StudySpec, directory: str) -> None:
-    if _exists(posixpath.join(directory, SPEC_FILE)) or _exists(
+    if exists(posixpath.join(directory, SPEC_FILE)) or exists(
             posixpath.join(directory, "tuner.pkl")):
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
@@ -494,9 +338,9 @@ def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = Non
 
     Runs only what is not recorded yet; an interrupted confirmation of the same plan is
     restored from its Tune state (unfinished runs continue from their checkpoints).
-    Returns the plan and its summary rows (:func:`study.confirm.summarise`).
+    Returns the plan and its summary rows (:func:`study.analysis.confirm.summarise`).
     """
-    from study.results import ResultsStore
+    from study.storage.results import ResultsStore
 
     metric, mode = spec.objective.primary
     rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
@@ -518,7 +362,7 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
     directory = join_location(spec.storage_path, name)
     trainable = make_trainable(spec)
     with StudyLock(directory):
-        init_ray(address)
+        cluster.init_ray(address)
         if tune.Tuner.can_restore(directory):
             tuner = restore_tuner(directory, trainable)
         else:

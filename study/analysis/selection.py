@@ -4,7 +4,7 @@ A study selects on its objective (a validation metric unless the spec explicitly
 test metric), among *completed* trials of the *search* stage: a trial stopped early by the
 scheduler never trained its whole budget, and confirmation runs are re-measurements, not
 candidates. Multi-objective studies rank by their first metric here (their Pareto front is
-:func:`study.query.pareto_front`). Ties are broken by trial id so the order is stable.
+:func:`study.analysis.query.pareto_front`). Ties are broken by trial id so the order is stable.
 
 These are pure functions over result rows (dicts as in ``trials.parquet``), shared by the
 runner's summary, ``dpstudy status``, the report and ``dpstudy confirm``.

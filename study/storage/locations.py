@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 from trainables.errors import InputError
 
 if TYPE_CHECKING:
-    from study.spec import StudySpec
+    from study.spec.model import StudySpec
 
 CHECK_TIMEOUT_S = 30.0
 

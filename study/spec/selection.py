@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from study.params import _Spec
+from study.spec.params import _Spec
 from trainables.config import _Checks
 
 MODES = ("optimize", "private-selection")

@@ -27,8 +27,8 @@ from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from study import optuna_storage
-from study.spec import Param, SpecError, StudySpec
+from study.search import persisted as optuna_storage
+from study.spec.model import Param, SpecError, StudySpec
 from trainables.accounting import noise_interval
 from trainables.compat import OptunaSearchState
 
@@ -244,7 +244,7 @@ def make_search(spec: StudySpec, budget: NoiseBudget | None,
     """``OptunaSearch`` over the spec's space, behind a ``ConcurrencyLimiter``. With
     ``baseline_trial`` the first trial is plain DP-SGD (its other hyperparameters sampled),
     so every study has a baseline to compare with. ``storage`` persists the Optuna study
-    (:mod:`study.optuna_storage`); None keeps it in memory (and in Tune's pickled state)."""
+    (:mod:`study.search.persisted`); None keeps it in memory (and in Tune's pickled state)."""
     metrics = list(spec.objective.metrics)
     modes = list(spec.objective.modes)
     point = baseline_point(spec)
@@ -263,7 +263,7 @@ class StudySearch(OptunaSearchState, OptunaSearch):
     as if it were complete. (Single-objective samplers keep its partial value.)
 
     With a journal storage, :meth:`restore` reloads the Optuna study from the journal
-    (:func:`study.optuna_storage.reattach`), and a trial told before a driver was killed is
+    (:func:`study.search.persisted.reattach`), and a trial told before a driver was killed is
     not told again when Tune re-runs its last epoch after the resume."""
 
     def restore(self, checkpoint_path: str) -> None:

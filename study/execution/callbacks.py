@@ -9,7 +9,7 @@ so a trial recorded again after a resume is replaced, never duplicated. The writ
 runs on a background writer thread (:class:`Writer`), so it never blocks Tune's
 controller; ``on_experiment_end`` (also reached on Ctrl-C) waits for it. A driver killed
 before the writer finished loses nothing: the run or resume that follows records every
-ended trial its result grid holds and Parquet lacks (:func:`study.runner._finish`). The
+ended trial its result grid holds and Parquet lacks (:func:`study.execution.runner._finish`). The
 callback is
 pickled into Tune's experiment state and restored by ``dpstudy resume``; it therefore
 holds only plain settings and opens the results store lazily in :meth:`StudyCallback.setup`.
@@ -28,12 +28,12 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from study import hyperparameters
-from study.private_selection import study_privacy_metadata
-from study.results import ResultsStore
-from study.selection_spec import selection_label
-from study.spec import StudySpec
-from study.tune_state import StateBackup
+from study.execution.tune_state import StateBackup
+from study.privacy.private_selection import study_privacy_metadata
+from study.spec import hyperparameters
+from study.spec.model import StudySpec
+from study.spec.selection import selection_label
+from study.storage.results import ResultsStore
 
 RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
                   "accountant", "steps", "epochs", "density", "val_accuracy",
@@ -44,7 +44,7 @@ RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used
 EPOCH_COLUMNS = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss",
                  "train_loss", "epsilon_spent", "budget_used", "steps", "wall_time_s",
                  "samples_per_s")
-#: Key of a confirmation run's description in its Tune config (see :mod:`study.confirm`).
+#: Key of a confirmation run's description in its Tune config (see :mod:`study.analysis.confirm`).
 CONFIRM_KEY = "confirm_run"
 
 
@@ -222,7 +222,7 @@ class StudyCallback(Callback):
 
     def get_state(self) -> None:
         """Called by Tune right after it wrote its experiment state to the driver's staging
-        folder: back that state up whole (see :mod:`study.tune_state`). Returns None: this
+        folder: back that state up whole (see :mod:`study.execution.tune_state`). Returns None: this
         callback has no state of its own to save. Tune snapshots at every controller step
         (its state holds timestamps); only steps with trial events are backed up."""
         if self.backup is not None and self.events:

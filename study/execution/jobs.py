@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from study.spec import StudySpec, load_spec
+from study.spec.model import StudySpec, load_spec
 from trainables.errors import FailureError
 
 JOB_SPEC = "dpstudy-submitted-spec.yaml"

@@ -1,6 +1,6 @@
 """A JSON Schema of the study spec, generated from the spec's own dataclasses.
 
-:func:`spec_schema` walks the fields and type hints of :class:`~study.spec.StudySpec` and
+:func:`spec_schema` walks the fields and type hints of :class:`~study.spec.model.StudySpec` and
 every section it holds (down to :mod:`trainables.config`), so the schema follows the code:
 nothing about a field is written twice. What the type hints do not say is asked of the
 classes themselves:
@@ -9,13 +9,13 @@ classes themselves:
   ``"<field>: must be one of a, b, c"`` problem its ``__post_init__`` reports is read back;
 - required fields: a section is built with no arguments and its ``"<field>: is required"``
   problems are read back;
-- the short forms the parser accepts: a hyperparameter (:class:`~study.params.Param`) as a
+- the short forms the parser accepts: a hyperparameter (:class:`~study.spec.params.Param`) as a
   number, a list of choices or a range mapping; a tuple of strings as one string; a section
-  named in :data:`study.spec.NAME_SHORTHANDS` as its name alone.
+  named in :data:`study.spec.model.NAME_SHORTHANDS` as its name alone.
 
 ``dpstudy schema`` prints it; editors with the YAML language server use it to complete and
 check specs as they are typed (see README, "Editor support"). Validation against the schema
-is a convenience for editors: :func:`study.spec.load_spec` remains the authority (it also
+is a convenience for editors: :func:`study.spec.model.load_spec` remains the authority (it also
 checks cross-field rules such as ``low < high``).
 """
 
@@ -27,8 +27,8 @@ import types
 import typing
 from typing import Any
 
-from study.params import Param
-from study.spec import NAME_SHORTHANDS, StudySpec
+from study.spec.model import NAME_SHORTHANDS, StudySpec
+from study.spec.params import Param
 from trainables.config import ConfigError
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -1,10 +1,10 @@
 """Report figures about the study as a whole: the privacy-utility curve (one point per trial)
 and Optuna's own parallel-coordinate and contour plots of the persisted Optuna study.
 
-Like :mod:`study.plots`, every ``plot_*`` function writes one PNG to ``path`` atomically and
-raises :class:`~study.plots.SkipFigure` with a reason when there is nothing to draw. The
+Like :mod:`study.report.plots`, every ``plot_*`` function writes one PNG to ``path`` atomically and
+raises :class:`~study.report.plots.SkipFigure` with a reason when there is nothing to draw. The
 Optuna plots come from ``optuna.visualization.matplotlib`` applied to the study the searcher
-persisted in its experiment directory (:mod:`study.optuna_storage`), found through the spec
+persisted in its experiment directory (:mod:`study.search.persisted`), found through the spec
 copy in the results directory (:func:`persisted_study`).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from study.plots import SkipFigure, new_figure, save_png
+from study.report.plots import SkipFigure, new_figure, save_png
 
 _STATUS_STYLE = {"completed": ("o", "tab:blue"), "stopped": ("^", "tab:orange")}
 
@@ -57,9 +57,9 @@ def persisted_study(results_uri: str, name: str) -> Any:
     (through the spec copy there), or None when there is none to read."""
     import yaml
 
-    from study.optuna_storage import load_study
-    from study.spec import StudySpec
-    from study.status import SPEC_FILE
+    from study.search.persisted import load_study
+    from study.spec.model import StudySpec
+    from study.storage.experiment import SPEC_FILE
 
     spec_file = os.path.join(results_uri, f"{name}.{SPEC_FILE}")
     if "://" in results_uri or not os.path.isfile(spec_file):

@@ -7,7 +7,7 @@ experiment state and checkpoints (optimizer state, random generator states from 
 noise could be recomputed), the trial seeds or the drawn number of trials: those stay
 private, and ``PRIVATE.txt`` in the release says so.
 
-A study whose selection bound does not apply (see :mod:`study.private_selection`) is
+A study whose selection bound does not apply (see :mod:`study.privacy.private_selection`) is
 refused: nothing is written. The bound is recomputed here from the results, the study's
 audits and the trial count recorded in the experiment directory (checked to be the draw of
 its recorded seed), so a study interrupted before all its drawn trials completed, or one
@@ -24,15 +24,16 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from study import hyperparameters, selection
-from study.private_selection import (
+from study.analysis import selection
+from study.privacy.private_selection import (
     recorded_trial_count,
     study_audits,
     study_privacy_of,
     train_size,
 )
-from study.selection_spec import selection_metric
-from study.spec import SpecError, StudySpec
+from study.spec import hyperparameters
+from study.spec.model import SpecError, StudySpec
+from study.spec.selection import selection_metric
 from trainables.errors import InputError
 
 RELEASE_FILE = "release.json"

@@ -2,7 +2,7 @@
 
 :func:`build_report` reads ``trials.parquet`` / ``epochs.parquet`` (a local directory or a
 pyarrow.fs URI such as ``s3://bucket/prefix``) and writes, into a local ``out_dir``, the
-figures of :mod:`study.plots` and :mod:`study.study_plots` plus ``report.html`` (or
+figures of :mod:`study.report.plots` and :mod:`study.report.study_plots` plus ``report.html`` (or
 ``report.md``) that embeds them by relative path. The page is written atomically
 (temporary file, then ``os.replace``).
 """
@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from study import confirm, hyperparameters, selection
-from study.query import pareto_front, parse_pareto, to_frame
-from study.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
-from study.study_plots import persisted_study
+from study.analysis import confirm, selection
+from study.analysis.query import pareto_front, parse_pareto, to_frame
+from study.report.study_plots import persisted_study
+from study.spec import hyperparameters
+from study.storage.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
 
 FORMATS = ("html", "md")
 HYPERPARAMS = hyperparameters.names(reported=True)
@@ -173,7 +174,7 @@ def render_markdown_summary(trials_df: pd.DataFrame) -> str:
 
 
 def confirm_table(trials: pd.DataFrame) -> pd.DataFrame | None:
-    """The confirmation summary (:func:`study.confirm.summarise`) of the runs recorded in
+    """The confirmation summary (:func:`study.analysis.confirm.summarise`) of the runs recorded in
     ``trials``, or None when the study has none."""
     metric, mode, _ = selection_of(trials)
     rows = trials.to_dict("records")
@@ -201,7 +202,7 @@ def _load(uri: str, study: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]
 def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
           objectives: list[tuple[str, str]], out_dir: str,
           optuna_study: Callable[[], object]) -> tuple[dict, dict]:
-    from study import plots, study_plots
+    from study.report import plots, study_plots
 
     metric = selection_of(trials)[0]
     draw = {
@@ -297,7 +298,7 @@ def audit_blocks(uri: str, study: str) -> list[tuple]:
 
 def privacy_blocks(results_uri: str, study: str | None = None) -> list[tuple]:
     """The study's (epsilon, delta) under both release models (from the Parquet metadata)."""
-    from study.private_selection import read_study_privacy
+    from study.privacy.private_selection import read_study_privacy
 
     recorded = read_study_privacy(results_uri, study)
     if recorded is None:

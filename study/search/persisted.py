@@ -1,6 +1,6 @@
 """Each study's Optuna study, persisted in its experiment directory.
 
-The searcher (:class:`study.space.StudySearch`, Ray Tune's ``OptunaSearch``) writes every
+The searcher (:class:`study.search.space.StudySearch`, Ray Tune's ``OptunaSearch``) writes every
 trial it asks and tells to Optuna's own ``JournalStorage`` with a file backend,
 ``STORAGE/NAME/optuna-journal.log``. That is what the Optuna tools read, live while the
 study runs and after it ends::
