@@ -1,31 +1,31 @@
-"""The study spec: a user-written YAML file parsed once into frozen, keyword-only dataclasses.
+"""The study spec: a user-written YAML file parsed once into frozen pydantic models.
 
 :func:`load_spec` reads the file and :meth:`StudySpec.from_dict` builds the tree: the sections
 here (privacy, optimizer, resources, objective, scheduler) and the search space from
 :mod:`study.spec.params` (whose names are re-exported). Unknown keys get a "did you mean" hint, and
 *every* problem is reported together in one :class:`SpecError`, each as
-``"<dotted.field>: <rule> (got <value>)"``. :func:`check_against_data` adds the checks that
-need the dataset or the machine (delta < 1/n, batch size <= n, GPUs present).
+``"<dotted.field>: <rule> (got <value>)"`` (:mod:`trainables.validation`).
+:func:`check_against_data` adds the checks that need the dataset or the machine (delta < 1/n,
+batch size <= n, GPUs present).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from annotated_types import Ge, Le
+from pydantic import BeforeValidator, field_validator
 
 from study.spec.params import (
     DroppingSpec,
     Param,
     PruningSpec,
     SearchSpec,
-    _as_tuple,
-    _build,
-    _known,
-    _not_mapping,
-    _Spec,
+    Spec,
     trial_space,
     trial_values,
 )
@@ -33,17 +33,19 @@ from study.spec.selection import SelectionSpec, ValidationSpec, selection_proble
 from trainables.config import (
     ACCOUNTANTS,
     DEVICES,
-    MAX_PHYSICAL_BATCH,
     MAX_SEED,
     OPTIMIZERS,
     PRECISIONS,
     ConfigError,
     DataConfig,
+    Epsilon,
+    Fraction,
     ModelConfig,
-    _Checks,
-    check_epsilon,
+    PhysicalBatch,
+    Rate,
     read_yaml_file,
 )
+from trainables.validation import Flag, Integer, Number, Problem, fail, problems_of, strings
 
 VALIDATION_METRICS = ("val_accuracy", "best_val_accuracy", "val_loss")
 TEST_METRICS = ("test_accuracy", "best_test_accuracy", "test_loss")
@@ -63,6 +65,8 @@ MAX_CONFIRM_SEEDS = 100  # confirmation runs use seeds seed + 1 ... seed + seeds
 MAX_STUDY_SEED = MAX_SEED - MAX_CONFIRM_SEEDS
 MAX_CONCURRENT = 10_000
 MAX_FAILURES = 1_000
+# sections that may be given by their name alone (``scheduler: asha``, ``model: resnet18``)
+NAME_SHORTHANDS = ("dataset", "model", "scheduler")
 
 
 class SpecError(ConfigError):
@@ -74,67 +78,40 @@ class SpecError(ConfigError):
         return f"invalid study spec ({n} problem{'' if n == 1 else 's'}):\n{lines}"
 
 
-@dataclass(frozen=True, kw_only=True)
-class PrivacySpec(_Spec):
+class PrivacySpec(Spec):
     """The fixed privacy budget of every trial and the accountant that enforces it."""
 
-    epsilon: float | None = None
-    delta: float = 1e-5
-    accountant: str = "prv"
-    scope: str = "trial"  # trial: (epsilon, delta) per trial; study: for the whole selection
-
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        c.choice("scope", self.scope, SCOPES)
-        if self.epsilon is None:
-            c.fail("epsilon", "is required", None)
-        else:
-            check_epsilon(c, self.epsilon)
-        c.number("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
-        c.choice("accountant", self.accountant, ACCOUNTANTS)
-        c.done()
+    required: ClassVar[tuple[str, ...]] = ("epsilon",)
+    epsilon: Epsilon | None = None
+    delta: Fraction = 1e-5
+    accountant: Literal[ACCOUNTANTS] = "prv"
+    scope: Literal[SCOPES] = "trial"  # trial: (epsilon, delta) per trial; study: the selection
 
 
-@dataclass(frozen=True, kw_only=True)
-class OptimizerSpec(_Spec):
+class OptimizerSpec(Spec):
     """The optimiser settings that are not searched. ``physical_batch_size`` (a resource
     setting, not a hyperparameter: it changes memory, not results) caps the images per
     forward/backward pass; unset, a logical batch is one pass."""
 
-    name: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    physical_batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        c.choice("name", self.name, OPTIMIZERS)
-        c.number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        c.number("weight_decay", self.weight_decay, low=0.0)
-        if self.physical_batch_size is not None:
-            c.number("physical_batch_size", self.physical_batch_size, low=1,
-                     high=MAX_PHYSICAL_BATCH, integer=True)
-        c.done()
+    name: Literal[OPTIMIZERS] = "sgd"
+    momentum: Rate = 0.0
+    weight_decay: Annotated[Number, Ge(0.0)] = 0.0
+    physical_batch_size: PhysicalBatch | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class Resources(_Spec):
+class Resources(Spec):
     """Ray resources per trial (fractions allowed)."""
 
-    cpu: float = 1
-    gpu: float = 0
+    cpu: Annotated[Number, Ge(0.0)] = 1
+    gpu: Annotated[Number, Ge(0.0)] = 0
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        c.number("cpu", self.cpu, low=0.0)
-        c.number("gpu", self.gpu, low=0.0)
-        if not c.problems and self.cpu + self.gpu <= 0:
-            c.fail("cpu", "cpu + gpu must be > 0", self.cpu)
-        c.done()
+    def problems(self) -> Iterator[Problem]:
+        """Something to run on."""
+        if self.cpu + self.gpu <= 0:
+            yield "cpu", "cpu + gpu must be > 0", self.cpu
 
 
-@dataclass(frozen=True, kw_only=True)
-class Objective(_Spec):
+class Objective(Spec):
     """One or two metrics to optimise; modes default to max for accuracies, min otherwise.
 
     The search selects on the validation split (``val_accuracy`` by default). Selecting on a
@@ -142,37 +119,34 @@ class Objective(_Spec):
     ``allow_test_selection: true``, and the study then says so wherever it reports.
     """
 
-    metrics: tuple[str, ...] = ("val_accuracy",)
-    modes: tuple[str, ...] | None = None
-    allow_test_selection: bool = False
+    metrics: strings(METRICS, "must be a list of strings", empty=True) = ("val_accuracy",)
+    modes: strings(MODES, "must be a list of strings", empty=True) | None = None
+    allow_test_selection: Flag = False
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        if self.modes is None and isinstance(self.metrics, tuple):
-            modes = tuple("max" if m in _MAXIMISED else "min" for m in self.metrics)
-            object.__setattr__(self, "modes", modes)
-        for name, allowed in (("metrics", METRICS), ("modes", MODES)):
-            v = getattr(self, name)
-            if not isinstance(v, tuple) or not all(isinstance(x, str) for x in v):
-                c.fail(name, "must be a list of strings", v)
-                continue
-            for i, x in enumerate(v):
-                c.choice(f"{name}[{i}]", x, allowed)
-        if not c.problems and not 1 <= len(self.metrics) <= 2:
-            c.fail("metrics", "must list 1 or 2 metrics", list(self.metrics))
-        if not c.problems and len(self.modes) != len(self.metrics):
-            c.fail("modes", f"must give one mode per metric ({len(self.metrics)})",
-                   list(self.modes))
-        if not c.problems and len(set(self.metrics)) != len(self.metrics):
-            c.fail("metrics", "must not repeat a metric", list(self.metrics))
-        if not isinstance(self.allow_test_selection, bool):
-            c.fail("allow_test_selection", "must be true or false", self.allow_test_selection)
-        elif not c.problems and self.selection_split == "test" and not self.allow_test_selection:
-            c.fail("metrics", "selecting on a test metric biases the reported test accuracy; "
+    @classmethod
+    def expand(cls, data: Any) -> Any:
+        """Modes default to max for accuracies, min otherwise."""
+        data = super().expand(data)
+        if isinstance(data, dict) and data.get("modes") is None:
+            metrics = data.get("metrics", ("val_accuracy",))
+            metrics = (metrics,) if isinstance(metrics, str) else metrics
+            if isinstance(metrics, (list, tuple)) and all(isinstance(m, str) for m in metrics):
+                data = {**data, "modes": ["max" if m in _MAXIMISED else "min" for m in metrics]}
+        return data
+
+    def problems(self) -> Iterator[Problem]:
+        """1 or 2 metrics, one mode each, none twice; a test metric only knowingly."""
+        metrics = list(self.metrics)
+        if not 1 <= len(metrics) <= 2:
+            yield "metrics", "must list 1 or 2 metrics", metrics
+        elif self.modes is not None and len(self.modes) != len(metrics):
+            yield "modes", f"must give one mode per metric ({len(metrics)})", list(self.modes)
+        elif len(set(metrics)) != len(metrics):
+            yield "metrics", "must not repeat a metric", metrics
+        elif self.selection_split == "test" and not self.allow_test_selection:
+            yield ("metrics", "selecting on a test metric biases the reported test accuracy; "
                    "select on a validation metric (e.g. val_accuracy), or set "
-                   "objective.allow_test_selection: true to do it knowingly",
-                   list(self.metrics))
-        c.done()
+                   "objective.allow_test_selection: true to do it knowingly", metrics)
 
     @property
     def selection_split(self) -> str:
@@ -181,10 +155,6 @@ class Objective(_Spec):
         if any(m in TEST_METRICS for m in self.metrics):
             return "test"
         return "validation" if any(m in VALIDATION_METRICS for m in self.metrics) else "none"
-
-    @classmethod
-    def _coerce(cls, key: str, value: Any) -> Any:
-        return _as_tuple(value)
 
     @property
     def multi(self) -> bool:
@@ -197,8 +167,7 @@ class Objective(_Spec):
         return self.metrics[0], self.modes[0]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Scheduler(_Spec):
+class Scheduler(Spec):
     """Trial scheduler: ``none`` or ``asha`` (early stopping).
 
     ASHA's clock is the fraction of the privacy budget a trial has spent
@@ -208,222 +177,171 @@ class Scheduler(_Spec):
     follow at ``grace_budget x reduction_factor^k`` up to the whole budget.
     """
 
-    name: str = "none"
-    grace_budget: float = 0.25
-    reduction_factor: float = 3
-
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        c.choice("name", self.name, SCHEDULERS)
-        c.number("grace_budget", self.grace_budget, low=0.0, high=1.0, low_open=True,
-                 high_open=True)
-        c.number("reduction_factor", self.reduction_factor, low=2)
-        c.done()
+    name: Literal[SCHEDULERS] = "none"
+    grace_budget: Fraction = 0.25
+    reduction_factor: Annotated[Number, Ge(2)] = 3
 
     @classmethod
-    def _normalize(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else super()._normalize(data)
+    def expand(cls, data: Any) -> Any:
+        """A scheduler given by its name alone."""
+        return {"name": data} if isinstance(data, str) else super().expand(data)
 
     @classmethod
-    def parse(cls, data: Any, prefix: str, problems: list[str]) -> Any:
-        """As :meth:`_Spec.parse`, with a pointed message for the retired ``grace_period``."""
-        if isinstance(data, dict) and "grace_period" in data:
-            data = dict(data)
-            problems.append(f"{prefix}grace_period: replaced by grace_budget, the fraction of "
-                            f"epsilon a trial spends before ASHA may stop it (trials are "
-                            f"compared at equal budget spent, e.g. grace_budget: 0.3) "
-                            f"(got {data.pop('grace_period')!r})")
-        return super().parse(data, prefix, problems)
+    def relabel(cls, found: list[Problem], raw: Any) -> list[Problem]:
+        """A pointed message for the retired ``grace_period``."""
+        retired = ("replaced by grace_budget, the fraction of epsilon a trial spends before "
+                   "ASHA may stop it (trials are compared at equal budget spent, e.g. "
+                   "grace_budget: 0.3)")
+        return [(p, retired if p == "grace_period" else rule, v) for p, rule, v in found]
 
 
-@dataclass(frozen=True, kw_only=True)
-class ConfirmSpec(_Spec):
+class ConfirmSpec(Spec):
     """Re-run the ``top`` configurations (by the objective on validation) with ``seeds``
     fresh seeds each when the search ends (``dpstudy confirm`` does the same on demand)."""
 
-    top: int = 1
-    seeds: int = 3
-
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        c.number("top", self.top, low=1, high=100, integer=True)
-        c.number("seeds", self.seeds, low=2, high=MAX_CONFIRM_SEEDS, integer=True)
-        c.done()
-
-
-_SECTIONS: dict[str, type[_Spec]] = {
-    "privacy": PrivacySpec, "pruning": PruningSpec, "dropping": DroppingSpec,
-    "optimizer": OptimizerSpec, "search": SearchSpec, "resources_per_trial": Resources,
-    "objective": Objective, "scheduler": Scheduler, "validation": ValidationSpec}
-_CONFIGS = {"dataset": DataConfig, "model": ModelConfig}
-# sections that may be given by their name alone (``scheduler: asha``, ``model: resnet18``)
-NAME_SHORTHANDS = ("dataset", "model", "scheduler")
+    top: Annotated[Integer, Ge(1), Le(100)] = 1
+    seeds: Annotated[Integer, Ge(2), Le(MAX_CONFIRM_SEEDS)] = 3
 
 
 def _expand(location: str) -> str:
     return location if "://" in location else os.path.expanduser(location)
 
 
-def _parse_config(config: type, data: Any, key: str, problems: list[str]) -> Any:
-    """A :class:`DataConfig` or :class:`ModelConfig` from a name or a mapping; None (with its
-    problems added) if invalid."""
-    data = {"name": data} if isinstance(data, str) else data
-    if not isinstance(data, dict):
-        _not_mapping(key, data, problems)
-        return None
-    try:
-        return config.from_dict(data, prefix=f"{key}.")
-    except ConfigError as err:
-        problems.extend(err.problems)
-        return None
+def _study_name(value: Any) -> Any:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise fail(f"must match {NAME_PATTERN.pattern} (it names directories)")
+    return value
 
 
-@dataclass(frozen=True, kw_only=True)
-class StudySpec(_Spec):
-    """A whole study: data, model, privacy budget, search space, Ray Tune settings, storage."""
+def _location(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise fail("must be a non-empty path or URI string")
+    return value
 
-    name: str | None = None
-    seed: int = 0
-    dataset: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    device: str = "auto"
-    reproducible_noise: bool = False
-    deterministic: bool = False
-    precision: str = "fp32"
+
+Location = Annotated[str, BeforeValidator(_location)]
+
+
+class StudySpec(Spec):
+    """A whole study: data, model, privacy budget, search space, Ray Tune settings, storage.
+
+    ``selection`` is written in YAML as ``search.mode`` and ``search.trials``."""
+
+    required: ClassVar[tuple[str, ...]] = ("name", "privacy", "search")
+    name: Annotated[str, BeforeValidator(_study_name)] | None = None
+    seed: Annotated[Integer, Ge(0), Le(MAX_STUDY_SEED)] = 0
+    dataset: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    device: Literal[DEVICES] = "auto"
+    reproducible_noise: Flag = False
+    deterministic: Flag = False
+    precision: Literal[PRECISIONS] = "fp32"
     privacy: PrivacySpec | None = None
-    pruning: PruningSpec = field(default_factory=PruningSpec)
-    dropping: DroppingSpec = field(default_factory=DroppingSpec)
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    pruning: PruningSpec = PruningSpec()
+    dropping: DroppingSpec = DroppingSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
     search: SearchSpec | None = None
-    selection: SelectionSpec = field(default_factory=SelectionSpec)  # YAML: search.mode/trials
-    validation: ValidationSpec = field(default_factory=ValidationSpec)
-    trials: int | None = None
-    max_concurrent: int = 1
-    resources_per_trial: Resources = field(default_factory=Resources)
-    max_failures: int = 2
-    objective: Objective = field(default_factory=Objective)
-    sampler: str | None = None  # default: tpe, or random in private-selection mode
-    scheduler: Scheduler = field(default_factory=Scheduler)
-    storage: str = "~/dpstudy-runs"
-    results: str | None = None
+    selection: SelectionSpec = SelectionSpec()  # YAML: search.mode/trials
+    validation: ValidationSpec = ValidationSpec()
+    trials: Annotated[Integer, Ge(1), Le(MAX_TRIALS)] | None = None
+    max_concurrent: Annotated[Integer, Ge(1), Le(MAX_CONCURRENT)] = 1
+    resources_per_trial: Resources = Resources()
+    max_failures: Annotated[Integer, Ge(0), Le(MAX_FAILURES)] = 2
+    objective: Objective = Objective()
+    sampler: Literal[SAMPLERS] | None = None  # default: tpe, or random in private selection
+    scheduler: Scheduler = Scheduler()
+    storage: Location = "~/dpstudy-runs"
+    results: Location | None = None
     confirm: ConfirmSpec | None = None
-    baseline_trial: bool = True
-    loggers: tuple[str, ...] = ()
+    baseline_trial: Flag = True
+    loggers: strings(LOGGERS, f"must be a list of {', '.join(LOGGERS)}", empty=True) = ()
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
-            rule = "is required" if self.name is None else (
-                f"must match {NAME_PATTERN.pattern} (it names directories)")
-            c.fail("name", rule, self.name)
-        elif self.results is None:
-            object.__setattr__(self, "results", f"results/{self.name}")
-        c.number("seed", self.seed, low=0, high=MAX_STUDY_SEED, integer=True)
-        c.choice("device", self.device, DEVICES)
-        c.choice("precision", self.precision, PRECISIONS)
-        for flag in ("reproducible_noise", "deterministic"):
-            if not isinstance(getattr(self, flag), bool):
-                c.fail(flag, "must be true or false", getattr(self, flag))
-        private_selection = isinstance(self.selection, SelectionSpec) and self.selection.private
-        if self.sampler is None:
-            object.__setattr__(self, "sampler", "random" if private_selection else "tpe")
-        if self.trials is None and not private_selection:
-            c.fail("trials", "is required", None)
-        elif self.trials is not None:
-            c.number("trials", self.trials, low=1, high=MAX_TRIALS, integer=True)
-        c.number("max_concurrent", self.max_concurrent, low=1, high=MAX_CONCURRENT,
-                 integer=True)
-        c.number("max_failures", self.max_failures, low=0, high=MAX_FAILURES, integer=True)
-        c.choice("sampler", self.sampler, SAMPLERS)
-        if not isinstance(self.baseline_trial, bool):
-            c.fail("baseline_trial", "must be true or false", self.baseline_trial)
-        if not isinstance(self.loggers, tuple):
-            c.fail("loggers", f"must be a list of {', '.join(LOGGERS)}", self.loggers)
-        else:
-            for i, logger in enumerate(self.loggers):
-                c.choice(f"loggers[{i}]", logger, LOGGERS)
-        for key in ("storage", "results") if self.results is not None else ("storage",):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                c.fail(key, "must be a non-empty path or URI string", getattr(self, key))
-        sections_ok = True
-        for key, typ in {**_SECTIONS, **_CONFIGS, "selection": SelectionSpec}.items():
-            if not isinstance(getattr(self, key), typ):
-                value, sections_ok = getattr(self, key), False
-                c.fail(key, "is required" if value is None else f"must be a {typ.__name__}", value)
-        if self.confirm is not None and not isinstance(self.confirm, ConfirmSpec):
-            c.fail("confirm", "must be a mapping with top and seeds", self.confirm)
-        if sections_ok:
-            self._cross_check(c)
-        c.done()
+    @classmethod
+    def expand(cls, data: Any) -> Any:
+        """``search.mode``/``search.trials`` into ``selection``; the default sampler and
+        results location."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("search"), dict):
+            search = dict(data["search"])
+            data["selection"] = {k: search.pop(k) for k in ("mode", "trials") if k in search}
+            data["search"] = search
+        selection = data.get("selection")
+        private = isinstance(selection, dict) and selection.get("mode") == "private-selection"
+        if data.get("sampler") is None:
+            data["sampler"] = "random" if private else "tpe"
+        name = data.get("name")
+        if data.get("results") is None and isinstance(name, str) and NAME_PATTERN.match(name):
+            data["results"] = f"results/{name}"
+        return data
 
-    def _cross_check(self, c: _Checks) -> None:
+    @field_validator("dataset", "model", mode="before")
+    @classmethod
+    def _by_name(cls, value: Any) -> Any:
+        """A dataset or model given by its name alone."""
+        if isinstance(value, str):
+            return {"name": value}
+        if value is not None and not isinstance(value, (dict, DataConfig, ModelConfig)):
+            raise fail("must be a mapping")
+        return {} if value is None else value
+
+    def problems(self) -> Iterator[Problem]:
+        """Required fields and sections, and the rules that tie sections together."""
+        if self.privacy is None:
+            yield from problems_of(PrivacySpec, {}, "privacy")
+        if self.search is None:
+            yield from problems_of(SearchSpec, {}, "search")
+        if self.name is None:
+            yield "name", "is required", None
+        if self.trials is None and not self.selection.private:
+            yield "trials", "is required", None
+        elif self.trials is not None and self.selection.private:
+            yield ("trials", "private-selection draws the number of trials from "
+                   "search.trials; remove trials", self.trials)
+        if self.privacy is not None and self.search is not None:
+            yield from self._cross_problems()
+            yield from selection_problems(self)
+
+    def _cross_problems(self) -> Iterator[Problem]:
         uses_validation = any(m in VALIDATION_METRICS for m in self.objective.metrics)
         if uses_validation and not self.dataset.has_validation:
-            c.fail("objective.metrics", "selecting on a validation metric needs a validation "
+            yield ("objective.metrics", "selecting on a validation metric needs a validation "
                    "split: set dataset.validation_fraction > 0 or dataset.validation",
                    list(self.objective.metrics))
-        if self.device == "cuda" and self.resources_per_trial.gpu == 0:
-            c.fail("device", "cuda needs resources_per_trial.gpu > 0", self.device)
-        if self.precision == "bf16" and (self.device == "cpu"
-                                         or self.resources_per_trial.gpu == 0):
-            c.fail("precision", "bf16 needs a CUDA device: device auto or cuda, and "
+        gpu = self.resources_per_trial.gpu
+        if self.device == "cuda" and gpu == 0:
+            yield "device", "cuda needs resources_per_trial.gpu > 0", self.device
+        if self.precision == "bf16" and (self.device == "cpu" or gpu == 0):
+            yield ("precision", "bf16 needs a CUDA device: device auto or cuda, and "
                    "resources_per_trial.gpu > 0", self.precision)
         views = self.search.augmentation_multiplicity
         physical = self.optimizer.physical_batch_size
         if physical is not None and views is not None and physical < views.max_value():
-            c.fail("optimizer.physical_batch_size", f"must be >= the largest "
+            yield ("optimizer.physical_batch_size", f"must be >= the largest "
                    f"search.augmentation_multiplicity = {views.max_value():g} (a pass holds "
                    f"every view of at least one example)", physical)
-        if self.device == "cpu" and self.resources_per_trial.gpu > 0:
-            c.fail("device", f"cpu would leave the resources_per_trial.gpu = "
-                   f"{self.resources_per_trial.gpu:g} reserved for each trial unused; use auto "
-                   f"or cuda, or set gpu: 0", self.device)
+        if self.device == "cpu" and gpu > 0:
+            yield ("device", f"cpu would leave the resources_per_trial.gpu = {gpu:g} reserved "
+                   f"for each trial unused; use auto or cuda, or set gpu: 0", self.device)
         needs_public = (("pruning.criterion", "snip", self.pruning.criterion, "prune_rate"),
                         ("dropping.criterion", "public-grad", self.dropping.criterion,
                          "drop_rate"))
         for key, criterion, chosen, rate in needs_public:
             searched_rate = getattr(self.search, rate)
             if criterion in chosen and self.dataset.public is None and searched_rate.max_value():
-                c.fail(key, f"{criterion} needs dataset.public (public data)", criterion)
-        for problem in selection_problems(self):
-            c.problems.append(problem)
+                yield key, f"{criterion} needs dataset.public (public data)", criterion
 
     @classmethod
-    def from_dict(cls, data: Any) -> StudySpec:
+    def from_dict(cls, data: Any, *, prefix: str | None = None) -> StudySpec:
         """Build and validate a spec from parsed YAML; raises :class:`SpecError` with all
         problems."""
         if not isinstance(data, dict):
             raise SpecError([f"spec: must be a mapping of keys to values (got {data!r})"])
-        problems: list[str] = []
-        data = dict(data)
-        if isinstance(data.get("search"), dict):  # search.mode / search.trials: SelectionSpec
-            search = dict(data["search"])
-            picked = {k: search.pop(k) for k in ("mode", "trials") if k in search}
-            data["search"], data["selection"] = search, picked
-            if picked.get("mode") == "private-selection" and data.get("trials") is not None:
-                problems.append(f"trials: private-selection draws the number of trials from "
-                                f"search.trials; remove trials (got {data.pop('trials')!r})")
-        kwargs = _known([k for k in cls._keys()], data, "", problems)
-        kwargs["selection"] = SelectionSpec.parse(kwargs.get("selection"), "search.", problems)
-        for key, section in _SECTIONS.items():
-            kwargs[key] = section.parse(kwargs.get(key), f"{key}.", problems)
-        for key, config in _CONFIGS.items():
-            raw = kwargs.pop(key, None)
-            if raw is not None:
-                kwargs[key] = _parse_config(config, raw, key, problems)
-        if "loggers" in kwargs:
-            kwargs["loggers"] = _as_tuple(kwargs["loggers"])
-        if kwargs.get("confirm") is not None:
-            kwargs["confirm"] = ConfirmSpec.parse(kwargs["confirm"], "confirm.", problems)
-            if kwargs["confirm"] is None:
-                kwargs.pop("confirm")
-        failed = {k for k, v in kwargs.items()
-                  if v is None and k in {**_SECTIONS, **_CONFIGS, "selection": None}}
-        kwargs = {k: v for k, v in kwargs.items() if k not in failed}
-        spec = _build(cls, kwargs, "", problems, failed)
-        if problems:
-            raise SpecError(problems)
-        return spec
+        try:
+            return super().from_dict(data, prefix=prefix)
+        except ConfigError as err:
+            raise SpecError(err.problems) from None
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML form; ``selection`` goes back inside ``search`` (mode, trials)."""

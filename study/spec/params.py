@@ -1,20 +1,19 @@
-"""The search space of a study spec, and the strict parsing all spec sections share.
+"""The search space of a study spec, and the base of its sections.
 
 :class:`Param` is one hyperparameter (a fixed value, a range or choices, within per-parameter
 bounds); :class:`SearchSpec` holds the numeric ones, :class:`PruningSpec` and
 :class:`DroppingSpec` the criteria. :func:`trial_space` flattens them into the trial
-parameters and :func:`trial_values` resolves one trial's values. :class:`_Spec` and the helpers
-parse YAML strictly, collecting ``"<dotted.field>: <rule> (got <value>)"`` problems; they are
-the base of :mod:`study.spec.model`, which this module never imports.
+parameters and :func:`trial_values` resolves one trial's values. :class:`Spec` is the base of
+every spec section (:mod:`trainables.validation` words their problems).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BeforeValidator, Field, model_serializer
 
 from study.spec import hyperparameters
 from trainables.config import (
@@ -25,135 +24,124 @@ from trainables.config import (
     MAX_EPOCHS,
     PRUNING_CRITERIA,
     PRUNING_SCOPES,
-    ConfigError,
-    _Checks,
+)
+from trainables.validation import (
+    Flag,
+    Number,
+    Problem,
+    Section,
+    bound_rule,
+    fail,
+    strings,
 )
 
 SEARCH_PARAMS = hyperparameters.names(searched=True)
-_POSITIVE = {"low": 0, "low_open": True}
-_RATE = {"low": 0, "high": 1, "high_open": True}
-_EPOCHS = {**_POSITIVE, "high": MAX_EPOCHS}
-_BOUNDS: dict[str, dict[str, Any]] = {
+_POSITIVE = {"gt": 0}
+_RATE = {"ge": 0, "lt": 1}
+_EPOCHS = {"gt": 0, "le": MAX_EPOCHS}
+_BOUNDS: dict[str, dict[str, float]] = {
     "prune_rate": _RATE, "drop_rate": _RATE, "clip_norm": _POSITIVE,
     "noise_multiplier": _POSITIVE, "learning_rate": _POSITIVE, "max_epochs": _EPOCHS,
-    "epochs": _EPOCHS, "batch_size": {"low": 1, "high": MAX_BATCH_SIZE, "integer": True},
-    "augmentation_multiplicity": {"low": 1, "high": MAX_AUGMENTATION_MULTIPLICITY,
-                                  "integer": True},
-    "ema_decay": {"low": 0, "high": 1, "low_open": True, "high_open": True},
+    "epochs": _EPOCHS, "batch_size": {"ge": 1, "le": MAX_BATCH_SIZE},
+    "augmentation_multiplicity": {"ge": 1, "le": MAX_AUGMENTATION_MULTIPLICITY},
+    "ema_decay": {"gt": 0, "lt": 1},
 }
 _INTEGER_PARAMS = ("batch_size", "augmentation_multiplicity")
-_SEARCH_DEFAULTS = {"prune_rate": 0.0, "drop_rate": 0.0, "max_epochs": 10}
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _known(allowed: list[str], data: dict, prefix: str, problems: list[str]) -> dict[str, Any]:
-    """The entries of ``data`` whose keys are allowed; a problem (with a hint) for the rest."""
-    out = {}
-    for key, value in data.items():
-        if key in allowed:
-            out[key] = value
-            continue
-        hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        problems.append(f"{prefix}{key}: unknown key{extra} (got {value!r})")
-    return out
+class Spec(Section):
+    """Base of the spec sections: a section left empty (``null``) takes its defaults."""
+
+    not_a_mapping: ClassVar[str] = "must be a mapping"
+
+    @classmethod
+    def expand(cls, data: Any) -> Any:
+        """An empty section (None) is an empty mapping."""
+        return {} if data is None else data
 
 
-def _head(problem: str) -> str:
-    """The top-level field a problem is about."""
-    return re.split(r"[.:\[]", problem, maxsplit=1)[0]
+def _as_choices(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise fail("must be a non-empty list")
+    return tuple(value)
 
 
-def _build(cls: type, kwargs: dict[str, Any], prefix: str, problems: list[str],
-           failed: set[str] | frozenset[str] = frozenset()) -> Any:
-    """``cls(**kwargs)``, or None with its problems (except those of ``failed`` fields) added."""
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        problems.extend(prefix + p for p in err.problems if _head(p) not in failed)
-    except TypeError as err:
-        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {err}")
-    return None
+def _bounded(field: str, value: float, name: str) -> Iterator[Problem]:
+    """The problem of ``value`` against parameter ``name``'s bounds, if any."""
+    if name in _INTEGER_PARAMS and not isinstance(value, int):
+        yield field, "must be an integer", value
+        return
+    rule = bound_rule(value, **_BOUNDS.get(name, {}))
+    if rule:
+        yield field, rule, value
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as plain YAML data (``to_dict`` of specs, lists for tuples)."""
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _as_tuple(value: Any) -> Any:
-    """A string as a 1-tuple and a list as a tuple; anything else unchanged."""
-    return (value,) if isinstance(value, str) else (
-        tuple(value) if isinstance(value, list) else value)
-
-
-def _not_mapping(prefix: str, value: Any, problems: list[str]) -> None:
-    problems.append(f"{prefix.rstrip('.')}: must be a mapping (got {value!r})")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Param:
+class Param(Spec):
     """A hyperparameter: fixed ``value``, a ``low``..``high`` range (``log``, ``step``) or
     ``choices``. ``name`` (a :data:`SEARCH_PARAMS` entry) selects the per-parameter bounds."""
 
-    value: float | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple[float, ...] | None = None
-    name: str = ""
+    value: Number | None = None
+    low: Number | None = None
+    high: Number | None = None
+    log: Flag = False
+    step: Number | None = None
+    choices: Annotated[tuple[Number, ...], BeforeValidator(_as_choices)] | None = None
+    name: Literal[("", *SEARCH_PARAMS)] = Field("", exclude=True)
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
+    @classmethod
+    def expand(cls, data: Any) -> Any:
+        """A number is a fixed value, a list the choices."""
+        if _is_number(data):
+            return {"value": data}
+        if isinstance(data, list):
+            return {"choices": data}
+        if not isinstance(data, dict):
+            raise fail("must be a number, a list of choices or a mapping with low and high")
+        return data
+
+    def problems(self) -> Iterator[Problem]:
+        """One form, values within the parameter's bounds, ``low < high``."""
         forms = (self.value is not None, self.low is not None or self.high is not None,
                  self.choices is not None)
-        rule = _BOUNDS.get(self.name, {})
         if sum(forms) != 1:
-            c.fail("value", "give exactly one of value, low and high, or choices", self.value)
+            yield "value", "give exactly one of value, low and high, or choices", self.value
         elif self.value is not None:
-            c.number("value", self.value, **rule)
+            yield from _bounded("value", self.value, self.name)
         elif self.choices is not None:
-            self._check_choices(c, rule)
+            if not self.choices:
+                yield "choices", "must be a non-empty list", self.choices
+            for i, v in enumerate(self.choices):
+                yield from _bounded(f"choices[{i}]", v, self.name)
+            if len(set(self.choices)) != len(self.choices):
+                yield "choices", "must not repeat a value", list(self.choices)
         else:
-            self._check_range(c, rule)
-        c.done()
+            yield from self._range_problems()
 
-    def _check_choices(self, c: _Checks, rule: dict[str, Any]) -> None:
-        if not isinstance(self.choices, tuple) or not self.choices:
-            c.fail("choices", "must be a non-empty list", self.choices)
-            return
-        for i, v in enumerate(self.choices):
-            c.number(f"choices[{i}]", v, **rule)
-        if len(set(self.choices)) != len(self.choices):
-            c.fail("choices", "must not repeat a value", list(self.choices))
-
-    def _check_range(self, c: _Checks, rule: dict[str, Any]) -> None:
+    def _range_problems(self) -> Iterator[Problem]:
+        found: list[Problem] = []
         for key in ("low", "high"):
             if getattr(self, key) is None:
-                c.fail(key, "is required for a range (give both low and high)", None)
+                found.append((key, "is required for a range (give both low and high)", None))
             else:
-                c.number(key, getattr(self, key), **rule)
-        if not isinstance(self.log, bool):
-            c.fail("log", "must be true or false", self.log)
+                found += _bounded(key, getattr(self, key), self.name)
         if self.step is not None:
-            c.number("step", self.step, low=0.0, low_open=True,
-                     integer=self.name in _INTEGER_PARAMS)
+            if self.name in _INTEGER_PARAMS and not isinstance(self.step, int):
+                found.append(("step", "must be an integer", self.step))
+            elif self.step <= 0:
+                found.append(("step", "must be > 0.0", self.step))
             if self.log:
-                c.fail("step", "cannot be combined with log: true", self.step)
-        if c.problems:
+                found.append(("step", "cannot be combined with log: true", self.step))
+        yield from found
+        if found:
             return
         if self.low >= self.high:
-            c.fail("low", f"must be < high = {self.high!r}", self.low)
+            yield "low", f"must be < high = {self.high!r}", self.low
         if self.log and self.low <= 0:
-            c.fail("low", "must be > 0 with log: true", self.low)
+            yield "low", "must be > 0 with log: true", self.low
 
     def is_fixed(self) -> bool:
         """Whether this parameter has one fixed value (is not searched)."""
@@ -174,6 +162,7 @@ class Param:
         return self.value if self.value is not None else (
             max(self.choices) if self.choices is not None else self.high)
 
+    @model_serializer
     def to_dict(self) -> Any:
         """The YAML form: a scalar, a list of choices, or a range mapping."""
         if self.value is not None:
@@ -183,170 +172,102 @@ class Param:
         out = {"low": self.low, "high": self.high, "log": self.log}
         return out if self.step is None else {**out, "step": self.step}
 
-    @classmethod
-    def parse(cls, data: Any, prefix: str, problems: list[str], *, name: str = "") -> Param | None:
-        """Build from a scalar (fixed), a list (choices) or a mapping; None if invalid."""
-        if isinstance(data, dict):
-            keys = ["value", "low", "high", "log", "step", "choices"]
-            kwargs = _known(keys, data, prefix, problems)
-            if isinstance(kwargs.get("choices"), list):
-                kwargs["choices"] = tuple(kwargs["choices"])
-            return _build(cls, {**kwargs, "name": name}, prefix, problems)
-        if isinstance(data, list):
-            kwargs = {"choices": tuple(data)}
-        elif _is_number(data):
-            kwargs = {"value": data}
-        else:
-            problems.append(f"{prefix.rstrip('.')}: must be a number, a list of choices or a "
-                            f"mapping with low and high (got {data!r})")
-            return None
-        sub: list[str] = []
-        obj = _build(cls, {**kwargs, "name": name}, prefix, sub)
-        problems.extend(p.replace(f"{prefix}value:", f"{prefix.rstrip('.')}:", 1) for p in sub)
-        return obj
+
+def _named(name: str, raw: Any) -> Any:
+    """A parameter's YAML value with its name (which selects its bounds)."""
+    raw = Param.expand(raw) if _is_number(raw) or isinstance(raw, list) else raw
+    return {"name": name, **raw} if isinstance(raw, dict) else raw
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Spec:
-    """Base of the spec sections: strict parsing from YAML data, and back."""
-
-    @classmethod
-    def _keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.init]
-
-    @classmethod
-    def _normalize(cls, data: Any) -> Any:
-        return {} if data is None else data
-
-    @classmethod
-    def _coerce(cls, key: str, value: Any) -> Any:
-        return value
-
-    @classmethod
-    def _values(cls, data: dict[str, Any], prefix: str,
-                problems: list[str]) -> tuple[dict[str, Any], set[str]]:
-        """The constructor arguments from the known ``data``, and the fields that failed."""
-        return {k: cls._coerce(k, v) for k, v in data.items()}, set()
-
-    @classmethod
-    def parse(cls, data: Any, prefix: str, problems: list[str]) -> Any:
-        """Build the section from YAML data, adding problems; None if it cannot be built."""
-        data = cls._normalize(data)
-        if not isinstance(data, dict):
-            _not_mapping(prefix, data, problems)
-            return None
-        known = _known(cls._keys(), data, prefix, problems)
-        kwargs, failed = cls._values(known, prefix, problems)
-        return _build(cls, kwargs, prefix, problems, failed)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict that :meth:`parse` accepts."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchSpec(_Spec):
+class SearchSpec(Spec):
     """The searched (or fixed) training hyperparameters; exactly one of noise_multiplier or
     epochs."""
 
-    prune_rate: Param | None = None
-    drop_rate: Param | None = None
+    required: ClassVar[tuple[str, ...]] = ("clip_norm", "learning_rate", "batch_size")
+    prune_rate: Param | None = Param(name="prune_rate", value=0.0)
+    drop_rate: Param | None = Param(name="drop_rate", value=0.0)
     clip_norm: Param | None = None
     noise_multiplier: Param | None = None
     learning_rate: Param | None = None
     batch_size: Param | None = None
-    max_epochs: Param | None = None
+    max_epochs: Param | None = Param(name="max_epochs", value=10)
     epochs: Param | None = None
     augmentation_multiplicity: Param | None = None  # K views per example (1 = off)
     ema_decay: Param | None = None  # parameter averaging (None = off)
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        for name, value in _SEARCH_DEFAULTS.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, Param(name=name, value=value))
-        for name in SEARCH_PARAMS:
-            p = getattr(self, name)
-            if p is not None and not isinstance(p, Param):
-                c.fail(name, "must be a Param", p)
-            elif p is not None and p.name != name:
-                try:
-                    object.__setattr__(self, name, dataclasses.replace(p, name=name))
-                except ConfigError as err:
-                    c.problems.extend(f"{name}.{q}" for q in err.problems)
-        for name in ("clip_norm", "learning_rate", "batch_size"):
-            if getattr(self, name) is None:
-                c.fail(name, "is required", None)
+    @classmethod
+    def expand(cls, data: Any) -> Any:
+        """Each given parameter named (a parameter set to null keeps its default)."""
+        data = super().expand(data)
+        if not isinstance(data, dict):
+            return data
+        return {k: _named(k, v) if k in SEARCH_PARAMS else v
+                for k, v in data.items() if v is not None}
+
+    @classmethod
+    def relabel(cls, found: list[Problem], raw: Any) -> list[Problem]:
+        """A parameter given as one number: its value's problems name the parameter."""
+        scalar = {f"{k}.value" for k, v in raw.items() if _is_number(v)} if isinstance(
+            raw, dict) else set()
+        return [(p.removesuffix(".value") if p in scalar else p, rule, v)
+                for p, rule, v in found]
+
+    def problems(self) -> Iterator[Problem]:
+        """The required parameters, and exactly one of noise_multiplier or epochs."""
+        for key in SEARCH_PARAMS:
+            p = getattr(self, key)
+            if p is not None and p.name != key:
+                yield f"{key}.name", "unknown key", p.name
+        yield from super().problems()
         if (self.noise_multiplier is None) == (self.epochs is None):
-            c.fail("noise_multiplier", "give exactly one of noise_multiplier (noise decides the "
-                   "steps) or epochs (epochs decide the noise)", _plain(self.noise_multiplier))
-        c.done()
+            yield ("noise_multiplier", "give exactly one of noise_multiplier (noise decides "
+                   "the steps) or epochs (epochs decide the noise)",
+                   self.noise_multiplier and self.noise_multiplier.to_dict())
 
-    @classmethod
-    def _values(cls, data: dict[str, Any], prefix: str,
-                problems: list[str]) -> tuple[dict[str, Any], set[str]]:
-        """Each given parameter parsed as a :class:`Param` (a scalar, list or range mapping)."""
-        kwargs, failed = {}, set()
-        for key, raw in data.items():
-            if raw is not None:
-                param = Param.parse(raw, f"{prefix}{key}.", problems, name=key)
-                if param is None:
-                    failed.add(key)
-                else:
-                    kwargs[key] = param
-        return kwargs, failed
-
-    def to_dict(self) -> dict[str, Any]:
+    @model_serializer(mode="wrap")
+    def _given(self, handler: Any) -> dict[str, Any]:
         """The YAML form, leaving out parameters that are not given."""
-        return {k: getattr(self, k).to_dict() for k in SEARCH_PARAMS if getattr(self, k)}
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Choices(_Spec):
-    """Sections whose fields are tuples of allowed strings (length 1 = fixed, else searched)."""
+_CHOICE_RULE = "must be a string or a non-empty list of strings"
 
-    allowed: ClassVar[dict[str, tuple[str, ...]]] = {}
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        for name, allowed in self.allowed.items():
-            v = getattr(self, name)
-            if not isinstance(v, tuple) or not v or not all(isinstance(x, str) for x in v):
-                c.fail(name, "must be a string or a non-empty list of strings", v)
-                continue
-            for i, x in enumerate(v):
-                c.choice(name if len(v) == 1 else f"{name}[{i}]", x, allowed)
-            if len(set(v)) != len(v):
-                c.fail(name, "must not repeat a value", list(v))
-        c.done()
+class CriteriaSpec(Spec):
+    """Sections whose fields are tuples of allowed strings (length 1 = fixed, else
+    searched), written as one string or a list."""
+
+    def problems(self) -> Iterator[Problem]:
+        """No value twice."""
+        for name, values in self:
+            if len(set(values)) != len(values):
+                yield name, "must not repeat a value", list(values)
 
     @classmethod
-    def _coerce(cls, key: str, value: Any) -> Any:
-        return _as_tuple(value)
+    def relabel(cls, found: list[Problem], raw: Any) -> list[Problem]:
+        """A criterion given once is named without an index."""
+        one = {f"{k}[0]" for k, v in raw.items() if isinstance(v, str) or (
+            isinstance(v, list) and len(v) == 1)} if isinstance(raw, dict) else set()
+        return [(re.sub(r"\[0\]$", "", p) if p in one else p, rule, v) for p, rule, v in found]
 
-    def to_dict(self) -> dict[str, Any]:
+    @model_serializer(mode="wrap")
+    def _short(self, handler: Any) -> dict[str, Any]:
         """Fixed choices as a string, searched ones as a list."""
-        return {k: getattr(self, k)[0] if len(getattr(self, k)) == 1 else list(getattr(self, k))
-                for k in self.allowed}
+        return {k: v[0] if len(v) == 1 else v for k, v in handler(self).items()}
 
 
-@dataclass(frozen=True, kw_only=True)
-class PruningSpec(_Choices):
+class PruningSpec(CriteriaSpec):
     """Pre-pruning criterion, scope and granularity (each fixed or searched)."""
 
-    allowed: ClassVar[dict[str, tuple[str, ...]]] = {
-        "criterion": PRUNING_CRITERIA, "scope": PRUNING_SCOPES, "granularity": GRANULARITIES}
-    criterion: tuple[str, ...] = ("random",)
-    scope: tuple[str, ...] = ("global",)
-    granularity: tuple[str, ...] = ("unstructured",)
+    criterion: strings(PRUNING_CRITERIA, _CHOICE_RULE) = ("random",)
+    scope: strings(PRUNING_SCOPES, _CHOICE_RULE) = ("global",)
+    granularity: strings(GRANULARITIES, _CHOICE_RULE) = ("unstructured",)
 
 
-@dataclass(frozen=True, kw_only=True)
-class DroppingSpec(_Choices):
+class DroppingSpec(CriteriaSpec):
     """Gradient-dropping criterion (fixed or searched)."""
 
-    allowed: ClassVar[dict[str, tuple[str, ...]]] = {"criterion": DROPPING_CRITERIA}
-    criterion: tuple[str, ...] = ("random",)
+    criterion: strings(DROPPING_CRITERIA, _CHOICE_RULE) = ("random",)
 
 
 def trial_space(search: SearchSpec, pruning: PruningSpec,

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Literal
 
-from study.spec.params import _Spec
-from trainables.config import _Checks
+from annotated_types import Ge, Le
+
+from study.spec.params import Spec
+from trainables.config import Fraction, Positive
+from trainables.validation import Number, Problem
 
 MODES = ("optimize", "private-selection")
 TRIAL_DISTRIBUTIONS = ("poisson", "geometric", "logarithmic", "truncated-negative-binomial")
@@ -33,30 +36,25 @@ _BOUNDED = ("batch_size", "epochs", "max_epochs")
 MAX_MEAN_TRIALS = 10_000  # of the drawn number of trials
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrialCount(_Spec):
+class TrialCount(Spec):
     """The declared distribution of the number of trials (a ``RepeatAndSelectDpEvent``)."""
 
-    distribution: str | None = None
-    mean: float | None = None
-    shape: float | None = None
+    required: ClassVar[tuple[str, ...]] = ("mean",)
+    distribution: Literal[TRIAL_DISTRIBUTIONS] | None = None
+    mean: Annotated[Number, Ge(1.0), Le(MAX_MEAN_TRIALS)] | None = None
+    shape: Positive | None = None
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        c.choice("distribution", self.distribution, TRIAL_DISTRIBUTIONS)
-        if self.mean is None:
-            c.fail("mean", "is required", None)
-        else:
-            c.number("mean", self.mean, low=1.0, high=MAX_MEAN_TRIALS)
+    def problems(self) -> Iterator[Problem]:
+        """A distribution and its mean; a shape for (and only for) the negative binomial."""
+        if self.distribution is None:
+            yield "distribution", f"must be one of {', '.join(TRIAL_DISTRIBUTIONS)}", None
+        yield from super().problems()
         if self.distribution == "truncated-negative-binomial":
             if self.shape is None:
-                c.fail("shape", "is required for truncated-negative-binomial", None)
-            else:
-                c.number("shape", self.shape, low=0.0, low_open=True)
+                yield "shape", "is required for truncated-negative-binomial", None
         elif self.shape is not None:
-            c.fail("shape", f"only applies to truncated-negative-binomial (the shape of "
+            yield ("shape", f"only applies to truncated-negative-binomial (the shape of "
                    f"{self.distribution} is fixed)", self.shape)
-        c.done()
 
     @property
     def event_shape(self) -> float:
@@ -65,34 +63,20 @@ class TrialCount(_Spec):
             self.distribution, self.shape)
 
 
-@dataclass(frozen=True, kw_only=True)
-class SelectionSpec(_Spec):
+class SelectionSpec(Spec):
     """``search.mode`` and ``search.trials``."""
 
-    mode: str = "optimize"
+    mode: Literal[MODES] = "optimize"
     trials: TrialCount | None = None
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
-        c.choice("mode", self.mode, MODES)
-        if self.mode == "private-selection" and not isinstance(self.trials, TrialCount):
-            c.fail("trials", "private-selection needs the distribution of the number of "
+    def problems(self) -> Iterator[Problem]:
+        """private-selection needs ``trials``; optimize takes none."""
+        if self.mode == "private-selection" and self.trials is None:
+            yield ("trials", "private-selection needs the distribution of the number of "
                    "trials, e.g. {distribution: geometric, mean: 10}", self.trials)
         elif self.mode == "optimize" and self.trials is not None:
-            c.fail("trials", "only applies to mode: private-selection (give the top-level "
+            yield ("trials", "only applies to mode: private-selection (give the top-level "
                    "trials count instead)", self.trials.to_dict())
-        c.done()
-
-    @classmethod
-    def _values(cls, data: dict[str, Any], prefix: str,
-                problems: list[str]) -> tuple[dict[str, Any], set[str]]:
-        out, failed = dict(data), set()
-        if data.get("trials") is not None:
-            out["trials"] = TrialCount.parse(data["trials"], f"{prefix}trials.", problems)
-            if out["trials"] is None:
-                failed.add("trials")
-                out.pop("trials")
-        return out, failed
 
     @property
     def private(self) -> bool:
@@ -100,25 +84,19 @@ class SelectionSpec(_Spec):
         return self.mode == "private-selection"
 
 
-@dataclass(frozen=True, kw_only=True)
-class ValidationSpec(_Spec):
+class ValidationSpec(Spec):
     """The DP validation score: Gaussian noise of std ``noise`` on the count of correct
     predictions, released once at the end of each trial; or ``share``: the noise whose
     release alone costs that fraction of ``privacy.epsilon`` (at ``privacy.delta``).
     Neither: no DP score."""
 
-    noise: float | None = None
-    share: float | None = None
+    noise: Positive | None = None
+    share: Fraction | None = None
 
-    def __post_init__(self) -> None:
-        c = _Checks("")
+    def problems(self) -> Iterator[Problem]:
+        """Not both ``noise`` and ``share``."""
         if self.noise is not None and self.share is not None:
-            c.fail("noise", "give either noise or share, not both", self.noise)
-        if self.noise is not None:
-            c.number("noise", self.noise, low=0.0, low_open=True)
-        if self.share is not None:
-            c.number("share", self.share, low=0.0, high=1.0, low_open=True, high_open=True)
-        c.done()
+            yield "noise", "give either noise or share, not both", self.noise
 
     @property
     def dp(self) -> bool:
@@ -149,44 +127,42 @@ def validation_noise(spec: Any) -> float | None:
     return spec.validation.noise_for(spec.privacy.epsilon, spec.privacy.delta)
 
 
-def selection_problems(spec: Any) -> list[str]:
+def selection_problems(spec: Any) -> Iterator[Problem]:
     """Rules that tie ``search.mode``, ``privacy.scope``, ``validation``, the sampler, the
     scheduler and the objective together."""
-    out: list[str] = []
     private = spec.selection.private
     if private:
         if spec.sampler != "random":
-            out.append(f"sampler: private-selection needs random (independent trials; "
-                       f"adaptive samplers void the selection bound) (got {spec.sampler!r})")
+            yield ("sampler", "private-selection needs random (independent trials; adaptive "
+                   "samplers void the selection bound)", spec.sampler)
         if spec.scheduler.name != "none":
-            out.append(f"scheduler: private-selection needs none (ASHA compares trials "
-                       f"with each other) (got {spec.scheduler.name!r})")
+            yield ("scheduler", "private-selection needs none (ASHA compares trials with each "
+                   "other)", spec.scheduler.name)
         if not spec.validation.dp and not validation_public(spec):
-            out.append("validation.noise: private-selection on a private validation split "
-                       "selects by a DP score; give the noise std on the count of correct "
-                       "predictions, or use dataset.validation: {public: true} (got None)")
+            yield ("validation.noise", "private-selection on a private validation split "
+                   "selects by a DP score; give the noise std on the count of correct "
+                   "predictions, or use dataset.validation: {public: true}", None)
         metric = spec.objective.metrics
         if spec.objective.multi or metric[0] not in (SELECTION_METRIC, "val_accuracy"):
-            out.append(f"objective.metrics: private-selection selects by "
-                       f"{selection_metric(spec)[0]} (got {list(metric)!r})")
+            yield ("objective.metrics", f"private-selection selects by "
+                   f"{selection_metric(spec)[0]}", list(metric))
     if spec.validation.dp and not spec.dataset.has_validation:
-        out.append(f"validation: a DP validation score needs a validation split (set "
-                   f"dataset.validation_fraction > 0) (got {spec.validation.to_dict()!r})")
+        yield ("validation", "a DP validation score needs a validation split (set "
+               "dataset.validation_fraction > 0)", spec.validation.to_dict())
     if spec.privacy.scope == "study":
         if not private:
-            out.append("privacy.scope: study needs search.mode: private-selection (the "
-                       "selection bound is what makes a study budget) (got 'study')")
+            yield ("privacy.scope", "study needs search.mode: private-selection (the "
+                   "selection bound is what makes a study budget)", "study")
         if spec.search.noise_multiplier is not None:
-            out.append(f"search.noise_multiplier: with privacy.scope: study the noise is "
-                       f"calibrated to the study budget; give search.epochs (fixed or "
-                       f"choices) instead (got {spec.search.noise_multiplier.to_dict()!r})")
+            yield ("search.noise_multiplier", "with privacy.scope: study the noise is "
+                   "calibrated to the study budget; give search.epochs (fixed or choices) "
+                   "instead", spec.search.noise_multiplier.to_dict())
         for name in _BOUNDED:
             p = getattr(spec.search, name)
             if p is not None and not p.is_fixed() and p.choices is None:
-                out.append(f"search.{name}: with privacy.scope: study must be a fixed value "
-                           f"or a list of choices (a continuous range has no finite worst "
-                           f"case to bound) (got {p.to_dict()!r})")
-    return out
+                yield (f"search.{name}", "with privacy.scope: study must be a fixed value or "
+                       "a list of choices (a continuous range has no finite worst case to "
+                       "bound)", p.to_dict())
 
 
 def validation_public(spec: Any) -> bool:
