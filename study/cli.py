@@ -120,7 +120,6 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         raise UsageError(f"--top must be in [1, 100] and --seeds in [2, 100] (got --top "
                          f"{args.top}, --seeds {args.seeds})")
     _ray_environment(args.address)
-    import dataclasses
 
     from study.execution import runner
     from study.storage import experiment
@@ -131,7 +130,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     spec = experiment.find_spec(location, args.study)
     if not experiment.is_experiment_dir(location):  # rows live where the user pointed
         location = location if "://" in location else os.path.abspath(location)
-        spec = dataclasses.replace(spec, results=location)
+        spec = spec.model_copy(update={"results": location})
     return _confirm(runner, spec, args.top, args.seeds, args.baseline, args.address)
 
 

@@ -13,13 +13,15 @@ Every section checks its fields (types and bounds) and its cross-field rules
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import AfterValidator, Field
 
 from trainables.validation import (
     ConfigError as ConfigError,
+)
+from trainables.validation import (
     Flag,
     Integer,
     Number,
@@ -28,7 +30,8 @@ from trainables.validation import (
     Text,
     fail,
 )
-from trainables.yaml_input import load_yaml as load_yaml, read_yaml_file as read_yaml_file
+from trainables.yaml_input import load_yaml as load_yaml
+from trainables.yaml_input import read_yaml_file as read_yaml_file
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-5k", "idx")
 MODELS = ("cnn-mnist", "cnn-cifar10", "resnet18")

@@ -17,7 +17,6 @@ import shlex
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ def cluster_spec(spec: StudySpec) -> StudySpec:
     if "://" in results or results.startswith(("/", "~")):
         return spec
     storage = spec.storage.rstrip("/")
-    return replace(spec, results=f"{storage}/{spec.name}/results")
+    return spec.model_copy(update={"results": f"{storage}/{spec.name}/results"})
 
 
 def stage(directory: str, spec: StudySpec | None = None) -> None:

@@ -186,7 +186,7 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
         if count == 0:  # a Poisson draw of 0: the study runs and releases nothing
             print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
             return _finish(spec, [], False, directory)
-        spec = dataclasses.replace(spec, trials=count)
+        spec = spec.model_copy(update={"trials": count})
         search = make_search(spec, budget, experiment_storage(directory))
         tuner = tune.Tuner(
             make_trainable(spec),
@@ -204,7 +204,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
         count = private_selection.trial_count(spec, directory)
         if count == 0:
             return _finish(spec, [], False, directory)
-        spec = dataclasses.replace(spec, trials=count)
+        spec = spec.model_copy(update={"trials": count})
         cluster.init_ray(address)
         cluster.check_capacity(spec)
         if not tune.Tuner.can_restore(directory):

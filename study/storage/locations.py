@@ -17,7 +17,6 @@ A location is a local path or a pyarrow.fs URI (``s3://bucket/prefix``, ``gs://.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import posixpath
 import threading
@@ -55,8 +54,8 @@ def resolve_location(location: str) -> str:
 def resolve_paths(spec: StudySpec) -> StudySpec:
     """``spec`` with local ``storage`` and ``results`` made absolute (``~`` expanded), once,
     at ``run``: the saved spec then names the same places whoever resumes, from wherever."""
-    return dataclasses.replace(spec, storage=resolve_location(spec.storage),
-                               results=resolve_location(spec.results))
+    return spec.model_copy(update={"storage": resolve_location(spec.storage),
+                                   "results": resolve_location(spec.results)})
 
 
 def check_locations(spec: StudySpec) -> None:

@@ -104,9 +104,9 @@ def test_adaptive_fixed_asha_study_says_why_the_selection_bound_does_not_apply()
 
 
 def test_status_states_both_models(tmp_path: Path) -> None:
-    spec = dataclasses.replace(spec_of(**{"results": str(tmp_path / "r"),  # 3 drawn (runner)
-                                          "privacy__scope": "trial", "search__epochs": 1,
-                                          "search__batch_size": 256}), trials=3)
+    spec = spec_of(**{"results": str(tmp_path / "r"),  # 3 drawn (runner)
+                      "privacy__scope": "trial", "search__epochs": 1,
+                      "search__batch_size": 256}).model_copy(update={"trials": 3})
     mechanism = ps.possible_mechanisms(spec, ps.train_size(spec))[0]
     store = ResultsStore(spec.results_path, spec.name)
     for i in range(3):
@@ -299,7 +299,7 @@ def test_interrupted_private_selection_is_neither_bounded_nor_released(tmp_path:
     store = ResultsStore(spec.results_path, spec.name)
     for row in completed_rows(spec, 3)[:1]:
         store.add_trial(row, [])
-    store.metadata.update(ps.study_privacy_metadata(dataclasses.replace(spec, trials=3),
+    store.metadata.update(ps.study_privacy_metadata(spec.model_copy(update={"trials": 3}),
                                                     store))
     store.flush()
     recorded = ps.read_study_privacy(spec.results_path)
@@ -343,9 +343,9 @@ def test_reproducible_noise_withholds_both_bounds(tmp_path: Path) -> None:
     the composition nor the selection bound holds, wherever the bounds are shown."""
     from study.report.html import privacy_blocks
 
-    spec = dataclasses.replace(spec_of(**{
+    spec = spec_of(**{
         "results": str(tmp_path / "r"), "privacy__scope": "trial", "search__epochs": 1,
-        "search__batch_size": 256, "reproducible_noise": True}), trials=3)
+        "search__batch_size": 256, "reproducible_noise": True}).model_copy(update={"trials": 3})
     store = ResultsStore(spec.results_path, spec.name)
     for row in completed_rows(spec, 3, reproducible_noise=True):
         store.add_trial(row, [])
@@ -358,7 +358,7 @@ def test_reproducible_noise_withholds_both_bounds(tmp_path: Path) -> None:
     report = str(privacy_blocks(spec.results_path))
     assert "withheld: reproducible_noise" in report and not re.search(r"epsilon \d", report)
     # rows recorded with seeded noise withhold the bounds even if the spec says otherwise
-    plain = dataclasses.replace(spec, reproducible_noise=False)
+    plain = spec.model_copy(update={"reproducible_noise": False})
     rows = store.trials().to_pylist()
     assert ps.study_privacy_of(plain, rows, ps.train_size(spec)).epsilon_all is None
     assert ps.assumptions(spec, []) and "reproducible_noise" in ps.assumptions(spec, [])[0]
@@ -389,9 +389,9 @@ def test_audit_runs_appear_in_the_study_statement(tmp_path: Path) -> None:
     from study.report.html import privacy_blocks
     from study.storage.results import append_audit
 
-    spec = dataclasses.replace(spec_of(**{
+    spec = spec_of(**{
         "results": str(tmp_path / "r"), "privacy__scope": "trial", "search__epochs": 1,
-        "search__batch_size": 256}), trials=3)
+        "search__batch_size": 256}).model_copy(update={"trials": 3})
     rows = completed_rows(spec, 3)
     store = ResultsStore(spec.results_path, spec.name)
     for row in rows:
@@ -446,9 +446,10 @@ def test_progress_and_status_of_a_private_selection_study_show_counts_not_scores
     from study.execution.callbacks import StudyCallback
     from study.report.status import study_status
 
-    spec = dataclasses.replace(spec_of(**{
+    spec = spec_of(**{
         "results": str(tmp_path / "r"), "storage": str(tmp_path / "runs"),
-        "privacy__scope": "trial", "search__epochs": 1, "search__batch_size": 256}), trials=3)
+        "privacy__scope": "trial", "search__epochs": 1, "search__batch_size": 256,
+    }).model_copy(update={"trials": 3})
     done = SimpleNamespace(status="TERMINATED", last_result={
         "finished": True, "val_accuracy": 0.5175, "val_accuracy_dp": 0.5012})
     line = StudyCallback(spec).progress_line([done])
@@ -458,7 +459,7 @@ def test_progress_and_status_of_a_private_selection_study_show_counts_not_scores
     experiment.mkdir(parents=True)
     (experiment / ps.TRIAL_COUNT_FILE).write_text(json.dumps(count_record(3)))
     (experiment / "dpstudy-spec.yaml").write_text(yaml.safe_dump(
-        dataclasses.replace(spec, trials=None).to_dict()))
+        spec.model_copy(update={"trials": None}).to_dict()))
     store = ResultsStore(spec.results_path, spec.name)
     store.add_trial(completed_rows(spec, 1)[0], [])
     store.flush()

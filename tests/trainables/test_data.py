@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import math
 import os
@@ -265,8 +264,8 @@ def test_idx_round_trip(tmp_path: Path, compress: bool) -> None:
     assert data.image_shape == (1, 8, 8) and data.num_classes == 7  # test has label 6
     # fixed constants, not statistics of the private training images (no accountant
     # covers those): other training images leave the test images' normalisation as is
-    shifted = dataclasses.replace(config, train_images=str(write_idx(
-        tmp_path / "shifted", arrays["train_images"] // 2, compress=False)))
+    shifted = config.model_copy(update=dict(train_images=str(write_idx(
+        tmp_path / "shifted", arrays["train_images"] // 2, compress=False))))
     half = load_datasets(shifted)
     assert torch.equal(half.test.images, data.test.images)
     for split, name in ((data.train, "train"), (data.test, "test")):
@@ -306,11 +305,11 @@ def test_idx_corrupt_images_file(tmp_path: Path, damage, message: str) -> None:
 def test_idx_count_mismatch_and_swapped_files(tmp_path: Path) -> None:
     config, _ = idx_config(tmp_path)
     short = write_idx(tmp_path / "short", np.zeros(49), compress=False)
-    bad = dataclasses.replace(config, train_labels=str(short))
+    bad = config.model_copy(update=dict(train_labels=str(short)))
     with pytest.raises(ValueError, match="49 labels, but .* has 50 images") as info:
         load_datasets(bad)
     assert str(short) in str(info.value)
-    swapped = dataclasses.replace(config, train_images=config.train_labels)
+    swapped = config.model_copy(update=dict(train_images=config.train_labels))
     with pytest.raises(ValueError, match="not an IDX images file.*0x00000801"):
         load_datasets(swapped)
 
@@ -318,7 +317,7 @@ def test_idx_count_mismatch_and_swapped_files(tmp_path: Path) -> None:
 def test_idx_missing_file(tmp_path: Path) -> None:
     config, _ = idx_config(tmp_path)
     missing = tmp_path / "nowhere" / "test-labels"
-    bad = dataclasses.replace(config, test_labels=str(missing))
+    bad = config.model_copy(update=dict(test_labels=str(missing)))
     with pytest.raises(DataUnavailableError, match=str(missing)):
         load_datasets(bad)
     assert isinstance(DataUnavailableError("x"), FileNotFoundError)
