@@ -2,7 +2,7 @@
 problems are reported all at once, each as ``"<dotted.field>: <rule> (got <value>)"``.
 
 :class:`Section` is the base of every config and spec section. Its one wrap validator is
-the one place that words problems: it turns pydantic's errors into today's rules
+the one place that words problems: it turns pydantic's errors into the rules' words
 (:func:`translate`: ``must be > 0``, ``must be one of a, b``, ``unknown key; did you mean
 'x'?``), runs the section's cross-field rules (:meth:`Section.problems`, which pydantic would
 skip when any field fails) on the fields that passed, and raises the lot as one error that
@@ -47,7 +47,7 @@ class ConfigError(InputError, ValueError):
 
 
 def fail(rule: str) -> PydanticCustomError:
-    """The error a validator raises for a value that breaks ``rule`` (today's wording)."""
+    """The error a validator raises for a value that breaks ``rule`` (in these words)."""
     return PydanticCustomError("dpstudy", rule)
 
 
@@ -59,30 +59,23 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _integer(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise fail("must be an integer")
-    return value
+def _only(kind: type, rule: str) -> BeforeValidator:
+    """Refuse anything but a ``kind`` (a bool is no int) with ``rule``."""
 
+    def check(value: Any) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise fail(rule)
+        return value
 
-def _flag(value: Any) -> Any:
-    if not isinstance(value, bool):
-        raise fail("must be true or false")
-    return value
-
-
-def _text(value: Any) -> Any:
-    if not isinstance(value, str):
-        raise fail("must be a string")
-    return value
+    return BeforeValidator(check)
 
 
 #: A finite int or float, kept as given (bools are not numbers); bounds with ``Field``.
 Number = Annotated[int | float, BeforeValidator(_number), WithJsonSchema({"type": "number"})]
 #: An int of any size (not a bool, not a float).
-Integer = Annotated[int, BeforeValidator(_integer)]
-Flag = Annotated[bool, BeforeValidator(_flag)]
-Text = Annotated[str, BeforeValidator(_text)]
+Integer = Annotated[int, _only(int, "must be an integer")]
+Flag = Annotated[bool, _only(bool, "must be true or false")]
+Text = Annotated[str, _only(str, "must be a string")]
 
 
 def strings(allowed: tuple[str, ...], rule: str, *, empty: bool = False) -> Any:
