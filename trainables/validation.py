@@ -46,9 +46,10 @@ class ConfigError(InputError, ValueError):
         super().__init__("\n".join(f"  - {p}" for p in self.problems))
 
 
-def fail(rule: str) -> PydanticCustomError:
-    """The error a validator raises for a value that breaks ``rule`` (in these words)."""
-    return PydanticCustomError("dpstudy", rule)
+def fail(rule: str, **got: Any) -> PydanticCustomError:
+    """The error a validator raises for a value that breaks ``rule`` (in these words);
+    ``got=`` names the value shown when it is not the one given."""
+    return PydanticCustomError("dpstudy", rule, got or None)
 
 
 def _number(value: Any) -> Any:
@@ -78,15 +79,17 @@ Flag = Annotated[bool, _only(bool, "must be true or false")]
 Text = Annotated[str, _only(str, "must be a string")]
 
 
-def strings(allowed: tuple[str, ...], rule: str, *, empty: bool = False) -> Any:
+def strings(allowed: tuple[str, ...], rule: str, *, empty: bool = False,
+            items: bool = False) -> Any:
     """A tuple of ``allowed`` strings, given as one string or a list (``rule`` otherwise;
-    an empty list only if ``empty``); a wrong one is ``<field>[i]: must be one of ...``."""
+    an empty list only if ``empty``; an item not a string too unless ``items``); a wrong
+    one is ``<field>[i]: must be one of ...``."""
 
     def as_tuple(value: Any) -> tuple[str, ...]:
         value = (value,) if isinstance(value, str) else value
         if (not isinstance(value, (list, tuple)) or (not value and not empty)
-                or not all(isinstance(v, str) for v in value)):
-            raise fail(rule)
+                or not (items or all(isinstance(v, str) for v in value))):
+            raise fail(rule, got=tuple(value) if isinstance(value, list) else value)
         return tuple(value)
 
     one = {"type": "string", "enum": list(allowed)}
@@ -117,7 +120,10 @@ def head(path: str) -> str:
 
 def shorten(value: Any) -> str:
     """``repr(value)``, or its head and length when longer than 80 characters."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int longer than Python converts to text
+        return "an integer of more than 4300 digits"
     return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
 
 
@@ -149,7 +155,8 @@ def translate(err: ValidationError, model: type[BaseModel]) -> list[Problem]:
         if error["type"] == "problems":
             out += [(join(path, p), rule, v) for p, rule, v in error["ctx"]["found"]]
         else:
-            value = None if error["type"] == "missing" else error["input"]
+            value = (error["ctx"]["got"] if "got" in (error.get("ctx") or {}) else
+                     None if error["type"] == "missing" else error["input"])
             out.append((path, _rule(error, model), value))
     return out
 
@@ -203,6 +210,11 @@ class Section(BaseModel, metaclass=_RaisesConfigError):
         """Problems as named for the form the user wrote (unchanged by default)."""
         return found
 
+    def problems_despite(self, failed: set[str]) -> Iterator[Problem]:
+        """The rules to report when the fields ``failed`` (now at their defaults) did not
+        validate: :meth:`problems` by default."""
+        return self.problems()
+
     def problems(self) -> Iterator[Problem]:
         """Cross-field rules: each broken one as ``(field, rule, value)``."""
         for name in self.required:
@@ -224,7 +236,7 @@ class Section(BaseModel, metaclass=_RaisesConfigError):
             failed = {head(p[0]) for p in found}
             try:  # the rules, on the fields that passed (the others at their defaults)
                 rest = handler({k: v for k, v in data.items() if k not in failed})
-                found += [p for p in rest.problems() if head(p[0]) not in failed]
+                found += [p for p in rest.problems_despite(failed) if head(p[0]) not in failed]
             except ValidationError:
                 pass
         else:

@@ -59,6 +59,7 @@ MAX_TRIALS = 100_000
 MAX_STUDY_SEED = MAX_SEED - MAX_CONFIRM_SEEDS
 MAX_CONCURRENT = 10_000
 MAX_FAILURES = 1_000
+_REMOVE_TRIALS = "private-selection draws the number of trials from search.trials; remove trials"
 # sections that may be given by their name alone (``scheduler: asha``, ``model: resnet18``)
 NAME_SHORTHANDS = ("dataset", "model", "scheduler")
 
@@ -123,7 +124,8 @@ class StudySpec(Spec):
     results: Location | None = None
     confirm: ConfirmSpec | None = None
     baseline_trial: Flag = True
-    loggers: strings(LOGGERS, f"must be a list of {', '.join(LOGGERS)}", empty=True) = ()
+    loggers: strings(LOGGERS, f"must be a list of {', '.join(LOGGERS)}", empty=True,
+                     items=True) = ()
 
     @classmethod
     def expand(cls, data: Any) -> Any:
@@ -144,6 +146,17 @@ class StudySpec(Spec):
         if data.get("results") is None and isinstance(name, str) and NAME_PATTERN.match(name):
             data["results"] = f"results/{name}"
         return data
+
+    @classmethod
+    def relabel(cls, found: list[Problem], raw: Any) -> list[Problem]:
+        """``selection`` is written as ``search.mode`` and ``search.trials``; top-level
+        ``trials`` are refused in private selection even when ``search.trials`` is invalid."""
+        found = [(re.sub(r"^selection\b", "search", p), rule, v) for p, rule, v in found]
+        search = raw.get("search") if isinstance(raw, dict) else None
+        if (isinstance(search, dict) and search.get("mode") == "private-selection"
+                and raw.get("trials") is not None and all(p != "trials" for p, _, _ in found)):
+            found.append(("trials", _REMOVE_TRIALS, raw["trials"]))
+        return found
 
     @field_validator("dataset", "model", mode="before")
     @classmethod
@@ -166,8 +179,7 @@ class StudySpec(Spec):
         if self.trials is None and not self.selection.private:
             yield "trials", "is required", None
         elif self.trials is not None and self.selection.private:
-            yield ("trials", "private-selection draws the number of trials from "
-                   "search.trials; remove trials", self.trials)
+            yield "trials", _REMOVE_TRIALS, self.trials
         if self.privacy is not None and self.search is not None:
             yield from self._cross_problems()
             yield from selection_problems(self)

@@ -109,25 +109,33 @@ class Param(Spec):
                  self.choices is not None)
         if sum(forms) != 1:
             yield "value", "give exactly one of value, low and high, or choices", self.value
-        elif self.value is not None:
-            yield from _bounded("value", self.value, self.name)
         elif self.choices is not None:
             if not self.choices:
                 yield "choices", "must be a non-empty list", self.choices
-            for i, v in enumerate(self.choices):
-                yield from _bounded(f"choices[{i}]", v, self.name)
+            yield from self._bounds_problems()
             if len(set(self.choices)) != len(self.choices):
                 yield "choices", "must not repeat a value", list(self.choices)
-        else:
+        elif self.value is None:
             yield from self._range_problems()
+        else:
+            yield from self._bounds_problems()
+
+    def problems_despite(self, failed: set[str]) -> Iterator[Problem]:
+        """With a field invalid, only the bounds of the others (as before)."""
+        return self._bounds_problems()
+
+    def _bounds_problems(self) -> Iterator[Problem]:
+        for key in ("value", "low", "high"):
+            if getattr(self, key) is not None:
+                yield from _bounded(key, getattr(self, key), self.name)
+        for i, v in enumerate(self.choices or ()):
+            yield from _bounded(f"choices[{i}]", v, self.name)
 
     def _range_problems(self) -> Iterator[Problem]:
-        found: list[Problem] = []
-        for key in ("low", "high"):
-            if getattr(self, key) is None:
-                found.append((key, "is required for a range (give both low and high)", None))
-            else:
-                found += _bounded(key, getattr(self, key), self.name)
+        found: list[Problem] = [
+            (key, "is required for a range (give both low and high)", None)
+            for key in ("low", "high") if getattr(self, key) is None]
+        found += self._bounds_problems()
         if self.step is not None:
             if self.name in _INTEGER_PARAMS and not isinstance(self.step, int):
                 found.append(("step", "must be an integer", self.step))
