@@ -101,7 +101,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     """Write only what a private-selection study's guarantee covers."""
     from study.privacy.release import release
     from study.storage import experiment
-    from study.storage.results import read_trials
+    from study.storage.read import read_trials
 
     results = _results_uri(args.results)
     spec = experiment.find_spec(results, args.study)
@@ -265,7 +265,7 @@ def _storage_problem(storage: str, *, given: bool) -> str | None:
 def cmd_query(args: argparse.Namespace) -> int:
     """Filter, select, sort and print results (or their Pareto front)."""
     from study.analysis import query
-    from study.storage.results import read_epochs, read_trials
+    from study.storage.read import read_epochs, read_trials
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: must be a positive number of rows (got {args.limit})")
@@ -291,7 +291,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """PNG plots and an HTML or Markdown page for one study."""
     from study.report.html import build_report, render_markdown_summary
-    from study.storage.results import read_trials
+    from study.storage.read import read_trials
 
     uri = _results_uri(args.results)
     out = args.out or (os.path.join(uri, "report") if "://" not in uri else "report")

@@ -9,10 +9,10 @@ so a trial recorded again after a resume is replaced, never duplicated. The writ
 runs on a background writer thread (:class:`Writer`), so it never blocks Tune's
 controller; ``on_experiment_end`` (also reached on Ctrl-C) waits for it. A driver killed
 before the writer finished loses nothing: the run or resume that follows records every
-ended trial its result grid holds and Parquet lacks (:func:`study.execution.runner._finish`). The
-callback is
-pickled into Tune's experiment state and restored by ``dpstudy resume``; it therefore
-holds only plain settings and opens the results store lazily in :meth:`StudyCallback.setup`.
+ended trial its result grid holds and Parquet lacks (:func:`study.execution.runner.finish`).
+The callback is pickled into Tune's experiment state and restored by ``dpstudy resume``; it
+therefore holds only plain settings and opens the results store lazily in
+:meth:`StudyCallback.setup`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from study.privacy.private_selection import study_privacy_metadata
 from study.spec import hyperparameters
 from study.spec.model import StudySpec
 from study.spec.selection import selection_label
-from study.storage.results import ResultsStore
+from study.storage.store import ResultsStore
 
 RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
                   "accountant", "steps", "epochs", "density", "val_accuracy",

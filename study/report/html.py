@@ -23,7 +23,9 @@ from study.analysis import confirm, selection
 from study.analysis.query import pareto_front, parse_pareto, to_frame
 from study.report.study_plots import persisted_study
 from study.spec import hyperparameters
-from study.storage.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
+from study.storage.audits import read_audits
+from study.storage.read import read_epochs, read_trials
+from study.storage.schema import EPOCHS_SCHEMA
 
 FORMATS = ("html", "md")
 HYPERPARAMS = hyperparameters.names(reported=True)

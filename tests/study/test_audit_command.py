@@ -14,8 +14,10 @@ import yaml
 from study.cli import main
 from study.execution import audit
 from study.spec.model import load_spec
+from study.storage.audits import append_audit, read_audits
 from study.storage.experiment import results_spec_name, save_spec
-from study.storage.results import AUDITS_FILE, ResultsStore, append_audit, read_audits
+from study.storage.schema import AUDITS_FILE
+from study.storage.store import ResultsStore
 from trainables.accounting import plan_budget
 from trainables.config import TrialConfig
 from trainables.data import dataset_size

@@ -29,7 +29,7 @@ from study.privacy.bounds import (
 from study.privacy.release import ReleaseError, release
 from study.report.status import study_privacy_lines
 from study.spec.model import SpecError, StudySpec
-from study.storage.results import ResultsStore
+from study.storage.store import ResultsStore
 from trainables.accounting import epsilon_after, plan_budget
 from trainables.config import PrivacyConfig
 
@@ -387,7 +387,7 @@ def test_audit_runs_appear_in_the_study_statement(tmp_path: Path) -> None:
     'everything released', its test accuracy named as not covered, and the selection bound
     withdrawn (the audit is a release outside the selection)."""
     from study.report.html import privacy_blocks
-    from study.storage.results import append_audit
+    from study.storage.audits import append_audit
 
     spec = dataclasses.replace(spec_of(**{
         "results": str(tmp_path / "r"), "privacy__scope": "trial", "search__epochs": 1,

@@ -18,7 +18,7 @@ from study.execution.callbacks import trial_row
 from study.privacy.release import model_weights
 from study.spec.model import SpecError, StudySpec
 from study.spec.schema import spec_schema
-from study.storage.results import TRIALS_SCHEMA
+from study.storage.schema import TRIALS_SCHEMA
 from trainables.config import TrialConfig
 
 GOOD: dict[str, Any] = {
