@@ -162,7 +162,7 @@ def test_audit_a_recorded_trial_on_ray(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_report_shows_claimed_vs_audited(tmp_path: Path) -> None:
-    from study.report.html import audit_blocks
+    from study.report.privacy import audit_blocks
 
     results = str(tmp_path / "results")
     assert audit_blocks(results, "aud") == []  # no audits yet: no section
