@@ -83,7 +83,8 @@ def newest_rows(table: pa.Table, newest: dict[tuple[str, str], str]) -> pa.Table
                       pa.string())
     names = pa.array([posixpath.basename(f) for f in table["__filename"].to_pylist()],
                      pa.string())
-    tags = pc.binary_join_element_wise(_keys(table), names, "@")
+    keys = pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
+    tags = pc.binary_join_element_wise(keys, names, "@")
     return table.filter(pc.is_in(tags, value_set=wanted)).drop_columns(["__filename"])
 
 
@@ -128,10 +129,6 @@ def _read_layout(uri: str, which: str) -> pa.Table:
         return schema.empty_table()
     table = newest_rows(scan_parts(fs, files, schema, schema.names), newest)
     return table.cast(schema)
-
-
-def _keys(table: pa.Table) -> pa.Array:
-    return pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
 
 
 def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:

@@ -30,8 +30,6 @@ TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 PART_PREFIX = "part-"
 STATUSES = ("completed", "stopped", "failed")
-STAGES = ("search", "confirm")
-SELECTION_SPLITS = ("validation", "test", "none")
 AUDITS_FILE = "audits.parquet"
 AUDIT_MODES = ("white-box", "black-box")
 

@@ -25,7 +25,6 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -147,13 +146,6 @@ class ResultsStore:
         return TRIALS_SCHEMA.with_metadata({**TRIALS_SCHEMA.metadata, **{
             k.encode(): v.encode() for k, v in extra.items()}})
 
-    def _all_trials(self) -> pa.Table:
-        return pa.Table.from_pylist(list(self._trials.values()), schema=TRIALS_SCHEMA)
-
-    def _all_epochs(self) -> pa.Table:
-        rows = [r for key in self._trials for r in self._epochs[key]]
-        return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
-
     def flush(self) -> None:
         """Write each trial added since the last flush as a new part (its epochs part first,
         then its trial part, each published whole), then delete its superseded parts."""
@@ -187,18 +179,16 @@ class ResultsStore:
 
     def trials(self) -> pa.Table:
         """This study's trial rows (``TRIALS_SCHEMA``)."""
-        return self._mine(self._all_trials())
+        return pa.Table.from_pylist(list(self._trials.values()), schema=TRIALS_SCHEMA)
 
     def epochs(self) -> pa.Table:
         """This study's epoch rows (``EPOCHS_SCHEMA``), ordered by trial then epoch."""
-        return self._mine(self._all_epochs())
-
-    def _mine(self, table: pa.Table) -> pa.Table:
-        return table.filter(pc.equal(table["study"], self.study))
+        rows = [r for key in self._trials for r in self._epochs[key]]
+        return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
 
     def trial_ids(self) -> set[str]:
         """The trial ids of this study present in the store."""
-        return {tid for study, tid in self._trials if study == self.study}
+        return {tid for _, tid in self._trials}
 
 
 
