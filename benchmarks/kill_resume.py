@@ -110,7 +110,7 @@ def epoch_log(path: Path) -> list[tuple[str, int]]:
 
 
 def read_rows(results: Path) -> list[dict[str, Any]]:
-    from study.storage.results import read_trials
+    from study.storage.read import read_trials
 
     try:
         return read_trials(str(results)).to_pylist()
@@ -185,7 +185,7 @@ def one_moment(moment: str, code: Path, trials: int, epochs: int) -> dict[str, A
     after = trained[trained_before:]
     rows = read_rows(root / "results")
     completed_before = {r["trial_id"] for r in before_rows if r["status"] == "completed"}
-    from study.storage.results import read_epochs
+    from study.storage.read import read_epochs
 
     final_epochs = read_epochs(str(root / "results")).num_rows if rows else 0
     out.update({

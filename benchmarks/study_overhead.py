@@ -40,7 +40,7 @@ from study.execution.callbacks import StudyCallback
 from study.search.space import NoiseBudget, make_search, noise_budget
 from study.spec.model import StudySpec
 from study.storage import experiment
-from study.storage.results import ResultsStore
+from study.storage.store import ResultsStore
 from trainables.data import dataset_size
 
 CONCURRENCY, REPORTS = 2, 3
@@ -169,7 +169,7 @@ def run_study(label: str, spec: StudySpec, trainable: Any, *, reuse: bool,
         start = time.perf_counter()
         grid = tuner.fit()
         wall = time.perf_counter() - start
-    done = runner._finish(spec, grid, False, experiment.experiment_dir(spec)).completed
+    done = runner.finish(spec, grid, False, experiment.experiment_dir(spec)).completed
     rows = info(label, {f"tune wall ({done}/{spec.trials} completed)": wall,
                         **monitor.phases(start, wall, spec.max_concurrent)})
     longest = max((max(h.values(), default=(0.0, "-")) for h in hooks), default=(0.0, "-"))

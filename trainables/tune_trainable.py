@@ -9,7 +9,9 @@ continues its privacy budget rather than restarting it, and never takes more ste
 its plan allows.
 
 Each report also carries ``epoch_history`` (all epochs so far, as JSON), so that whoever
-records results sees every epoch even when some were reported before a restart. A trial
+records results sees every epoch even when some were reported before a restart, and the
+trial's resolved configuration (:data:`CONFIG_KEY`, see :func:`reported_config`), which is
+what the driver records as the trial's settings. A trial
 resumed from a checkpoint that already holds its whole plan (the driver stopped after the
 trial stored its last epoch but before it saw the report) trains nothing and reports that
 last epoch again, so that Tune's last result is the finished one.
@@ -32,11 +34,14 @@ from typing import Any
 
 from trainables import checkpoint, placement
 from trainables.compat import trial_storage
+from trainables.config import TrialConfig
 from trainables.train import train
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_\d{6}")
 #: the trial's own checkpoint folder, in its folder of a local storage
 OWN_CHECKPOINT = "dpstudy-checkpoint"
+#: key of the trial's resolved configuration (JSON) in every report
+CONFIG_KEY = "trial_config"
 
 
 def run_trial(trial_config: dict[str, Any], *, cost_per_second: float = 1.0) -> dict[str, Any]:
@@ -52,6 +57,7 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
     import ray
     from ray import tune
 
+    resolved = reported_config(trial_config)  # a bad config fails here, before any work
     placement.prepare_allocator()  # before this process first touches CUDA
     assigned_gpus = list(ray.get_gpu_ids())
     gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU")
@@ -66,7 +72,7 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
     def send(checkpoint_dir: str | None) -> None:
         metrics = history[-1]
         payload = {**metrics, "trial_cost": metrics["wall_time_s"] * cost_per_second,
-                   "epoch_history": json.dumps(history)}
+                   "epoch_history": json.dumps(history), CONFIG_KEY: resolved}
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(payload, checkpoint=ckpt)
 
@@ -95,6 +101,17 @@ def _run_trial(trial_config: dict[str, Any], cost_per_second: float) -> dict[str
     finally:
         shutil.rmtree(work, ignore_errors=True)
         placement.release_memory(device)
+
+
+def reported_config(trial_config: dict[str, Any]) -> str:
+    """The trial's resolved configuration (:class:`~trainables.config.TrialConfig`, defaults
+    filled in) as the JSON reported under :data:`CONFIG_KEY`: every setting but the local
+    ``checkpoint_dir``. Nothing secret: the secret seed of the noise and the batch sampling
+    is drawn while training starts and kept only in the private checkpoint
+    (:mod:`trainables.randomness`), never in the config."""
+    settings = TrialConfig.from_dict(trial_config).to_dict()
+    settings.pop("checkpoint_dir", None)
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
 
 def own_checkpoint_dir(storage: tuple[Any, str] | None) -> str | None:

@@ -20,7 +20,7 @@ import pandas as pd
 import studies
 
 from study.analysis.confirm import t_interval
-from study.storage.results import read_trials
+from study.storage.read import read_trials
 
 HYPER = ("prune_rate", "drop_rate", "clip_norm", "noise_multiplier", "learning_rate")
 

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _trials(results: Path, name: str) -> list[dict]:
-    from study.storage.results import read_trials
+    from study.storage.read import read_trials
 
     try:
         return [r for r in read_trials(str(results)).to_pylist() if r["study"] == name]

@@ -32,7 +32,8 @@ from typing import Any
 
 from study.analysis import selection
 from study.spec.model import StudySpec, check_against_data, load_spec
-from study.storage.results import append_audit, read_trials
+from study.storage.audits import append_audit
+from study.storage.read import read_trials
 from trainables.audit import AuditConfig, AuditUnavailableError, require_auditing
 from trainables.config import TrialConfig
 

@@ -9,10 +9,10 @@ so a trial recorded again after a resume is replaced, never duplicated. The writ
 runs on a background writer thread (:class:`Writer`), so it never blocks Tune's
 controller; ``on_experiment_end`` (also reached on Ctrl-C) waits for it. A driver killed
 before the writer finished loses nothing: the run or resume that follows records every
-ended trial its result grid holds and Parquet lacks (:func:`study.execution.runner._finish`). The
-callback is
-pickled into Tune's experiment state and restored by ``dpstudy resume``; it therefore
-holds only plain settings and opens the results store lazily in :meth:`StudyCallback.setup`.
+ended trial its result grid holds and Parquet lacks (:func:`study.execution.runner.finish`).
+The callback is pickled into Tune's experiment state and restored by ``dpstudy resume``; it
+therefore holds only plain settings and opens the results store lazily in
+:meth:`StudyCallback.setup`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from study.privacy.private_selection import study_privacy_metadata
 from study.spec import hyperparameters
 from study.spec.model import StudySpec
 from study.spec.selection import selection_label
-from study.storage.results import ResultsStore
+from study.storage.store import ResultsStore
 
 RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
                   "accountant", "steps", "epochs", "density", "val_accuracy",
@@ -55,37 +55,49 @@ def trial_status(result: dict[str, Any] | None, error: bool) -> str:
     return "completed" if result and result.get("finished") else "stopped"
 
 
+def reported_config(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The trial config a trial resolved and reported with its results
+    (:data:`trainables.tune_trainable.CONFIG_KEY`), or None if it never reported."""
+    from trainables.tune_trainable import CONFIG_KEY
+
+    text = (result or {}).get(CONFIG_KEY)
+    return json.loads(text) if text else None
+
+
 def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
               result: dict[str, Any] | None, *, status: str,
               error: str | None = None) -> dict[str, Any]:
     """One ``trials.parquet`` row from a trial's Tune config and last result.
 
-    The config is the sampled params of a search trial, or a confirmation run
+    The Tune config is the sampled params of a search trial, or a confirmation run
     (``{CONFIRM_KEY: {"config_id", "seed", "params"}}``), recorded under a row id derived
-    from its configuration and seed so that it is never recorded twice.
+    from its configuration and seed so that it is never recorded twice. The hyperparameters
+    are those of the trial config the trial reported (:func:`reported_config`): what it
+    trained with; a trial that failed before its first report has none.
     """
     result = result or {}
-    stage, config_id, seed = "search", trial_id, None
+    stage, config_id, seed = "search", trial_id, spec.seed
     if CONFIRM_KEY in params:
         run = params[CONFIRM_KEY]
         stage, config_id, seed, params = "confirm", run["config_id"], run["seed"], run["params"]
         trial_id = run["run_id"]
-    config = spec.trial_config(params, seed=seed)
     row: dict[str, Any] = {
-        "study": spec.name, "trial_id": trial_id, "status": status, "seed": config["seed"],
+        "study": spec.name, "trial_id": trial_id, "status": status, "seed": seed,
         "stage": stage, "config_id": config_id, "params": json.dumps(params, sort_keys=True),
         "selection_metric": selection_label(spec),
         "selection_split": spec.objective.selection_split,
-        "reproducible_noise": config["reproducible_noise"],
+        "reproducible_noise": spec.reproducible_noise,
         "epsilon_target": spec.privacy.epsilon, "delta": spec.privacy.delta,
         "accountant": spec.privacy.accountant,
         "model": spec.model.name, "dataset": spec.dataset.name,
+        # resource settings of the study, not searched
+        "physical_batch_size": spec.optimizer.physical_batch_size, "precision": spec.precision,
         "node": result.get("node_ip") or result.get("hostname"), "error": error,
         "finished_at": dt.datetime.now(dt.timezone.utc),
     }
-    row.update(hyperparameters.recorded_values(config))
-    row.update({"physical_batch_size": config["optim"].get("physical_batch_size"),
-                "precision": config["precision"]})  # resource settings, not searched
+    config = reported_config(result)
+    if config is not None:
+        row.update(hyperparameters.recorded_values(config))
     row.update({k: result[k] for k in RESULT_COLUMNS if result.get(k) is not None})
     return row
 

@@ -185,7 +185,7 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
             raise
         if count == 0:  # a Poisson draw of 0: the study runs and releases nothing
             print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
-            return _finish(spec, [], False, directory)
+            return finish(spec, [], False, directory)
         spec = spec.model_copy(update={"trials": count})
         search = make_search(spec, budget, experiment_storage(directory))
         tuner = tune.Tuner(
@@ -193,7 +193,7 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=make_scheduler(spec),
                                         num_samples=spec.trials, reuse_actors=True),
             run_config=run_config(spec))
-        return _finish(spec, *_fit(tuner, spec), directory)
+        return finish(spec, *_fit(tuner, spec), directory)
 
 
 def resume(directory: str, *, address: str | None = None) -> Summary:
@@ -203,7 +203,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
     with StudyLock(directory):
         count = private_selection.trial_count(spec, directory)
         if count == 0:
-            return _finish(spec, [], False, directory)
+            return finish(spec, [], False, directory)
         spec = spec.model_copy(update={"trials": count})
         cluster.init_ray(address)
         cluster.check_capacity(spec)
@@ -211,7 +211,7 @@ def resume(directory: str, *, address: str | None = None) -> Summary:
             raise SpecError([f"resume: no Tune experiment state in {directory!r} (the study "
                              f"was stopped before its first trial started; run it again)"])
         tuner = restore_tuner(directory, make_trainable(spec))
-        return _finish(spec, *_fit(tuner, spec), directory)
+        return finish(spec, *_fit(tuner, spec), directory)
 
 
 def restore_tuner(directory: str, trainable: Any) -> Any:
@@ -303,7 +303,7 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Summary:
+def finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Summary:
     """Record any trial the callback missed, then summarise the study. After Ctrl-C:
     raise :class:`StudyInterruptedError` instead, recording nothing for unfinished trials."""
     if interrupted:
@@ -340,7 +340,7 @@ def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = Non
     restored from its Tune state (unfinished runs continue from their checkpoints).
     Returns the plan and its summary rows (:func:`study.analysis.confirm.summarise`).
     """
-    from study.storage.results import ResultsStore
+    from study.storage.store import ResultsStore
 
     metric, mode = spec.objective.primary
     rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()

@@ -2,8 +2,9 @@
 
 - ``mlflow``: Ray's ``MLflowLoggerCallback`` (``ray.air.integrations.mlflow``), one MLflow
   run per trial in the MLflow experiment named after the study. Parameters: the sampled
-  values (Tune's config) and the trial's whole resolved configuration (``privacy/epsilon``,
-  ``optim/clip_norm``, ``pruning/rate``, ...); metrics: every number a trial reports, per
+  values (Tune's config) and, from its first report, the whole configuration the trial
+  resolved and reported (``privacy/epsilon``, ``optim/clip_norm``, ``pruning/rate``, ...;
+  :func:`study.execution.callbacks.reported_config`); metrics: every number a trial reports, per
   epoch (``epsilon_spent``, ``val_accuracy``, ``test_accuracy``, ``density``, ...). The
   tracking URI is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the experiment
   directory (``STORAGE/NAME/mlflow.db``; no server needed). A trial resumed after a killed
@@ -23,7 +24,7 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.logger import TBXLoggerCallback
 
-from study.execution.callbacks import CONFIRM_KEY
+from study.execution.callbacks import reported_config
 from study.spec.model import StudySpec
 
 MLFLOW_DB = "mlflow.db"
@@ -38,14 +39,6 @@ def tracking_uri(experiment: str) -> str:
                                        MLFLOW_DB)
 
 
-def trial_hyperparameters(spec: StudySpec, config: dict[str, Any]) -> dict[str, Any]:
-    """Every setting of one trial (nested, as the trial config), from its Tune config."""
-    if CONFIRM_KEY in config:
-        run = config[CONFIRM_KEY]
-        return spec.trial_config(run["params"], seed=run["seed"])
-    return spec.trial_config(config)
-
-
 class StudyMLflowCallback(MLflowLoggerCallback):
     """``MLflowLoggerCallback`` that also logs the trial's resolved configuration and tags
     the run with the study and the trial id (the ``trial_id`` of the Parquet results)."""
@@ -54,6 +47,7 @@ class StudyMLflowCallback(MLflowLoggerCallback):
         super().__init__(tracking_uri=tracking_uri(experiment), experiment_name=spec.name,
                          tags={"dpstudy.study": spec.name})
         self.spec = spec
+        self.configured: set[Any] = set()  # trials whose reported config is logged
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks; mlflow is a module
         return {"spec": self.spec, "tracking_uri": self.tracking_uri}
@@ -63,17 +57,19 @@ class StudyMLflowCallback(MLflowLoggerCallback):
         self.tracking_uri = state["tracking_uri"]
 
     def log_trial_start(self, trial: Any) -> None:
-        new = trial not in self._trial_runs
-        if new:
+        if trial not in self._trial_runs:
             earlier = self._earlier_run(trial.trial_id)
             if earlier is not None:
                 self._trial_runs[trial] = earlier
         self.tags = {**self.tags, TRIAL_ID_TAG: trial.trial_id}
         super().log_trial_start(trial)
-        if new:
-            self.mlflow_util.log_params(run_id=self._trial_runs[trial],
-                                        params_to_log=trial_hyperparameters(self.spec,
-                                                                            trial.config))
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        config = reported_config(result)
+        if config is not None and trial not in self.configured:
+            self.configured.add(trial)  # the same config with every report, and on resume
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=config)
+        super().log_trial_result(iteration, trial, result)
 
     def _earlier_run(self, trial_id: str) -> str | None:
         """The run of this trial logged before a resume, if any."""

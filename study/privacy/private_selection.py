@@ -338,7 +338,7 @@ def study_privacy_metadata(spec: StudySpec, store: Any) -> dict[str, str]:
 
 def study_audits(results: str, study: str) -> list[dict[str, Any]]:
     """The audit rows (``audits.parquet``) of ``study`` in a results location."""
-    from study.storage.results import read_audits
+    from study.storage.audits import read_audits
 
     try:
         return [r for r in read_audits(results).to_pylist() if r["study"] == study]
@@ -349,7 +349,7 @@ def study_audits(results: str, study: str) -> list[dict[str, Any]]:
 def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy | None:
     """The study's (epsilon, delta) as recorded in its Parquet metadata (None if absent),
     with the study's audit runs composed in: every audit re-trained on the private data."""
-    from study.storage.results import read_metadata
+    from study.storage.read import read_metadata
 
     meta = read_metadata(results, study)
     raw = meta.get(PRIVACY_METADATA_KEY)
@@ -371,7 +371,7 @@ def with_audits(recorded: StudyPrivacy, results: str, study: str,
                 audits: list[dict[str, Any]]) -> StudyPrivacy:
     """``recorded`` with ``audits`` composed into the composition bound (recomputed over
     the study's trial rows) and the selection bound withdrawn."""
-    from study.storage.results import read_trials
+    from study.storage.read import read_trials
 
     rows = [r for r in read_trials(results).to_pylist() if r["study"] == study]
     run = [m for m in map(mechanism_of, rows + audits) if m is not None]

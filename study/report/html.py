@@ -21,9 +21,11 @@ import pandas as pd
 
 from study.analysis import confirm, selection
 from study.analysis.query import pareto_front, parse_pareto, to_frame
+from study.report.privacy import audit_blocks, facts_table, noise_note, privacy_blocks
 from study.report.study_plots import persisted_study
 from study.spec import hyperparameters
-from study.storage.results import EPOCHS_SCHEMA, read_audits, read_epochs, read_trials
+from study.storage.read import read_epochs, read_trials
+from study.storage.schema import EPOCHS_SCHEMA
 
 FORMATS = ("html", "md")
 HYPERPARAMS = hyperparameters.names(reported=True)
@@ -112,19 +114,6 @@ def _best(trials: pd.DataFrame) -> pd.Series | None:
     return None if found is None else trials[trials["trial_id"] == found["trial_id"]].iloc[0]
 
 
-def noise_note(trials: pd.DataFrame) -> str:
-    """How the trials' DP noise was seeded, and what the guarantee then assumes."""
-    flags = trials["reproducible_noise"] if "reproducible_noise" in trials else pd.Series([])
-    seeded = int((flags == True).sum())  # noqa: E712 (nullable column: True, False or NA)
-    if seeded:
-        return (f"reproducible_noise in {seeded} of {len(trials)} trials: their noise is "
-                f"seeded from the recorded seed, so each trial's guarantee assumes that seed "
-                f"stays secret, and no study-level bound holds (trials share their noise)")
-    if flags.isna().all() and len(trials):
-        return "not recorded (results written before the reproducible_noise column)"
-    return "secret seed per trial (OS randomness, kept only in private checkpoints)"
-
-
 def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
     """(label, value) rows summarising a study's trials frame (``TRIALS_SCHEMA`` columns)."""
     metric, _, split = selection_of(trials)
@@ -152,10 +141,6 @@ def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
             ("Best hyperparameters", params)]
 
 
-def _table(rows: list[tuple[str, str]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["", "value"], dtype=object)
-
-
 def _md_text(text: str) -> str:
     return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
 
@@ -170,7 +155,7 @@ def _md_table(df: pd.DataFrame) -> str:
 
 def render_markdown_summary(trials_df: pd.DataFrame) -> str:
     """The summary of :func:`summary_rows` as a Markdown pipe table (for the CLI)."""
-    return _md_table(_table(summary_rows(to_frame(trials_df)))) + "\n"
+    return _md_table(facts_table(summary_rows(to_frame(trials_df)))) + "\n"
 
 
 def confirm_table(trials: pd.DataFrame) -> pd.DataFrame | None:
@@ -248,7 +233,7 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
     blocks: list[tuple] = [("h1", f"Study report: {name}"),
                            ("p", selection_banner(trials)),
                            ("p", f"Results: {uri} - generated {now}"),
-                           ("h2", "Summary"), ("table", _table(summary_rows(trials))),
+                           ("h2", "Summary"), ("table", facts_table(summary_rows(trials))),
                            ("h2", f"Top 10 trials by {metric} (completed first)"),
                            ("table", top[[c for c in TOP_COLUMNS if c in top]]),
                            ("h2", "Pareto front (" + ", ".join(f"{c} {d}" for c, d in
@@ -274,54 +259,6 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
         elif stem in files.skipped:
             blocks.append(("p", f"{stem}.png not drawn: {files.skipped[stem]}."))
     return blocks
-
-
-AUDIT_COLUMNS = ("audit_id", "trial_id", "mode", "canaries", "confidence", "epsilon_claimed",
-                 "epsilon_audited", "violation", "finished_at")
-
-
-def audit_blocks(uri: str, study: str) -> list[tuple]:
-    """Claimed vs audited epsilon of the study's audits (``audits.parquet``), if any."""
-    directory = uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
-    try:
-        audits = to_frame(read_audits(directory))
-    except FileNotFoundError:
-        return []
-    audits = audits[audits["study"] == study]
-    if not len(audits):
-        return []
-    return [("h2", "Privacy audits: claimed vs audited epsilon"),
-            ("p", "Audited epsilon is an empirical lower bound at the stated confidence "
-                  "(one-run audit, dpstudy audit); violation = 1 when it exceeds the claim."),
-            ("table", audits[list(AUDIT_COLUMNS)])]
-
-
-def privacy_blocks(results_uri: str, study: str | None = None) -> list[tuple]:
-    """The study's (epsilon, delta) under both release models (from the Parquet metadata)."""
-    from study.privacy.private_selection import read_study_privacy
-
-    recorded = read_study_privacy(results_uri, study)
-    if recorded is None:
-        return [("h2", "Study-level privacy"),
-                ("p", "Not recorded (results written before study-level accounting).")]
-    if recorded.epsilon_all is None:
-        reason = "withheld: " + "; ".join(recorded.composition_failed)
-        return [("h2", "Study-level privacy"), ("table", _table([
-            ("Everything released (composition of all trials)", reason),
-            ("Only the selected result released (selection bound)", reason)]))]
-    runs = "all trials" + (f" and {recorded.audits} audit runs" if recorded.audits else "")
-    rows = [(f"Everything released (composition of {runs})",
-             f"epsilon {recorded.epsilon_all:.3f}, delta {recorded.delta:g}"),
-            ("Only the selected result released (selection bound)",
-             "does not apply: " + "; ".join(recorded.failed_assumptions)
-             if recorded.epsilon_selected is None else
-             f"epsilon {recorded.epsilon_selected:.3f}, delta {recorded.delta:g}")]
-    if recorded.not_covered:
-        rows.insert(1, ("Not covered by 'everything released' (no noise; private or test data)",
-                        ", ".join(recorded.not_covered) + ": publish the table without them"))
-    return [("h2", "Study-level privacy"), ("table", _table(rows)),
-            ("p", "Each trial is (epsilon_spent, delta)-DP on its own; a study runs many "
-                  "trials on the same data and selects one. See docs/privacy.md.")]
 
 
 def _html_table(df: pd.DataFrame) -> str:

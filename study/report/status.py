@@ -31,7 +31,7 @@ def study_status(directory: str) -> str:
     counts = {"completed": 0, "stopped": 0, "failed": 0}
     rows: list[dict] = []
     try:
-        from study.storage.results import read_trials
+        from study.storage.read import read_trials
 
         rows = [r for r in read_trials(spec.results_path).to_pylist()
                 if r.get("study") == spec.name and selection.is_search(r)]
@@ -106,7 +106,7 @@ def results_counts(results: str | None) -> str:
     if not results:
         return "results unknown"
     try:
-        from study.storage.results import read_trials
+        from study.storage.read import read_trials
 
         statuses = read_trials(os.path.expanduser(results)).column("status").to_pylist()
     except (FileNotFoundError, OSError, ValueError):

@@ -14,8 +14,10 @@ import yaml
 from study.cli import main
 from study.execution import audit
 from study.spec.model import load_spec
+from study.storage.audits import append_audit, read_audits
 from study.storage.experiment import results_spec_name, save_spec
-from study.storage.results import AUDITS_FILE, ResultsStore, append_audit, read_audits
+from study.storage.schema import AUDITS_FILE
+from study.storage.store import ResultsStore
 from trainables.accounting import plan_budget
 from trainables.config import TrialConfig
 from trainables.data import dataset_size
@@ -160,7 +162,7 @@ def test_audit_a_recorded_trial_on_ray(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_report_shows_claimed_vs_audited(tmp_path: Path) -> None:
-    from study.report.html import audit_blocks
+    from study.report.privacy import audit_blocks
 
     results = str(tmp_path / "results")
     assert audit_blocks(results, "aud") == []  # no audits yet: no section

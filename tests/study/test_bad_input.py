@@ -16,7 +16,7 @@ import yaml
 
 from study.cli import main
 from study.storage.locations import LocationError, check_writable, join_location
-from study.storage.results import ResultsStore
+from study.storage.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 

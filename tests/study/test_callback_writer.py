@@ -12,7 +12,8 @@ import pytest
 
 from study.execution.callbacks import StudyCallback, Writer
 from study.spec.model import StudySpec
-from study.storage.results import ResultsStore, read_trials
+from study.storage.read import read_trials
+from study.storage.store import ResultsStore
 
 DEADLINE_S = 60.0
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.storage.results import TRIALS_SCHEMA, ResultsStore
+from study.storage.schema import TRIALS_SCHEMA
+from study.storage.store import ResultsStore
 
 GOOD: dict[str, Any] = {
     "name": "bad", "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},

@@ -13,6 +13,7 @@ import pytest
 
 from study import cli
 from study.cli import main
+from study.cli.targets import experiment_target
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +64,7 @@ def test_relative_resume_targets_are_made_absolute(argv: list[str], cwd: str, ex
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / cwd)
     args = cli.build_parser().parse_args(["resume", *argv])
-    assert cli._experiment_target(args.study, args.storage) == str(experiment)
+    assert experiment_target(args.study, args.storage) == str(experiment)
 
 
 @pytest.mark.parametrize("argv", [["../runs/nope"], ["nope", "--storage", "../runs"]])

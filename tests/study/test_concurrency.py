@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from study.storage.results import read_epochs, read_trials
+from study.storage.read import read_epochs, read_trials
 
 pytestmark = pytest.mark.slow
 

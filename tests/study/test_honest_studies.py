@@ -123,7 +123,7 @@ def test_explicit_validation_dataset_must_be_disjoint_from_test(tmp_path: Path) 
 
 def test_resume_runs_the_confirm_section(monkeypatch: pytest.MonkeyPatch,
                                           tmp_path: Path) -> None:
-    from study import cli
+    from study.cli import running
     from study.execution import runner
     from study.storage import experiment
 
@@ -138,7 +138,7 @@ def test_resume_runs_the_confirm_section(monkeypatch: pytest.MonkeyPatch,
                         lambda *a, **k: calls.append(k) or (_Plan(), []))
     args = argparse.Namespace(study=str(tmp_path / "exp"), storage=str(tmp_path),
                               address=None, python=None)
-    cli.cmd_resume(args)
+    running.cmd_resume(args)
     assert calls, "the spec's confirm: section is skipped by dpstudy resume"
 
 
@@ -165,6 +165,7 @@ def test_confirm_reads_the_results_directory_it_is_given(monkeypatch: pytest.Mon
     /abs/results/quickstart; today it reads ``$CWD/results/quickstart`` (0 rows) and fails
     with 'no completed search trial', or confirms whatever study lives there."""
     from study import cli
+    from study.cli import running
     from study.execution import runner
     from study.execution.callbacks import StudyCallback
     from study.storage import experiment
@@ -185,7 +186,7 @@ def test_confirm_reads_the_results_directory_it_is_given(monkeypatch: pytest.Mon
     ran: list[Any] = []
     monkeypatch.setattr(runner, "_run_confirmation", lambda spec, plan, todo, address:
                         ran.append(todo))
-    monkeypatch.setattr(cli, "_ray_environment", lambda address: None)
+    monkeypatch.setattr(running, "ray_environment", lambda address: None)
     code = cli.main(["confirm", str(project / "results" / "review"), "--top", "1",
                      "--seeds", "2"])
     assert ran, f"confirm did not find the study's rows (exit {code})"

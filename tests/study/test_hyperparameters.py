@@ -8,7 +8,7 @@ from study.report import html as report
 from study.report import plots
 from study.spec import hyperparameters, params
 from study.spec.hyperparameters import HYPERPARAMETERS
-from study.storage.results import TRIALS_SCHEMA
+from study.storage.schema import TRIALS_SCHEMA
 from trainables.config import TrialConfig
 
 

@@ -29,7 +29,7 @@ from study.privacy.bounds import (
 from study.privacy.release import ReleaseError, release
 from study.report.status import study_privacy_lines
 from study.spec.model import SpecError, StudySpec
-from study.storage.results import ResultsStore
+from study.storage.store import ResultsStore
 from trainables.accounting import epsilon_after, plan_budget
 from trainables.config import PrivacyConfig
 
@@ -341,7 +341,7 @@ def test_a_count_file_not_drawn_from_its_seed_is_refused(tmp_path: Path,
 def test_reproducible_noise_withholds_both_bounds(tmp_path: Path) -> None:
     """Seeded noise: every trial draws the same noise, so two trials can cancel it; neither
     the composition nor the selection bound holds, wherever the bounds are shown."""
-    from study.report.html import privacy_blocks
+    from study.report.privacy import privacy_blocks
 
     spec = spec_of(**{
         "results": str(tmp_path / "r"), "privacy__scope": "trial", "search__epochs": 1,
@@ -386,8 +386,8 @@ def test_audit_runs_appear_in_the_study_statement(tmp_path: Path) -> None:
     """Each `dpstudy audit` re-trains on the private data: its run is composed into
     'everything released', its test accuracy named as not covered, and the selection bound
     withdrawn (the audit is a release outside the selection)."""
-    from study.report.html import privacy_blocks
-    from study.storage.results import append_audit
+    from study.report.privacy import privacy_blocks
+    from study.storage.audits import append_audit
 
     spec = spec_of(**{
         "results": str(tmp_path / "r"), "privacy__scope": "trial", "search__epochs": 1,

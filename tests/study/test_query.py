@@ -23,7 +23,7 @@ from study.analysis.query import (
     select_columns,
     sort,
 )
-from study.storage.results import TRIALS_SCHEMA
+from study.storage.schema import TRIALS_SCHEMA
 
 # id, status, epsilon_target, prune_rate, density, test_accuracy, criterion, wall_time_s
 ROWS = [

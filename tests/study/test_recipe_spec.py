@@ -18,8 +18,9 @@ from study.execution.callbacks import trial_row
 from study.privacy.release import model_weights
 from study.spec.model import SpecError, StudySpec
 from study.spec.schema import spec_schema
-from study.storage.results import TRIALS_SCHEMA
+from study.storage.schema import TRIALS_SCHEMA
 from trainables.config import TrialConfig
+from trainables.tune_trainable import CONFIG_KEY, reported_config
 
 GOOD: dict[str, Any] = {
     "name": "recipe", "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},
@@ -60,8 +61,9 @@ def test_searched_k_and_decay_reach_the_trial_config_and_the_row() -> None:
     trial = TrialConfig.from_dict(cfg)
     assert trial.optim.augmentation_multiplicity == 4 and trial.optim.ema_decay == 0.99
     assert trial.optim.physical_batch_size == 128 and trial.precision == "fp32"
+    reported = {CONFIG_KEY: reported_config(cfg)}  # what the trial reports
     row = trial_row(s, "t1", {"noise_multiplier": 1.0, "augmentation_multiplicity": 4,
-                              "ema_decay": 0.99}, None, status="completed")
+                              "ema_decay": 0.99}, reported, status="completed")
     assert (row["augmentation_multiplicity"], row["ema_decay"], row["physical_batch_size"],
             row["precision"]) == (4, 0.99, 128, "fp32")
     for column in ("augmentation_multiplicity", "ema_decay", "physical_batch_size",

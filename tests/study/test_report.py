@@ -11,7 +11,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from study.report.html import FIGURES, ReportFiles, build_report, render_markdown_summary
-from study.storage.results import ResultsStore, read_trials
+from study.storage.read import read_trials
+from study.storage.store import ResultsStore
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INJECTED = "<script>alert('x')</script>"

@@ -10,15 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from study.storage import results
-from study.storage.results import (
-    EPOCHS_SCHEMA,
-    SCHEMA_VERSION,
-    TRIALS_SCHEMA,
-    ResultsStore,
-    read_epochs,
-    read_trials,
-)
+from study.storage.read import read_epochs, read_trials
+from study.storage.schema import EPOCHS_SCHEMA, SCHEMA_VERSION, TRIALS_SCHEMA, package_version
+from study.storage.store import ResultsStore
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "results-schema.md"
 
@@ -50,7 +44,7 @@ def test_roundtrip_pyarrow_and_pandas(store: ResultsStore, tmp_path: Path) -> No
     assert table.column("study").to_pylist() == ["quick", "quick"]
     assert table.column("epsilon_target").to_pylist() == [3.0, 3.0]
     assert table.column("clip_norm").null_count == 2
-    assert table.column("version").to_pylist()[0] == results.package_version()
+    assert table.column("version").to_pylist()[0] == package_version()
     df = pd.read_parquet(tmp_path / "trials.parquet")
     assert list(df["status"]) == ["completed", "stopped"]
     assert df["finished_at"].iloc[0] == pd.Timestamp("2024-05-01T12:00:00Z")
@@ -163,7 +157,7 @@ def test_failed_flush_keeps_previous_parts(store: ResultsStore, tmp_path: Path,
             raise OSError("disk full")
         real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(results.pq, "write_table", broken_write)
+    monkeypatch.setattr("study.storage.store.pq.write_table", broken_write)
     store.add_trial(trial("a", test_accuracy=0.1), epochs(2))
     with pytest.raises(OSError, match="disk full"):
         store.flush()
@@ -282,7 +276,7 @@ def test_polars_reads_the_files(store: ResultsStore, tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from study.storage.results import ResultsStore
+from study.storage.store import ResultsStore
 store = ResultsStore(sys.argv[1], sys.argv[2])
 for i in range(int(sys.argv[3])):
     store.add_trial({"trial_id": f"t{i}", "status": "completed", "test_accuracy": i / 100},

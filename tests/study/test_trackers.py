@@ -75,18 +75,21 @@ def test_a_resumed_trial_logs_into_its_earlier_run(tmp_path: Path,
     from mlflow.tracking import MlflowClient
 
     from study.execution.trackers import TRIAL_ID_TAG, StudyMLflowCallback
+    from trainables.tune_trainable import CONFIG_KEY, reported_config
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     spec = spec_of(tmp_path)
     config = {"prune_rate": 0.3, "learning_rate": 1.0, "noise_multiplier": 1.2}
+    reported = reported_config(spec.trial_config(config))  # what the trial reports
     for driver, epoch in ((1, 1), (2, 2)):  # the second driver resumes the experiment
         callback = pickle.loads(pickle.dumps(StudyMLflowCallback(spec, "unused")))
         callback.setup()
         trial = FakeTrial("abc_00001", config)
         callback.log_trial_start(trial)
         callback.log_trial_result(epoch, trial, {"training_iteration": epoch,
-                                                 "epsilon_spent": 1.5 * epoch})
+                                                 "epsilon_spent": 1.5 * epoch,
+                                                 CONFIG_KEY: reported})
         if driver == 2:
             callback.log_trial_end(trial)
     client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")
@@ -97,17 +100,29 @@ def test_a_resumed_trial_logs_into_its_earlier_run(tmp_path: Path,
     assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 3.0)]
 
 
-def test_hyperparameters_of_search_and_confirmation_runs(tmp_path: Path) -> None:
-    from study.execution.trackers import trial_hyperparameters
+def test_rows_record_the_config_the_trial_reported(tmp_path: Path) -> None:
+    """The driver records the trial config a trial resolved and reported (under a study
+    budget its noise and epsilon are not the spec's), never one rebuilt from the spec."""
+    from study.execution.callbacks import reported_config, trial_row
+    from trainables.config import TrialConfig
+    from trainables.tune_trainable import CONFIG_KEY
+    from trainables.tune_trainable import reported_config as report
 
     spec = spec_of(tmp_path)
     sampled = {"prune_rate": 0.3, "learning_rate": 1.0, "noise_multiplier": 1.2}
-    search = trial_hyperparameters(spec, sampled)
-    assert search["pruning"]["rate"] == 0.3 and search["optim"]["clip_norm"] == 1.0
-    assert search["privacy"]["epsilon"] == 3.0 and search["seed"] == 0
-    confirm = trial_hyperparameters(spec, {CONFIRM_KEY: {"params": sampled, "seed": 7,
-                                                         "run_id": "c1"}})
-    assert confirm == {**search, "seed": 7}
+    used = spec.trial_config(sampled, seed=7)
+    used["privacy"].update(noise_multiplier=2.5, epsilon=2.9)  # as study_trial_config does
+    result = {"finished": True, CONFIG_KEY: report(used)}
+    resolved = TrialConfig.from_dict(used).to_dict()
+    del resolved["checkpoint_dir"]
+    assert reported_config(result) == resolved
+    run = {CONFIRM_KEY: {"params": sampled, "seed": 7, "run_id": "c1", "config_id": "t0"}}
+    row = trial_row(spec, "x", run, result, status="completed")
+    assert (row["trial_id"], row["stage"], row["seed"], row["prune_rate"],
+            row["noise_multiplier"], row["clip_norm"]) == ("c1", "confirm", 7, 0.3, 2.5, 1.0)
+    early = trial_row(spec, "t1", sampled, None, status="failed", error="no data")
+    assert early["seed"] == 0 and json.loads(early["params"]) == sampled
+    assert "prune_rate" not in early  # it never reported the config it resolved
 
 
 def test_loggers_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

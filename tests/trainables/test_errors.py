@@ -10,7 +10,7 @@ import pytest
 from trainables.errors import EXIT_FAILED, EXIT_USAGE, DpstudyError
 
 USER_ERRORS = {  # module, class, exit code, the standard base it keeps
-    ("study.cli", "UsageError", EXIT_USAGE, Exception),
+    ("study.cli.targets", "UsageError", EXIT_USAGE, Exception),
     ("study.execution.lock", "StudyLockedError", EXIT_USAGE, RuntimeError),
     ("study.storage.locations", "LocationError", EXIT_USAGE, ValueError),
     ("study.privacy.release", "ReleaseError", EXIT_USAGE, ValueError),
@@ -35,27 +35,27 @@ def test_every_user_error_derives_from_the_root(module: str, name: str, code: in
 
 
 def test_the_cli_maps_by_type_and_prints_one_line(capsys: pytest.CaptureFixture) -> None:
-    from study.cli import _report_error  # noqa: PLC2701 (the function under test)
+    from study.cli import report_error
     from study.execution.lock import StudyLockedError
     from trainables.errors import FailureError
 
     class Renamed(StudyLockedError):  # a name the CLI never heard of
         pass
 
-    assert _report_error(Renamed("held by host:1")) == EXIT_USAGE
+    assert report_error(Renamed("held by host:1")) == EXIT_USAGE
     assert capsys.readouterr().err == "error: held by host:1\n"
 
     class Broken(FailureError):
         pass
 
-    assert _report_error(Broken("cluster gone")) == EXIT_FAILED
+    assert report_error(Broken("cluster gone")) == EXIT_FAILED
     with pytest.raises(KeyError):
-        _report_error(KeyError("a bug keeps its traceback"))
+        report_error(KeyError("a bug keeps its traceback"))
 
 
 def test_a_spec_error_prints_its_own_header(capsys: pytest.CaptureFixture) -> None:
-    from study.cli import _report_error
+    from study.cli import report_error
     from study.spec.model import SpecError
 
-    assert _report_error(SpecError(["trials: must be >= 1 (got 0)"])) == EXIT_USAGE
+    assert report_error(SpecError(["trials: must be >= 1 (got 0)"])) == EXIT_USAGE
     assert capsys.readouterr().err.startswith("invalid study spec (1 problem):\n  - trials")

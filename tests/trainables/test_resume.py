@@ -261,7 +261,8 @@ def test_a_resumed_trial_reports_its_last_epoch_once(checkpoints, monkeypatch, k
     import ray
     from ray import tune
 
-    from trainables.tune_trainable import run_trial
+    from trainables.randomness import SECRET
+    from trainables.tune_trainable import CONFIG_KEY, run_trial
 
     reports: list[tuple[dict[str, Any], Any]] = []
     handed_back = tune.Checkpoint.from_directory(str(checkpoints[kind]))
@@ -276,3 +277,10 @@ def test_a_resumed_trial_reports_its_last_epoch_once(checkpoints, monkeypatch, k
     last, ckpt = reports[-1]
     assert last["finished"] and final["finished"] and ckpt is not None
     assert [e["epoch"] for e in json.loads(last["epoch_history"])] == [1, 2]
+    # the resumed trial reports the config it resolved again, and no secret seed
+    resolved = {k: v for k, v in TrialConfig.from_dict(CONFIG).to_dict().items()
+                if k != "checkpoint_dir"}
+    assert all(json.loads(m[CONFIG_KEY]) == resolved for m, _ in reports)
+    generators = checkpoint.load(str(checkpoints[kind]))["rng"]["generators"]
+    secrets = {str(generators[name]["seed"]) for name in SECRET}
+    assert not any(seed in json.dumps(m) for m, _ in reports for seed in secrets)

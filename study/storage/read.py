@@ -1,0 +1,167 @@
+"""Reading a results directory: its tables as ``pyarrow.dataset`` scans of part files.
+
+A trial recorded again (retried, resumed) has several parts; readers keep, per
+``(study, trial_id)``, the trial part with the greatest name and the epochs part of the
+same name (see :mod:`study.storage.store`), so each trial is seen once even while a writer
+is between its two steps. Single-file tables (written by dpstudy < 0.2) and one
+``.parquet`` file given directly are read too. Every part is checked against the schema
+(:func:`study.storage.schema.conform_table`), naming the file and column that does not fit.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from study.storage.locations import filesystem
+from study.storage.schema import (
+    EPOCHS_FILE,
+    EPOCHS_SCHEMA,
+    PART_PREFIX,
+    STUDY_METADATA_KEY,
+    TRIALS_FILE,
+    TRIALS_SCHEMA,
+    conform_table,
+)
+
+
+def read_file(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
+    """One Parquet file, conformed to ``schema`` (a ``ValueError`` naming it if it does
+    not fit)."""
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    return conform_table(table, schema, path)
+
+
+def part_files(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Visible part files of a table directory, oldest name first."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                  and i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(".parquet"))
+
+
+def _check_part(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> None:
+    """A part's own schema (its footer) fits ``schema``: see
+    :func:`~study.storage.schema.conform_table`."""
+    try:
+        physical = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    conform_table(physical.empty_table(), schema, path)
+
+
+def scan_parts(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
+               columns: list[str]) -> pa.Table:
+    """``columns`` (plus ``__filename``) of the part ``files`` read as one
+    ``pyarrow.dataset`` of ``schema``: columns a part lacks read as null."""
+    for path in files:
+        _check_part(fs, path, schema)
+    dataset = ds.dataset(files, schema=schema, filesystem=fs, format="parquet")
+    try:
+        table = dataset.to_table(columns=[*columns, "__filename"])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for path in files:  # name the file and column that does not fit
+            read_file(fs, path, schema)
+        raise
+    if any(table[f.name].null_count for f in schema if not f.nullable and f.name in columns):
+        raise ValueError(f"{files[0]}: key columns {[f.name for f in schema if not f.nullable]}"
+                         f" must not be null")
+    return table
+
+
+def newest_rows(table: pa.Table, newest: dict[tuple[str, str], str]) -> pa.Table:
+    """The rows of ``table`` (read by :func:`scan_parts`) that come from their trial's newest
+    part (a trial part or the epoch part of the same name), without ``__filename``."""
+    wanted = pa.array([f"{s}/{t}@{posixpath.basename(p)}" for (s, t), p in newest.items()],
+                      pa.string())
+    names = pa.array([posixpath.basename(f) for f in table["__filename"].to_pylist()],
+                     pa.string())
+    keys = pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
+    tags = pc.binary_join_element_wise(keys, names, "@")
+    return table.filter(pc.is_in(tags, value_set=wanted)).drop_columns(["__filename"])
+
+
+def _newest_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], str]:
+    """For a results directory: ``(study, trial_id) -> newest trial part`` (older parts of
+    a trial are superseded, see :mod:`study.storage.store`). Reads only the key columns."""
+    files = part_files(fs, f"{base}/{TRIALS_FILE}")
+    newest: dict[tuple[str, str], str] = {}
+    if not files:
+        return newest
+    keys = scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"])
+    for study, trial, path in zip(keys["study"].to_pylist(), keys["trial_id"].to_pylist(),
+                                  keys["__filename"].to_pylist(), strict=True):
+        key = (study, trial)
+        if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
+            newest[key] = path
+    return newest
+
+
+def _read_layout(uri: str, which: str) -> pa.Table:
+    """Trials or epochs of a results directory (part files, newest per trial) or of one
+    ``.parquet`` file."""
+    schema = TRIALS_SCHEMA if which == TRIALS_FILE else EPOCHS_SCHEMA
+    fs, path = filesystem(uri, "results")
+    path = path.rstrip("/")
+    info = fs.get_file_info(path)
+    if path.endswith(".parquet") and info.type == pafs.FileType.File:
+        return read_file(fs, path, schema)
+    if path.endswith(".parquet") and info.type == pafs.FileType.Directory:
+        path = posixpath.dirname(path)  # RESULTS/trials.parquet given for RESULTS
+    table_path = f"{path}/{which}"
+    kind = fs.get_file_info(table_path).type
+    if kind == pafs.FileType.File:  # a single-file table (dpstudy < 0.2 wrote these)
+        return read_file(fs, table_path, schema)
+    if kind != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no results table at {uri!r} (looked for {table_path})")
+    newest = _newest_parts(fs, path)
+    files = sorted({f"{table_path}/{posixpath.basename(p)}" for p in newest.values()})
+    if which == EPOCHS_FILE:  # a trial recorded without epochs has no epoch part
+        files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
+    if not files:
+        return schema.empty_table()
+    table = newest_rows(scan_parts(fs, files, schema, schema.names), newest)
+    return table.cast(schema)
+
+
+def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
+    """The file-level metadata of ``study``'s newest trial part in ``trials.parquet`` (or of
+    a single-file table): e.g. the study's privacy statement. Every part carries the
+    statement as it stood when the part was written, so the newest is the current one."""
+    fs, path = filesystem(uri, "results")
+    path = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{TRIALS_FILE}"
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        candidates = [path]
+    elif info.type == pafs.FileType.Directory:
+        parts = fs.get_file_info(pafs.FileSelector(path))
+        candidates = sorted((p.path for p in parts if p.type == pafs.FileType.File
+                             and p.base_name.endswith(".parquet")), reverse=True)
+    else:
+        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
+    for candidate in candidates:
+        meta = {k.decode(): v.decode() for k, v in
+                (pq.read_schema(candidate, filesystem=fs).metadata or {}).items()}
+        if study is None or meta.get(STUDY_METADATA_KEY, study) == study:
+            return meta
+    return {}
+
+
+def read_trials(uri: str) -> pa.Table:
+    """This results directory's trials (every study in it, newest part per trial), or one
+    ``.parquet`` file's."""
+    return _read_layout(uri, TRIALS_FILE)
+
+
+def read_epochs(uri: str) -> pa.Table:
+    """This results directory's epochs (those of each trial's newest part), or one
+    ``.parquet`` file's."""
+    return _read_layout(uri, EPOCHS_FILE)
+

@@ -1,0 +1,213 @@
+"""The results store: one study's trials and epochs, written as immutable part files.
+
+A results directory holds two tables, each a directory of Parquet part files (the layout
+Spark, pandas, DuckDB and polars read as one dataset)::
+
+    RESULTS/trials.parquet/part-<UTC stamp>-<uuid>.parquet   one row: one trial
+    RESULTS/epochs.parquet/part-<same name>.parquet          that trial's epoch rows
+
+Keys: ``study`` + ``trial_id`` (trials), plus ``epoch`` (epochs); every column is documented
+in :mod:`study.storage.schema` and ``docs/results-schema.md``. A part is written once and
+never modified: a trial recorded again (a retried or resumed trial) gets a new part, with a
+later name, and its older parts are deleted after the new one is published. Readers
+(:mod:`study.storage.read`) keep, per ``(study, trial_id)``, the trial part with the
+greatest name and the epochs part of the same name, so a reader that runs between the two
+steps still sees each trial once. Nothing is ever rewritten in place, so any number of
+studies (and their drivers) can share one results directory, on a local disk or on an
+object store without atomic rename.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from study.storage.locations import filesystem
+from study.storage.read import newest_rows, part_files, scan_parts
+from study.storage.schema import (
+    EPOCHS_FILE,
+    EPOCHS_SCHEMA,
+    PART_PREFIX,
+    STATUSES,
+    STUDY_METADATA_KEY,
+    TRIALS_FILE,
+    TRIALS_SCHEMA,
+    coerce_row,
+    package_version,
+)
+
+
+class ResultsStore:
+    """One study's trials and epochs, written as immutable per-trial part files.
+
+    ``uri`` is the results directory: a local path (``~`` expanded) or a pyarrow.fs URI
+    (``file:///abs``, ``s3://bucket/prefix?endpoint_override=...``). Existing parts of this
+    study are loaded on construction, so a resumed study merges with them. Parts of other
+    studies are never read back into this store, rewritten or deleted, so any number of
+    studies may share one results directory. At most one writer per study (the study
+    lock, :mod:`study.execution.lock`, ensures it).
+    """
+
+    def __init__(self, uri: str, study: str) -> None:
+        self.uri, self.study = uri, study
+        fs, path = filesystem(uri, "results")
+        self._fs, self._dir = fs, path.rstrip("/")
+        self._local = isinstance(fs, pafs.LocalFileSystem)
+        self._trials: dict[tuple[str, str], dict[str, Any]] = {}
+        self._epochs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
+        self._pending: list[tuple[str, str]] = []
+        self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
+        self._remove_leftovers()
+        self._load()
+
+    def _path(self, name: str) -> str:
+        return f"{self._dir}/{name}"
+
+    def _staging(self, table: str) -> str:
+        return self._path(f"{table}/.staging-{self.study}")
+
+    def _remove_leftovers(self) -> None:
+        """Delete this study's staged files of a killed writer (never another study's)."""
+        for table in (TRIALS_FILE, EPOCHS_FILE):
+            if self._local and self._fs.get_file_info(self._path(table)).type == \
+                    pafs.FileType.Directory:
+                self._fs.delete_dir_contents(self._staging(table), missing_dir_ok=True)
+
+    def _load(self) -> None:
+        for table in (TRIALS_FILE, EPOCHS_FILE):
+            if self._fs.get_file_info(self._path(table)).type == pafs.FileType.File:
+                raise ValueError(f"{self._path(table)}: a single-file results table (written by "
+                                 f"dpstudy < 0.2); dpstudy now writes a directory of part files "
+                                 f"there: move the file away or choose another results "
+                                 f"directory")
+        files = part_files(self._fs, self._path(TRIALS_FILE))
+        if not files:
+            return
+        newest: dict[tuple[str, str], str] = {}
+        for row in scan_parts(self._fs, files, TRIALS_SCHEMA, TRIALS_SCHEMA.names).to_pylist():
+            key, path = (row["study"], row["trial_id"]), row.pop("__filename")
+            if row["study"] != self.study:
+                continue
+            self._files.setdefault(key, []).append(path)
+            if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
+                newest[key], self._trials[key], self._epochs[key] = path, row, []
+        for paths in self._files.values():
+            paths.sort()
+        epoch_parts = [self._path(f"{EPOCHS_FILE}/{posixpath.basename(p)}")
+                       for p in sorted(set(newest.values()))]
+        epoch_parts = [p for p in epoch_parts
+                       if self._fs.get_file_info(p).type == pafs.FileType.File]
+        if epoch_parts:
+            epochs = newest_rows(scan_parts(self._fs, epoch_parts, EPOCHS_SCHEMA,
+                                        EPOCHS_SCHEMA.names), newest)
+            for row in epochs.to_pylist():
+                self._epochs[(row["study"], row["trial_id"])].append(row)
+
+    def add_trial(self, row: dict, epochs: list[dict]) -> None:
+        """Insert or replace (by ``trial_id``) one trial's row and all its epoch rows; written
+        by the next :meth:`flush`.
+
+        ``study`` defaults to the store's study and ``version`` to the package version;
+        other missing columns become null. Unknown keys raise ``ValueError``.
+        """
+        row = {"study": self.study, "version": package_version(), **row}
+        if row["study"] != self.study:
+            raise ValueError(f"trial row is for study {row['study']!r}, store is {self.study!r}")
+        trial = coerce_row(TRIALS_SCHEMA, row, "trial row")
+        if trial["status"] not in STATUSES:
+            raise ValueError(f"trial row: status must be one of {STATUSES}, "
+                             f"got {trial['status']!r}")
+        rows = [self._epoch_row(trial["trial_id"], e) for e in epochs]
+        numbers = [r["epoch"] for r in rows]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"trial {trial['trial_id']!r}: duplicate epoch numbers {numbers}")
+        key = (self.study, trial["trial_id"])
+        self._trials[key], self._epochs[key] = trial, sorted(rows, key=lambda r: r["epoch"])
+        if key not in self._pending:
+            self._pending.append(key)
+
+    def _epoch_row(self, trial_id: str, epoch: dict) -> dict[str, Any]:
+        what = f"epoch row of trial {trial_id!r}"
+        full = {"study": self.study, "trial_id": trial_id, **epoch}
+        if str(full["trial_id"]) != trial_id or full["study"] != self.study:
+            raise ValueError(f"{what}: study/trial_id do not match the trial row")
+        return coerce_row(EPOCHS_SCHEMA, full, what)
+
+    def _part_schema(self) -> pa.Schema:
+        """``TRIALS_SCHEMA`` with this study's name and ``metadata`` (a part's metadata)."""
+        extra = {STUDY_METADATA_KEY: self.study, **self.metadata}
+        return TRIALS_SCHEMA.with_metadata({**TRIALS_SCHEMA.metadata, **{
+            k.encode(): v.encode() for k, v in extra.items()}})
+
+    def flush(self) -> None:
+        """Write each trial added since the last flush as a new part (its epochs part first,
+        then its trial part, each published whole), then delete its superseded parts."""
+        for table in (TRIALS_FILE, EPOCHS_FILE):
+            self._fs.create_dir(self._path(table), recursive=True)
+        while self._pending:
+            key = self._pending[0]
+            name = new_part_name()
+            epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
+            self._publish(EPOCHS_FILE, name, epochs)
+            self._publish(TRIALS_FILE, name, pa.Table.from_pylist([self._trials[key]],
+                                                                  schema=self._part_schema()))
+            self._pending.pop(0)
+            older, self._files[key] = self._files.get(key, []), [self._path(
+                f"{TRIALS_FILE}/{name}")]
+            for path in older:
+                self._delete(path)
+                self._delete(self._path(f"{EPOCHS_FILE}/{posixpath.basename(path)}"))
+
+    def _publish(self, table: str, name: str, data: pa.Table) -> None:
+        """Make ``table/name`` appear whole (:func:`publish`), staged locally in this
+        study's staging folder."""
+        staging = self._staging(table)
+        if self._local:
+            self._fs.create_dir(staging, recursive=True)
+        publish(self._fs, self._path(f"{table}/{name}"), f"{staging}/{name}", data)
+
+    def _delete(self, path: str) -> None:
+        if self._fs.get_file_info(path).type == pafs.FileType.File:
+            self._fs.delete_file(path)
+
+    def trials(self) -> pa.Table:
+        """This study's trial rows (``TRIALS_SCHEMA``)."""
+        return pa.Table.from_pylist(list(self._trials.values()), schema=TRIALS_SCHEMA)
+
+    def epochs(self) -> pa.Table:
+        """This study's epoch rows (``EPOCHS_SCHEMA``), ordered by trial then epoch."""
+        rows = [r for key in self._trials for r in self._epochs[key]]
+        return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
+
+    def trial_ids(self) -> set[str]:
+        """The trial ids of this study present in the store."""
+        return {tid for _, tid in self._trials}
+
+
+
+def new_part_name() -> str:
+    """A fresh part file name: UTC time (so names sort oldest first) and a random suffix."""
+    return (f"{PART_PREFIX}{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-"
+            f"{uuid.uuid4().hex[:12]}.parquet")
+
+
+def publish(fs: pafs.FileSystem, final: str, tmp: str, data: pa.Table) -> None:
+    """Make the Parquet file ``final`` appear whole: on a local disk written to ``tmp`` and
+    renamed (``tmp`` removed whatever happens); on an object store an upload is published
+    atomically when it completes (there is no rename there)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        pq.write_table(data, where=final, filesystem=fs)
+        return
+    try:
+        pq.write_table(data, where=tmp, filesystem=fs)
+        fs.move(tmp, final)
+    finally:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
