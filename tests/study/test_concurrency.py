@@ -1,5 +1,7 @@
 """Real drivers at the same time: studies sharing a results root, one driver per study,
-Ctrl-C, and kill -9 while trials finish."""
+Ctrl-C, and kill -9 while trials finish. The drivers that race, get interrupted or killed
+are real processes; the commands run after them (a refused second driver, a resume) run in
+this process (``tests/inprocess.py``), on the embedded Ray the tests share."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from inprocess import dpstudy
 
 from study.storage.results import read_epochs, read_trials
 
@@ -53,12 +56,7 @@ def start(*args: str, cwd: Path) -> subprocess.Popen:
                             start_new_session=True, umask=0o022)  # the usual default
 
 
-def dpstudy(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study.cli", *args], cwd=cwd, env=env(),
-                          capture_output=True, text=True, timeout=600)
-
-
-def wait_for(condition, what: str, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+def wait_for(condition, what: str, procs: list[subprocess.Popen], timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         for p in procs:
@@ -95,7 +93,7 @@ def test_two_studies_share_a_results_root_and_each_has_one_driver(tmp_path: Path
         again = dpstudy("run", str(spec_a), cwd=tmp_path)
         assert again.returncode == 2 and "already" in again.stderr, again.stderr[-2000:]
         for name, proc in drivers.items():
-            out, err = proc.communicate(timeout=600)
+            out, err = proc.communicate(timeout=1800)
             assert proc.returncode == 0, f"{name}: {out[-2000:]}{err[-2000:]}"
     finally:
         for proc in drivers.values():
@@ -133,7 +131,7 @@ def test_ctrl_c_exits_130_records_nothing_unfinished_and_resumes(tmp_path: Path)
         wait_for(lambda: glob.glob(str(experiment / "*" / "checkpoint_000000")),
                  "a first epoch", [driver])
         os.kill(driver.pid, signal.SIGINT)
-        out, err = driver.communicate(timeout=300)
+        out, err = driver.communicate(timeout=900)
     finally:
         kill_group(driver)
     assert driver.returncode == 130, out[-2000:] + err[-2000:]

@@ -44,7 +44,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         head = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # minutes: a loaded machine starts Ray slowly
         while "READY" not in log.read_text():
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
@@ -55,7 +55,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def dpstudy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+                          text=True, timeout=900, env={**os.environ, **(env or {})})
 
 
 def small_spec(tmp_path: Path, name: str, trials: int = 2) -> Path:
@@ -72,7 +72,7 @@ def small_spec(tmp_path: Path, name: str, trials: int = 2) -> Path:
 
 
 def wait_for(job_state, address: str, job_id: str, states: set[str],
-             timeout: float = 300) -> str:
+             timeout: float = 900) -> str:
     deadline = time.monotonic() + timeout
     while (status := job_state(address, job_id)) not in states:
         assert time.monotonic() < deadline, f"{job_id} still {status}"
@@ -86,13 +86,18 @@ def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: 
     done = dpstudy("submit", str(small_spec(tmp_path, "remote")), "--address", cluster,
                    "--python", sys.executable)
     assert done.returncode == 0, done.stderr
-    assert time.monotonic() - started < 60
+    results = tmp_path / "results" / "remote"
+    # it returned at once: before the study could train its trials (minutes), and quickly
+    # even on a loaded machine
+    assert not (results / "trials.parquet").exists() or len(
+        pq.read_table(results / "trials.parquet")) < 2
+    assert time.monotonic() - started < 180
     job_id = done.stdout.strip().splitlines()[-1]
     assert job_id.startswith("dpstudy-remote-")
 
     status = wait_for(job_state, cluster, job_id, {"SUCCEEDED", "FAILED", "STOPPED"})
     assert status == "SUCCEEDED", dpstudy("logs", job_id, "--address", cluster).stdout[-3000:]
-    rows = pq.read_table(tmp_path / "results" / "remote" / "trials.parquet").to_pylist()
+    rows = pq.read_table(results / "trials.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     assert all(r["epsilon_spent"] <= 3.0 for r in rows)
 

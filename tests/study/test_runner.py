@@ -1,4 +1,6 @@
-"""End to end through the CLI on an embedded Ray: run, report, kill -9 and resume."""
+"""End to end through the CLI on an embedded Ray: run, report, kill -9 and resume. The
+killed driver is a real process; the other commands run in this process
+(``tests/inprocess.py``), on the embedded Ray the tests share."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from inprocess import dpstudy
 from optuna.trial import TrialState
 
 from study.search.persisted import load_study
@@ -46,11 +49,6 @@ def write_spec(tmp_path: Path, name: str, **overrides: Any) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def dpstudy(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
-                          text=True, timeout=900, **kwargs)
 
 
 def trials_table(results: Path) -> list[dict[str, Any]]:
@@ -110,8 +108,7 @@ def test_kill_driver_then_resume_loses_and_repeats_nothing(tmp_path: Path) -> No
         before = trials_table(results)
         assert 1 <= len(before) < 6
         os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-        time.sleep(2)
+        driver.wait(timeout=120)
     finally:
         _kill_group(driver.pid)
 
