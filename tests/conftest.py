@@ -16,6 +16,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# A Ray worker (a trial's process) that has not registered within 60 s (Ray's default) is
+# given up; on a loaded 2-core machine starting one (Python, torch) can take longer. Read by
+# every Ray the tests start, in this process or in a driver they start.
+os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,6 +21,16 @@ HEAD = """
 import os, sys, time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray
+from ray._private import parameter
+
+# The dashboard agent (it runs the jobs) listens on a fixed port, 52365, unless told
+# otherwise, and ray.init cannot tell it: a second Ray with a dashboard on this machine
+# (another test run side by side) left this one without a Jobs API. A free port instead.
+_params = parameter.RayParams.__init__
+def _free_agent_port(self, *args, **kwargs):
+    kwargs.setdefault("dashboard_agent_listen_port", int(sys.argv[2]))
+    _params(self, *args, **kwargs)
+parameter.RayParams.__init__ = _free_agent_port
 ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
          dashboard_port=int(sys.argv[1]))
 print("READY", flush=True)
@@ -41,7 +51,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("head") / "head.log"
     with open(log, "w") as out:
-        head = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], stdout=out,
+        head = subprocess.Popen([sys.executable, "-c", HEAD, str(port), str(free_port())],
+                                stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600  # minutes: a loaded machine starts Ray slowly
