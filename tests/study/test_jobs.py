@@ -122,6 +122,7 @@ def test_submit_returns_at_once_and_the_study_completes(cluster: str, tmp_path: 
 def test_stop_a_running_study(cluster: str, tmp_path: Path, job_state) -> None:
     done = dpstudy("submit", str(small_spec(tmp_path, "stopme", trials=20)), "--address",
                    cluster, "--python", sys.executable)
+    assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip().splitlines()[-1]
     terminal = {"STOPPED", "FAILED", "SUCCEEDED"}
     assert wait_for(job_state, cluster, job_id, {"RUNNING"} | terminal) == "RUNNING"
