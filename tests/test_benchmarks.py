@@ -1,21 +1,21 @@
 """Every benchmark script runs: a smoke run of each (a few steps), so one that rots fails CI.
 
-The scripts run as a user runs them (``python benchmarks/...``, in a subprocess from the
-repository root); the assertions check the tables they print, not the figures in them.
+The scripts run as ``python benchmarks/...`` runs them, as ``__main__`` with their folder
+first on ``sys.path``, but in this process (``tests/inprocess.py``): a subprocess would
+import torch and Ray again and start a Ray of its own. The assertions check the tables
+they print, not the figures in them.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from inprocess import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 600
 
 #: script (relative to benchmarks/) -> the test that smoke-runs it
 SMOKED = {
@@ -30,13 +30,9 @@ SMOKED = {
 }
 
 
-def run_script(script: str, *args: str, tmp_path: Path) -> str:
-    """Run ``benchmarks/<script> args`` from the repository root; its stdout (exit 0).
-    ``tmp_path`` is not the scripts' TMPDIR: Ray's socket paths under it get too long."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, check=False)
+def run_script(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script> args`` from the repository root; its stdout (exit 0)."""
+    done = benchmark(script, *args)
     assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -53,12 +49,11 @@ def test_every_benchmark_script_has_a_smoke_run() -> None:
 
 
 @pytest.mark.slow
-def test_step_cost_smoke(tmp_path: Path) -> None:
+def test_step_cost_smoke() -> None:
     """All configurations, the phase breakdown and --models (width-4 CNN, ResNet-18-GN at
     batch 1), one step each."""
     out = run_script("step_cost.py", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                     "--phase-steps", "1", "--models", "--resnet-batch", "1",
-                     tmp_path=tmp_path)
+                     "--phase-steps", "1", "--models", "--resnet-batch", "1")
     for line in ("non-private SGD", "DP-SGD before", "DP structured prune 0.75",
                  "(c) DP-SGD >= 0.85x", "where a DP step's time goes", "per-sample gradients",
                  "mask handling", "cnn-mnist width 4", "resnet18-gn"):
@@ -66,18 +61,17 @@ def test_step_cost_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_study_overhead_smoke(tmp_path: Path) -> None:
-    out = run_script("study_overhead.py", "--trials", "2", "--work-s", "0.05",
-                     tmp_path=tmp_path)
+def test_study_overhead_smoke() -> None:
+    out = run_script("study_overhead.py", "--trials", "2", "--work-s", "0.05")
     assert "overhead/trial" in out and "PASS/FAIL" in out, out
 
 
 @pytest.mark.slow
-def test_audit_smoke(tmp_path: Path) -> None:
+def test_audit_smoke() -> None:
     pytest.importorskip("jax_privacy", reason="the audit extra: pip install 'dpstudy[audit]'")
     """One case, two draws of its OS-seeded noise and their median."""
     out = run_script("audit.py", "--only", "correct", "--claimed", "8", "--canaries", "50",
-                     "--repeats", "2", tmp_path=tmp_path)
+                     "--repeats", "2")
     rows = [r for r in out.splitlines() if r.startswith("| correct")]
     assert len(rows) == 3 and rows[-1].startswith("| correct: median of 2 |"), out
 
@@ -87,8 +81,7 @@ def test_tradeoff_report_smoke(tmp_path: Path) -> None:
     scratch folder; the full run is hours, its studies are the service's own."""
     out_page = tmp_path / "RESULTS.md"
     out = run_script("tradeoff/run.py", "--report-only", "--results",
-                     str(ROOT / "benchmarks" / "tradeoff" / "results"), "--out", str(out_page),
-                     tmp_path=tmp_path)
+                     str(ROOT / "benchmarks" / "tradeoff" / "results"), "--out", str(out_page))
     assert "[bench] wrote" in out and out_page.read_text().startswith("# Trade-off")
     assert list((tmp_path / "results").glob("*.png"))
 

@@ -1,5 +1,7 @@
 """``dpstudy confirm`` end to end on an embedded Ray: K x S runs recorded once each, also
-when the driver is killed with SIGKILL mid-confirmation and the command is run again."""
+when the driver is killed with SIGKILL mid-confirmation and the command is run again. The
+killed driver is a real process; the other commands run in this process
+(``tests/inprocess.py``), on the embedded Ray the tests share."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from inprocess import dpstudy
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +33,6 @@ def write_spec(tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def dpstudy(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
-                          text=True, timeout=900)
 
 
 def _kill_group(pid: int) -> None:
@@ -71,7 +69,7 @@ def test_confirm_killed_then_rerun_records_each_run_exactly_once(tmp_path: Path)
             time.sleep(0.5)
         assert rows_of(results, "confirm"), "no confirmation run was recorded in time"
         os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
+        driver.wait(timeout=120)
     finally:
         _kill_group(driver.pid)
     partial = rows_of(results, "confirm")

@@ -119,15 +119,12 @@ def test_a_process_attached_to_ray_moves_to_the_cluster_it_is_asked_for() -> Non
 
     from study.execution import cluster
 
-    cluster.init_ray(None)  # an embedded Ray
-    try:
-        current = ray.get_runtime_context().gcs_address
-        assert not cluster.other_cluster(current) and not cluster.other_cluster(None)
-        assert not cluster.other_cluster("auto") and not cluster.other_cluster("ray://h:10001")
-        assert cluster.other_cluster("127.0.0.1:1")
-        port = current.rpartition(":")[2]
-        assert current.startswith("127.0.0.1:") and not cluster.other_cluster(f"localhost:{port}")
-        cluster.init_ray(current)  # the same cluster: stays attached
-        assert ray.get_runtime_context().gcs_address == current
-    finally:
-        ray.shutdown()
+    cluster.init_ray(None)  # an embedded Ray (kept: the tests share it, conftest ends it)
+    current = ray.get_runtime_context().gcs_address
+    assert not cluster.other_cluster(current) and not cluster.other_cluster(None)
+    assert not cluster.other_cluster("auto") and not cluster.other_cluster("ray://h:10001")
+    assert cluster.other_cluster("127.0.0.1:1")
+    port = current.rpartition(":")[2]
+    assert current.startswith("127.0.0.1:") and not cluster.other_cluster(f"localhost:{port}")
+    cluster.init_ray(current)  # the same cluster: stays attached
+    assert ray.get_runtime_context().gcs_address == current

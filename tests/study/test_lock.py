@@ -17,10 +17,10 @@ from study.execution.lock import LOCK_DIR, StudyLock, StudyLockedError
 from study.storage.locations import join_location
 
 HOLD = """
-import sys, time
+import sys
 from study.execution.lock import StudyLock, StudyLockedError
-start = float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))
+print("READY", flush=True)
+sys.stdin.readline()  # GO: every contender tries at once
 try:
     lock = StudyLock(sys.argv[1])
     lock.acquire()
@@ -28,33 +28,43 @@ except StudyLockedError:
     print("LOST", flush=True)
     sys.exit(0)
 print("WON", flush=True)
-time.sleep(float(sys.argv[3]))
+sys.stdin.read()  # held until the test closes our stdin (or kills us)
 lock.release()
 """
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def contender(directory: str, start: float, hold_s: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLD, directory, str(start), str(hold_s)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def contenders(directory: str, n: int = 1) -> list[subprocess.Popen]:
+    """``n`` processes that say READY, try to take the lock when a line comes on their
+    stdin (sent here, to all at once), say WON or LOST, and hold a won lock until their
+    stdin is closed."""
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, directory], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for _ in range(n)]
+    for p in procs:  # however slowly they start
+        assert p.stdout.readline().strip() == "READY", p.communicate(timeout=300)[1][-2000:]
+    for p in procs:
+        p.stdin.write("GO\n")
+        p.stdin.flush()
+    return procs
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_exactly_one_of_racing_drivers_wins(where: str, tmp_path: Path, request) -> None:
     base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")
     directory = join_location(base, f"race-{where}")
-    start = time.time() + 3.0  # all four try at the same moment
-    procs = [contender(directory, start, 4.0) for _ in range(4)]
-    outs = [p.communicate(timeout=60) for p in procs]
-    said = sorted(out.strip() for out, _ in outs)
-    assert said == ["LOST", "LOST", "LOST", "WON"], [err[-2000:] for _, err in outs]
+    procs = contenders(directory, 4)  # all four try at the same moment
+    said = sorted(p.stdout.readline().strip() for p in procs)  # the winner holds meanwhile
+    errs = [p.communicate(timeout=300)[1] for p in procs]  # closes stdin: the winner lets go
+    assert said == ["LOST", "LOST", "LOST", "WON"], [err[-2000:] for err in errs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for err in errs]
 
 
 def test_refusal_names_holder_and_dead_driver_is_taken_over(tmp_path: Path) -> None:
     directory = str(tmp_path / "study")
-    holder = contender(directory, time.time(), 600.0)
+    (holder,) = contenders(directory)
     try:
         assert holder.stdout.readline().strip() == "WON"
         with pytest.raises(StudyLockedError) as refused:
@@ -63,7 +73,7 @@ def test_refusal_names_holder_and_dead_driver_is_taken_over(tmp_path: Path) -> N
         assert f"pid {holder.pid}" in text and f"host {socket.gethostname()}" in text
         assert "since 20" in text and "'study'" in text
         os.kill(holder.pid, signal.SIGKILL)  # a killed driver leaves its lock file behind
-        holder.wait(timeout=30)
+        holder.wait(timeout=300)
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -91,13 +101,15 @@ def test_other_host_lock_is_honoured_until_its_lease_expires(tmp_path: Path) -> 
 
 
 def test_heartbeat_keeps_a_long_run_alive_and_release_is_clean(tmp_path: Path) -> None:
-    lock = StudyLock(str(tmp_path / "s"), heartbeat_s=0.2, lease_s=1.0)
+    # a lease of 20 heartbeats: a heartbeat thread 5x slower on a loaded machine still
+    # keeps it
+    lock = StudyLock(str(tmp_path / "s"), heartbeat_s=0.1, lease_s=2.0)
     lock.acquire()
     first = lock.holders()[0].heartbeat
-    time.sleep(1.5)  # longer than the lease: only the heartbeat keeps it
+    time.sleep(2.5)  # longer than the lease: only the heartbeat keeps it (the thing tested)
     assert lock.holders()[0].heartbeat > first
     with pytest.raises(StudyLockedError):
-        StudyLock(str(tmp_path / "s"), lease_s=1.0).acquire()
+        StudyLock(str(tmp_path / "s"), lease_s=2.0).acquire()
     lock.release()
     StudyLock(str(tmp_path / "s")).acquire()
 

@@ -10,13 +10,12 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from inprocess import dpstudy
 
 from study.privacy import private_selection as ps
 from study.privacy.bounds import (
@@ -211,11 +210,7 @@ def test_private_selection_study_runs_states_and_releases(tmp_path: Path) -> Non
     data.update(storage=str(tmp_path / "runs"), results=str(tmp_path / "results"),
                 max_concurrent=2)
     (tmp_path / "ps.yaml").write_text(yaml.safe_dump(data))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "study.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=600)
+    cli = dpstudy  # in this process, on the embedded Ray the tests share
 
     # the draw is random (OS entropy); a recorded count is what run and resume use, and it
     # must be the draw of its recorded seed: pick a seed whose draw is 2

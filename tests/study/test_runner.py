@@ -1,4 +1,6 @@
-"""End to end through the CLI on an embedded Ray: run, report, kill -9 and resume."""
+"""End to end through the CLI on an embedded Ray: run, report, kill -9 and resume. The
+killed driver is a real process; the other commands run in this process
+(``tests/inprocess.py``), on the embedded Ray the tests share."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from inprocess import dpstudy
 from optuna.trial import TrialState
 
 from study.search.persisted import load_study
@@ -23,6 +26,7 @@ from study.search.space import TUNE_TRIAL_ID
 pytestmark = pytest.mark.slow
 
 PNG = b"\x89PNG\r\n\x1a\n"
+KILLED_TRIALS = 4  # the driver is killed once the first is recorded: 3 left to resume
 
 
 def write_spec(tmp_path: Path, name: str, **overrides: Any) -> Path:
@@ -46,11 +50,6 @@ def write_spec(tmp_path: Path, name: str, **overrides: Any) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def dpstudy(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
-                          text=True, timeout=900, **kwargs)
 
 
 def trials_table(results: Path) -> list[dict[str, Any]]:
@@ -95,7 +94,7 @@ def test_four_trial_study_end_to_end(tmp_path: Path) -> None:
 
 
 def test_kill_driver_then_resume_loses_and_repeats_nothing(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, "killed", trials=6)
+    spec = write_spec(tmp_path, "killed", trials=KILLED_TRIALS)
     results = tmp_path / "results" / "killed"
     driver = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(spec)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -108,10 +107,9 @@ def test_kill_driver_then_resume_loses_and_repeats_nothing(tmp_path: Path) -> No
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
             time.sleep(0.5)
         before = trials_table(results)
-        assert 1 <= len(before) < 6
+        assert 1 <= len(before) < KILLED_TRIALS
         os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-        time.sleep(2)
+        driver.wait(timeout=120)
     finally:
         _kill_group(driver.pid)
 
@@ -120,21 +118,21 @@ def test_kill_driver_then_resume_loses_and_repeats_nothing(tmp_path: Path) -> No
 
     rows = trials_table(results)
     ids = [r["trial_id"] for r in rows]
-    assert len(ids) == 6 and len(set(ids)) == 6
+    assert len(ids) == KILLED_TRIALS and len(set(ids)) == KILLED_TRIALS
     assert {r["trial_id"] for r in before} <= set(ids)
     assert all(r["status"] == "completed" for r in rows)
     assert all(r["epsilon_spent"] <= 3.0 for r in rows)
     epochs = pq.read_table(results / "epochs.parquet").to_pylist()
     keys = [(e["trial_id"], e["epoch"]) for e in epochs]
     assert len(keys) == len(set(keys))
-    assert len({k[0] for k in keys}) == 6
+    assert len({k[0] for k in keys}) == KILLED_TRIALS
 
     state = sorted(glob.glob(str(tmp_path / "runs" / "killed" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
         searcher = pickle.load(f)
     study = searcher["searcher"]._ot_study if "searcher" in searcher else searcher["_ot_study"]
     finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(finished) == 6
+    assert len(finished) == KILLED_TRIALS
     journal = load_study(str(tmp_path / "runs" / "killed"), "killed")  # Optuna's own storage
     done = [t.user_attrs[TUNE_TRIAL_ID] for t in journal.trials
             if t.state == TrialState.COMPLETE]

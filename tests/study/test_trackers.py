@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import pickle
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from inprocess import dpstudy
 
 from study.execution.callbacks import CONFIRM_KEY
 from study.spec.model import SpecError, StudySpec, check_against_data
@@ -145,10 +144,9 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("tracked")
     spec = {**BASE, "storage": str(tmp / "runs"), "results": str(tmp / "results")}
     (tmp / "tracked.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{tmp}/mlruns",
+    env = {"MLFLOW_TRACKING_URI": f"file://{tmp}/mlruns",
            "MLFLOW_ALLOW_FILE_STORE": "true"}  # MLflow 3 keeps the file store on request
-    done = subprocess.run([sys.executable, "-m", "study.cli", "run", str(tmp / "tracked.yaml")],
-                          capture_output=True, text=True, timeout=900, env=env)
+    done = dpstudy("run", str(tmp / "tracked.yaml"), env=env)  # on the shared embedded Ray
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"tmp": tmp, "experiment": tmp / "runs" / "tracked", "results": tmp / "results",
             "mlruns": tmp / "mlruns"}
