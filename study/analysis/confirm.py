@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,18 +108,16 @@ def t_interval(values: list[float], *,
                confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
     """(mean, sample standard deviation, low, high) of a Student-t interval for the mean at
     ``confidence`` (95% by default); the interval is NaN for fewer than two values."""
-    import numpy as np
     from scipy import stats
 
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean()) if len(x) else math.nan
-    if len(x) < 2:
+    mean = statistics.fmean(values) if values else math.nan
+    if len(values) < 2:
         return mean, math.nan, math.nan, math.nan
-    std = float(x.std(ddof=1))
+    std = statistics.stdev(values)
     if std == 0:
         return mean, 0.0, mean, mean
-    low, high = stats.t.interval(confidence, df=len(x) - 1, loc=mean,
-                                 scale=std / math.sqrt(len(x)))
+    low, high = stats.t.interval(confidence, df=len(values) - 1, loc=mean,
+                                 scale=std / math.sqrt(len(values)))
     return mean, std, float(low), float(high)
 
 

@@ -86,9 +86,8 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
     if not damaged:
         return []
     backup = posixpath.join(directory, BACKUP_DIR)
-    backed_up = set(list_files(fs, backup))
-    saved = {n: read(fs, posixpath.join(backup, n)) for n in current if n in backed_up}
-    if len(saved) == len(current) and all(loads(data) for data in saved.values()):
+    saved = {n: read(fs, posixpath.join(backup, n)) for n in current}  # b"" when missing
+    if all(loads(data) for data in saved.values()):
         for name, data in saved.items():
             replace(fs, posixpath.join(directory, name), data)
         return current

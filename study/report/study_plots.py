@@ -1,11 +1,7 @@
 """Report figures about the study as a whole: the privacy-utility curve (one point per trial)
-and Optuna's own parallel-coordinate and contour plots of the persisted Optuna study.
-
-Like :mod:`study.report.plots`, every ``plot_*`` function writes one PNG to ``path`` atomically and
-raises :class:`~study.report.plots.SkipFigure` with a reason when there is nothing to draw. The
-Optuna plots come from ``optuna.visualization.matplotlib`` applied to the study the searcher
-persisted in its experiment directory (:mod:`study.search.persisted`), found through the spec
-copy in the results directory (:func:`persisted_study`).
+and Optuna's own parallel-coordinate and contour plots of the study the searcher persisted
+(:mod:`study.search.persisted`). Like :mod:`study.report.plots`, every ``plot_*`` function
+writes one PNG to ``path`` or raises :class:`~study.report.plots.SkipFigure`.
 """
 
 from __future__ import annotations
