@@ -17,6 +17,8 @@ from trainables.config import read_yaml_file
 def study_status(directory: str) -> str:
     """``NAME  done/total (stopped, failed), remaining, best METRIC VALUE``."""
     from study.analysis import selection
+    from study.privacy.private_selection import recorded_trial_count
+    from study.spec.model import SpecError
     from study.spec.selection import selection_metric
     from study.storage.read import read_trials
 
@@ -29,8 +31,11 @@ def study_status(directory: str) -> str:
         rows = []
     counts = Counter(row["status"] for row in rows)
     total, problem = spec.trials, None
-    if total is None:
-        total, problem = recorded_trial_count(spec, directory)
+    if total is None:  # the drawn count of a private-selection study, if recorded yet
+        try:
+            total = recorded_trial_count(spec, directory)
+        except SpecError as err:  # not the draw of its recorded seed
+            problem = f"trial count refused: {err.problems[0]}"
     remaining = "?" if total is None else str(max(total - len(rows), 0))
     split = spec.objective.selection_split
     warning = " (SELECTED ON TEST: optimistic)" if split == "test" else ""
@@ -52,18 +57,6 @@ def study_status(directory: str) -> str:
             f"best {metric} on {split}{warning} {best_text} | epsilon "
             f"{spec.privacy.epsilon:g} ({spec.privacy.scope}) | {directory}"
             + "".join(f"\n    {line}" for line in notes))
-
-
-def recorded_trial_count(spec: StudySpec, directory: str) -> tuple[int | None, str | None]:
-    """The drawn number of trials of a private-selection study, if recorded yet, and why a
-    recorded count was refused (not the draw of its recorded seed)."""
-    from study.privacy.private_selection import recorded_trial_count as checked
-    from study.spec.model import SpecError
-
-    try:
-        return checked(spec, directory), None
-    except SpecError as err:
-        return None, f"trial count refused: {err.problems[0]}"
 
 
 def study_privacy_lines(results: str, study: str | None = None,
