@@ -1,18 +1,12 @@
 """Confirmation across seeds: re-run the chosen configurations, then summarise with intervals.
 
 One lucky seed can decide a search: DP-SGD's spread across seeds is as large as the effects
-users look for. ``dpstudy confirm`` (or ``confirm:`` in a spec) takes the ``top`` K
-configurations by the study's objective on validation (:mod:`study.analysis.selection`), plus a
-baseline (prune 0, drop 0) when the study has one or the user names one, and re-trains each
-with the same S fresh seeds. Each re-run is a row of ``trials.parquet`` with
-``stage = confirm``, ``config_id`` = the search trial it re-trains, and a run id derived
-from (config_id, seed), so an interrupted confirmation resumed later records every run
-exactly once.
-
-:func:`plan` decides the runs, :func:`summarise` turns recorded runs into per-configuration
-test accuracy mean, standard deviation and 95% t-interval (``scipy.stats``), and the paired
-difference to the baseline over the seeds both have. The runs themselves go through Ray Tune
-in :func:`study.execution.runner.confirm`.
+users look for. ``dpstudy confirm`` (or ``confirm:`` in a spec) re-trains the ``top`` K
+configurations, plus a baseline (prune 0, drop 0), each with the same S fresh seeds. Each
+re-run is a ``trials.parquet`` row with ``stage = confirm``, ``config_id`` = the search
+trial it re-trains, and a run id derived from (config_id, seed), so an interrupted
+confirmation resumed later records every run exactly once. The runs themselves go through
+Ray Tune in :func:`study.execution.runner.confirm`.
 """
 
 from __future__ import annotations
@@ -20,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass
 from typing import Any
 
 from study.analysis import selection
@@ -39,7 +34,7 @@ class Plan:
     seeds: tuple[int, ...]
     metric: str
     top_ids: tuple[str, ...] = ()
-    runs: tuple[Row, ...] = field(default=())
+    runs: tuple[Row, ...] = ()
 
     @property
     def key(self) -> str:
@@ -95,10 +90,9 @@ def recorded_plan(rows: list[Row], *, metric: str, mode: str) -> Plan | None:
     order = {r["trial_id"]: i for i, r in enumerate(selection.ranked(rows, metric, mode))}
     configs.sort(key=lambda r: order.get(r["trial_id"], len(order)))
     base = next((c for c in configs if selection.is_baseline(c)), None)
-    others = [order.get(c["trial_id"], len(order)) for c in configs if c is not base]
-    base_is_top = base is not None and (not others or order.get(base["trial_id"],
-                                                                len(order)) < max(others))
-    top = tuple(c["trial_id"] for c in configs if c is not base or base_is_top)
+    # the baseline is one of the top configurations unless it ranks after all of them
+    extra = base if len(configs) > 1 and configs[-1] is base else None
+    top = tuple(c["trial_id"] for c in configs if c is not extra)
     return Plan(configs=tuple(configs), baseline=base, metric=metric, top_ids=top,
                 seeds=tuple(sorted({int(r["seed"]) for r in runs})))
 
@@ -114,18 +108,16 @@ def t_interval(values: list[float], *,
                confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
     """(mean, sample standard deviation, low, high) of a Student-t interval for the mean at
     ``confidence`` (95% by default); the interval is NaN for fewer than two values."""
-    import numpy as np
     from scipy import stats
 
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean()) if len(x) else math.nan
-    if len(x) < 2:
+    mean = statistics.fmean(values) if values else math.nan
+    if len(values) < 2:
         return mean, math.nan, math.nan, math.nan
-    std = float(x.std(ddof=1))
+    std = statistics.stdev(values)
     if std == 0:
         return mean, 0.0, mean, mean
-    low, high = stats.t.interval(confidence, df=len(x) - 1, loc=mean,
-                                 scale=std / math.sqrt(len(x)))
+    low, high = stats.t.interval(confidence, df=len(values) - 1, loc=mean,
+                                 scale=std / math.sqrt(len(values)))
     return mean, std, float(low), float(high)
 
 
@@ -142,7 +134,9 @@ def summarise(p: Plan, rows: list[Row], *, value: str = "test_accuracy") -> list
         scores = {s: runs[(cid, s)][value] for s in p.seeds if (cid, s) in runs}
         mean, std, low, high = t_interval(list(scores.values()))
         spent = [runs[(cid, s)]["epsilon_spent"] for s in scores]
-        row = {"config_id": cid, "role": _role(p, cid, base_id),
+        role = [f"top-{p.top_ids.index(cid) + 1}"] if cid in p.top_ids else []
+        role += ["baseline"] if cid == base_id else []
+        row = {"config_id": cid, "role": ", ".join(role),
                "prune_rate": config.get("prune_rate"), "drop_rate": config.get("drop_rate"),
                "search_" + p.metric: config.get(p.metric), "seeds": len(scores),
                f"{value}_mean": mean, f"{value}_std": std, "ci95_low": low, "ci95_high": high,
@@ -154,11 +148,6 @@ def summarise(p: Plan, rows: list[Row], *, value: str = "test_accuracy") -> list
             row.update(diff_vs_baseline=d_mean, diff_ci95_low=d_low, diff_ci95_high=d_high)
         out.append(row)
     return out
-
-
-def _role(p: Plan, config_id: str, base_id: str | None) -> str:
-    labels = [f"top-{p.top_ids.index(config_id) + 1}"] if config_id in p.top_ids else []
-    return ", ".join(labels + (["baseline"] if config_id == base_id else []))
 
 
 def format_summary(summary: list[Row]) -> str:

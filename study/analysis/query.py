@@ -165,11 +165,8 @@ def sort(df: pd.DataFrame | pa.Table, by: list[str], descending: bool = False) -
     df = to_frame(df)
     if not by:
         return df
-    names, ascending = [], []
-    for item in by:
-        desc = descending or item.startswith("-")
-        names.append(resolve_column(df, item.lstrip("-"), context="sort keys"))
-        ascending.append(not desc)
+    names = [resolve_column(df, item.lstrip("-"), context="sort keys") for item in by]
+    ascending = [not (descending or item.startswith("-")) for item in by]
     return df.sort_values(names, ascending=ascending, kind="mergesort", na_position="last")
 
 
@@ -184,9 +181,8 @@ def parse_pareto(spec: str) -> list[tuple[str, str]]:
         if not item:
             continue
         name, _, direction = (s.strip() for s in item.partition(":"))
-        column = PARETO_ALIASES.get(name, (name, ""))[0]
-        direction = direction or PARETO_ALIASES.get(name, ("", ""))[1]
-        direction = direction or _DEFAULT_DIRECTION.get(column, "")
+        column, known = PARETO_ALIASES.get(name, (name, _DEFAULT_DIRECTION.get(name, "")))
+        direction = direction or known
         if direction not in ("max", "min"):
             raise ValueError(f"bad Pareto objective {item!r} in {spec!r}: write "
                              f"'<column>:max' or '<column>:min' or one of "
@@ -197,16 +193,6 @@ def parse_pareto(spec: str) -> list[tuple[str, str]]:
     if not objectives:
         raise ValueError(f"empty Pareto spec {spec!r}: expected e.g. 'accuracy,density'")
     return objectives
-
-
-def _dominated(values: np.ndarray) -> np.ndarray:
-    """Rows of ``values`` (all objectives to maximise) dominated by some other row."""
-    out = np.zeros(len(values), dtype=bool)
-    for i, row in enumerate(values):
-        at_least = (values >= row).all(axis=1)
-        better = (values > row).any(axis=1)
-        out[i] = bool((at_least & better).any())
-    return out
 
 
 def pareto_front(df: pd.DataFrame | pa.Table, objectives: list[tuple[str, str]]
@@ -233,7 +219,10 @@ def pareto_front(df: pd.DataFrame | pa.Table, objectives: list[tuple[str, str]]
     df = df.dropna(subset=columns)
     signs = np.array([1.0 if d == "max" else -1.0 for _, d in objectives])
     values = df[columns].to_numpy(dtype=float, na_value=np.nan) * signs
-    front = df[~_dominated(values)]
+    # [i, j]: row j is at least as good as row i on every objective, and better on one
+    at_least = (values[None, :, :] >= values[:, None, :]).all(axis=2)
+    better = (values[None, :, :] > values[:, None, :]).any(axis=2)
+    front = df[~(at_least & better).any(axis=1)]
     ascending = [d == "min" for _, d in objectives]
     return front.sort_values(columns, ascending=ascending, kind="mergesort")
 
@@ -281,7 +270,7 @@ def format_table(df: pd.DataFrame | pa.Table, fmt: str) -> str:
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
-        records = [{str(k): _json_value(v) for k, v in zip(df.columns, row, strict=True)}
-                   for row in df.itertuples(index=False, name=None)]
+        records = [{str(k): _json_value(v) for k, v in row.items()}
+                   for row in df.to_dict("records")]
         return json.dumps(records, indent=2) + "\n"
     raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

@@ -1,13 +1,11 @@
-"""Selection: which configurations a study's results point to.
+"""Selection: which configurations a study's results point to (pure functions over
+``trials.parquet`` rows as dicts).
 
 A study selects on its objective (a validation metric unless the spec explicitly allows a
 test metric), among *completed* trials of the *search* stage: a trial stopped early by the
 scheduler never trained its whole budget, and confirmation runs are re-measurements, not
-candidates. Multi-objective studies rank by their first metric here (their Pareto front is
-:func:`study.analysis.query.pareto_front`). Ties are broken by trial id so the order is stable.
-
-These are pure functions over result rows (dicts as in ``trials.parquet``), shared by the
-runner's summary, ``dpstudy status``, the report and ``dpstudy confirm``.
+candidates. Multi-objective studies rank by their first metric here. Ties are broken by
+trial id so the order is stable.
 """
 
 from __future__ import annotations
@@ -47,8 +45,7 @@ def ranked(rows: list[Row], metric: str, mode: str) -> list[Row]:
 
 def best(rows: list[Row], metric: str, mode: str) -> Row | None:
     """The best completed search trial by ``metric``, or None."""
-    top = ranked(rows, metric, mode)
-    return top[0] if top else None
+    return next(iter(ranked(rows, metric, mode)), None)
 
 
 def is_baseline(row: Row) -> bool:
@@ -64,13 +61,13 @@ def baseline(rows: list[Row], metric: str, mode: str, trial_id: str | None = Non
     usable = [r for r in rows if is_search(r) and r.get("status") in ("completed", "stopped")
               and r.get("params")]
     if trial_id is not None:
-        found = [r for r in usable if r["trial_id"] == trial_id]
-        if not found:
+        found = next((r for r in usable if r["trial_id"] == trial_id), None)
+        if found is None:
             known = ", ".join(sorted(r["trial_id"] for r in usable))
             raise ValueError(f"--baseline: must name a search trial that did not fail (got "
                              f"{trial_id!r}; known: {known or 'none'})")
-        return found[0]
+        return found
     plain = [r for r in ranked(rows, metric, mode) if is_baseline(r)]
     stopped = sorted((r for r in usable if is_baseline(r) and r["status"] == "stopped"),
                      key=lambda r: str(r.get("finished_at") or ""))
-    return (plain or stopped or [None])[0]
+    return next(iter(plain or stopped), None)

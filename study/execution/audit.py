@@ -1,24 +1,15 @@
 """``dpstudy audit``: audit the mechanism of a study's trial, empirically, in one run.
 
-``audit(target, ...)`` reads top to bottom:
+The target (a spec, a results directory or an experiment directory) resolves to a trial
+config: with ``--trial ID`` or ``--best`` the recorded trial's, else the spec's fixed
+configuration (only when it searches nothing). Everything is checked before
+:func:`trainables.audit.run_audit` runs as a Ray task with the spec's per-trial resources;
+its row is appended to ``audits.parquet`` next to the study's results.
 
-1. resolve the target to a trial configuration: a study spec (YAML), a results directory
-   or an experiment directory (the spec copy there, as ``dpstudy confirm`` finds it); with
-   ``--trial ID`` or ``--best`` (the study's selection, :mod:`study.analysis.selection`) the trial's
-   recorded hyperparameters and seed, else the spec's fixed configuration (only when it
-   searches nothing);
-2. check everything (the ``dpstudy[audit]`` extra, the audit settings, the trial config)
-   before anything runs;
-3. run :func:`trainables.audit.run_audit` as a Ray task with the spec's per-trial
-   resources, on the embedded Ray or on ``--address``, like any trial;
-4. append one row to ``audits.parquet`` next to the study's results, and print claimed
-   vs audited epsilon.
-
-The audited run reproduces the recorded trial's configuration from its ``params`` column
-(noise multiplier or epochs, sampling rate, clipping norm, pruning, dropping, learning rate)
-and its seed, through the same calibrator, so it plans the same steps and noise; a trial
-stopped early is audited for its full plan. Rows written before ``params`` existed are
-rebuilt from their recorded noise multiplier and steps instead.
+The audited run reproduces the recorded trial from its ``params`` column and its seed,
+through the same calibrator, so it plans the same steps and noise; a trial stopped early is
+audited for its full plan. Rows written before ``params`` existed are rebuilt from their
+recorded noise multiplier and steps instead.
 """
 
 from __future__ import annotations
@@ -47,8 +38,6 @@ class Target:
     trial_id: str | None
     config: dict[str, Any]
 
-
-# --- 1: resolve -----------------------------------------------------------------------
 
 def resolve(target: str, *, trial: str | None = None, best: bool = False,
             study: str | None = None) -> Target:
@@ -84,12 +73,12 @@ def _has_trials(location: str) -> bool:
 def _pick_row(results: str, spec: StudySpec, trial: str | None) -> dict[str, Any]:
     rows = [r for r in read_trials(results).to_pylist() if r["study"] == spec.name]
     if trial is not None:
-        found = [r for r in rows if r["trial_id"] == trial]
-        if not found:
+        found = next((r for r in rows if r["trial_id"] == trial), None)
+        if found is None:
             known = ", ".join(sorted(r["trial_id"] for r in rows)[:10]) or "none"
             raise ValueError(f"audit: --trial: no trial {trial!r} in {results} "
                              f"(known: {known})")
-        return found[0]
+        return found
     metric, mode = spec.objective.primary
     chosen = selection.best(rows, metric, mode)
     if chosen is None:
@@ -114,8 +103,6 @@ def trial_config_of(spec: StudySpec, row: dict[str, Any]) -> dict[str, Any]:
     config["optim"] = {**config["optim"], "max_epochs": epochs}
     return config
 
-
-# --- 2-4: check, run, record ----------------------------------------------------------
 
 def prepare(target: Target) -> None:
     """Everything an audit needs, checked before it starts (the audit settings were

@@ -4,6 +4,7 @@ refuse, before anything is written, a trial that no node could ever hold.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from study.spec.model import SpecError, StudySpec
@@ -59,10 +60,8 @@ def gcs_endpoint(address: str) -> tuple[str, str]:
     import socket
 
     host, _, port = address.rpartition(":")
-    try:
+    with contextlib.suppress(OSError):
         host = socket.gethostbyname(host)
-    except OSError:
-        pass
     return host, port
 
 
@@ -84,22 +83,17 @@ def node_capacity(resource: str) -> tuple[list[float], dict[str, float]]:
 def check_capacity(spec: StudySpec) -> None:
     """Fail fast when no node, now or after autoscaling, could ever hold one trial's CPUs
     or GPUs (Tune would leave every trial pending), naming each resource that fails."""
-    problems = [p for field, resource in (("cpu", "CPU"), ("gpu", "GPU"))
-                if (p := capacity_problem(spec, field, resource)) is not None]
+    problems = []
+    for field, resource in (("cpu", "CPU"), ("gpu", "GPU")):
+        wanted = getattr(spec.resources_per_trial, field)
+        if wanted <= 0:
+            continue
+        nodes, types = node_capacity(resource)
+        if max([*nodes, *types.values()], default=0.0) < wanted:
+            problems.append(
+                f"resources_per_trial.{field}: each trial asks for {wanted:g} {resource}(s) "
+                f"on one node, but no node of this cluster can ever offer that ({resource}s "
+                f"per live node: {nodes}; autoscaler node types: {types or 'none'}); its "
+                f"trials would wait forever (got {wanted!r})")
     if problems:
         raise SpecError(problems)
-
-
-def capacity_problem(spec: StudySpec, field: str, resource: str) -> str | None:
-    """Why no node can offer one trial's ``resources_per_trial.<field>`` (None: one can,
-    or the trial asks for none)."""
-    wanted = getattr(spec.resources_per_trial, field)
-    if wanted <= 0:
-        return None
-    nodes, types = node_capacity(resource)
-    if max([*nodes, *types.values()], default=0.0) >= wanted:
-        return None
-    return (f"resources_per_trial.{field}: each trial asks for {wanted:g} {resource}(s) on "
-            f"one node, but no node of this cluster can ever offer that ({resource}s per "
-            f"live node: {nodes}; autoscaler node types: {types or 'none'}); its trials "
-            f"would wait forever (got {wanted!r})")

@@ -40,7 +40,10 @@ def client(address: str) -> Any:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
-    return _call(address, lambda: JobSubmissionClient(address))
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # noqa: BLE001 - Ray raises several types here
+        raise cluster_error(address, err) from None
 
 
 def cluster_error(address: str, err: Exception) -> ClusterError:
@@ -92,26 +95,25 @@ def submit(spec_path: str, address: str, *, python: str = "python") -> tuple[str
     interpreter that has dpstudy's dependencies there (as in ``cluster.yaml``), or name it.
     """
     spec = cluster_spec(load_spec(spec_path))
-    job_id = f"dpstudy-{spec.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
     entrypoint = f"{shlex.quote(python)} -m study.cli run {JOB_SPEC} --address auto"
-    return _submit(address, spec, job_id, entrypoint), spec
+    return _submit(address, spec, spec.name, entrypoint), spec
 
 
 def submit_resume(experiment: str, address: str, *, python: str = "python") -> str:
     """Submit ``dpstudy resume EXPERIMENT`` as a Ray Job (the driver died on the head)."""
     name = experiment.rstrip("/").rsplit("/", 1)[-1]
-    job_id = f"dpstudy-{name}-resume-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
     entrypoint = (f"{shlex.quote(python)} -m study.cli resume {shlex.quote(experiment)} "
                   f"--address auto")
-    return _submit(address, None, job_id, entrypoint, name=name)
+    return _submit(address, None, name, entrypoint, suffix="-resume")
 
 
-def _submit(address: str, spec: StudySpec | None, job_id: str, entrypoint: str, *,
-            name: str | None = None) -> str:
+def _submit(address: str, spec: StudySpec | None, name: str, entrypoint: str, *,
+            suffix: str = "") -> str:
+    job_id = f"dpstudy-{name}{suffix}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
     jobs = client(address)
     with tempfile.TemporaryDirectory(prefix="dpstudy-job-") as work:
         stage(work, spec)
-        metadata = {METADATA_KEY: name or spec.name}
+        metadata = {METADATA_KEY: name}
         if spec is not None:
             metadata.update(storage=spec.storage, results=spec.results)
         runtime_env = {"working_dir": work, "env_vars": ENV_VARS}
@@ -127,42 +129,36 @@ def _submit(address: str, spec: StudySpec | None, job_id: str, entrypoint: str, 
                 time.sleep(2)
 
 
-def _call(address: str, request: Any) -> Any:
-    """Run one Jobs API request, turning Ray's failures into a :class:`ClusterError`."""
+def _request(address: str, method: str, *args: Any) -> Any:
+    """``JobSubmissionClient.<method>(*args)`` on ``address``, Ray's failures turned into a
+    :class:`ClusterError`."""
+    jobs = client(address)
     try:
-        return request()
-    except ClusterError:
-        raise
+        return getattr(jobs, method)(*args)
     except Exception as err:  # noqa: BLE001 - Ray raises several types here
         raise cluster_error(address, err) from None
 
 
 def list_studies(address: str) -> list[dict[str, Any]]:
     """Submitted studies, newest first: id, study, status, times, results location."""
-    jobs = _call(address, lambda: client(address).list_jobs())
-    rows = []
-    for job in jobs:
-        meta = job.metadata or {}
-        if METADATA_KEY not in meta:
-            continue
-        rows.append({"job_id": job.submission_id, "study": meta[METADATA_KEY],
-                     "status": str(job.status.value if hasattr(job.status, "value")
-                                   else job.status),
-                     "start_time": job.start_time, "results": meta.get("results")})
+    rows = [{"job_id": job.submission_id, "study": job.metadata[METADATA_KEY],
+             "status": str(getattr(job.status, "value", job.status)),
+             "start_time": job.start_time, "results": job.metadata.get("results")}
+            for job in _request(address, "list_jobs") if METADATA_KEY in (job.metadata or {})]
     return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
 
 
 def logs(address: str, job_id: str) -> str:
     """Everything the study's driver has printed so far."""
-    return _call(address, lambda: client(address).get_job_logs(job_id))
+    return _request(address, "get_job_logs", job_id)
 
 
 def stop(address: str, job_id: str) -> bool:
     """Ask Ray to stop a submitted study (``dpstudy resume`` can finish it later)."""
-    return bool(_call(address, lambda: client(address).stop_job(job_id)))
+    return bool(_request(address, "stop_job", job_id))
 
 
 def job_status(address: str, job_id: str) -> str:
     """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    status = _call(address, lambda: client(address).get_job_status(job_id))
-    return str(status.value if hasattr(status, "value") else status)
+    status = _request(address, "get_job_status", job_id)
+    return str(getattr(status, "value", status))

@@ -19,6 +19,7 @@ are assumed to agree to within a small fraction of the lease).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -64,19 +65,14 @@ class Holder:
 
     def stale(self, lease_s: float) -> bool:
         """Its driver is gone: a dead pid on this host, or no heartbeat for ``lease_s``."""
-        if self.host == socket.gethostname() and not _pid_alive(self.pid):
-            return True
+        if self.host == socket.gethostname():
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass  # alive, run by another user
         return time.time() - self.heartbeat > lease_s
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StudyLock:
@@ -142,20 +138,16 @@ class StudyLock:
     def holders(self) -> list[Holder]:
         """Every lock file now present and readable (stale or not)."""
         infos = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
-        out = []
-        for info in infos:
-            if info.type != pafs.FileType.File or not info.base_name.endswith(".lock"):
-                continue
-            holder = self._read(info)
-            if holder is not None:
-                out.append(holder)
-        return out
+        found = (self._read(i) for i in infos
+                 if i.type == pafs.FileType.File and i.base_name.endswith(".lock"))
+        return [h for h in found if h is not None]
 
     def _read(self, info: pafs.FileInfo) -> Holder | None:
+        token = info.base_name[:-len(".lock")]
         try:
             with self._fs.open_input_stream(info.path) as f:
                 data = json.loads(f.read().decode())
-            return Holder(token=info.base_name[:-len(".lock")], host=str(data["host"]),
+            return Holder(token=token, host=str(data["host"]),
                           pid=int(data["pid"]), since=float(data["since"]),
                           heartbeat=float(data["heartbeat"]), state=str(data["state"]))
         except FileNotFoundError:
@@ -163,8 +155,8 @@ class StudyLock:
         except (OSError, ValueError, KeyError, TypeError):
             # unreadable: treat as a holder whose heartbeat is the file's mtime
             mtime = info.mtime.timestamp() if info.mtime else time.time()
-            return Holder(token=info.base_name[:-len(".lock")], host="?", pid=-1,
-                          since=mtime, heartbeat=mtime, state="held")
+            return Holder(token=token, host="?", pid=-1, since=mtime, heartbeat=mtime,
+                          state="held")
 
     def _remove_stale(self) -> None:
         for holder in self.holders():
@@ -174,15 +166,14 @@ class StudyLock:
     def _write(self, state: str) -> None:
         data = {"host": socket.gethostname(), "pid": os.getpid(), "since": self._since,
                 "heartbeat": time.time(), "state": state}
-        body = json.dumps(data).encode()
-        if isinstance(self._fs, pafs.LocalFileSystem):  # readers never see half a file
-            tmp = f"{self._root}/.{self.token}.tmp"
-            with self._fs.open_output_stream(tmp) as out:
-                out.write(body)
-            self._fs.move(tmp, self._path)
-        else:  # an object store publishes an upload whole
-            with self._fs.open_output_stream(self._path) as out:
-                out.write(body)
+        # readers never see half a file: on a local disk it is written beside, then renamed;
+        # an object store publishes an upload whole
+        local = isinstance(self._fs, pafs.LocalFileSystem)
+        path = f"{self._root}/.{self.token}.tmp" if local else self._path
+        with self._fs.open_output_stream(path) as out:
+            out.write(json.dumps(data).encode())
+        if local:
+            self._fs.move(path, self._path)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -197,7 +188,5 @@ class StudyLock:
                 pass  # a missed heartbeat; the lease allows several
 
     def _delete(self, path: str) -> None:
-        try:
+        with contextlib.suppress(OSError):  # already gone, or removed as stale by another
             self._fs.delete_file(path)
-        except (FileNotFoundError, OSError):
-            pass

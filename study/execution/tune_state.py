@@ -1,30 +1,23 @@
 """Tune's experiment state: check it before a resume, and repair it from the driver's copy.
 
-Ray Tune (2.60) saves its experiment state in two steps: it writes
-``experiment_state-<session>.json``, ``searcher-state-<session>.pkl`` and
-``search_gen_state-<session>.json`` into a staging folder on the driver
+Ray Tune (2.60) writes ``experiment_state-<session>.json``, ``searcher-state-<session>.pkl``
+and ``search_gen_state-<session>.json`` into a staging folder on the driver
 (``<ray temp>/session_*/artifacts/<run>/<study>/driver_artifacts``), then copies them over
-the previous ones in the experiment directory. Neither write is atomic. A driver killed
-during the copy leaves a truncated (often empty) file in the experiment directory, and
-``Tuner.restore`` then logs "Failed to restore the run state" and *starts the study over*:
-the trials that had finished but were not yet in Parquet are lost, the searcher forgets
-them, and ``resume`` exits 0 with fewer rows than trials (seen with ``kill -9`` at the last
-epoch).
+the previous ones in the experiment directory; neither write is atomic. A driver killed
+during the copy leaves a truncated file, and ``Tuner.restore`` then logs "Failed to
+restore the run state" and *starts the study over*: finished trials not yet in Parquet are
+lost and ``resume`` exits 0 with fewer rows than trials (seen with ``kill -9``).
 
-:func:`repair` runs before every restore. For each state file of the newest session that
-does not load, it looks for the staged copy of the same file (same name, same study) under
-the Ray temp folder of this machine; the staged copy is complete whenever the stored one is
-not (the copy starts only after the staged write ends). It puts the newest intact copy back
-(written next to it, then renamed). Where no intact copy exists it raises
-:class:`DamagedStateError`, which names the file: refusing is better than a silent restart.
+:func:`repair` runs before every restore and puts back, for the newest session's damaged
+files, first the set saved by :class:`StateBackup`, else the newest intact staged copy (the
+staged write ends before the copy starts). With no intact copy it raises
+:class:`DamagedStateError` naming the file: refusing is better than a silent restart.
 
-The staged copy is not always intact either: Tune rewrites it at every snapshot while a
-background thread may still be copying the previous one, so at a kill both copies can be
-cut short. Hence :class:`StateBackup`: the study's callback calls it from inside Tune's
-snapshot, right after Tune finished writing the staged files (``Callback.get_state`` is
-called at the end of ``TuneController.save_to_dir``), and it copies the three files, whole
-and together, into ``<experiment>/.dpstudy-state/`` (written beside, then renamed). A resume
-puts that set back first when any file is damaged; staged copies are the fallback.
+The staged copy may be cut short too (Tune rewrites it at every snapshot while a background
+thread may still be copying the previous one). Hence :class:`StateBackup`: called from the
+study's callback right after Tune wrote the staged files (``Callback.get_state`` runs at the
+end of ``TuneController.save_to_dir``), it copies the three files, whole and together, into
+``<experiment>/.dpstudy-state/``.
 """
 
 from __future__ import annotations
@@ -44,8 +37,6 @@ from trainables.compat import ray_session_temp_dir
 from trainables.errors import FailureError
 
 EXPERIMENT_STATE = "experiment_state-*.json"
-SEARCHER_STATE = "searcher-state-*.pkl"
-SEARCH_GEN_STATE = "search_gen_state-*.json"
 BACKUP_DIR = ".dpstudy-state"
 
 
@@ -78,21 +69,9 @@ def newest_session_files(names: list[str]) -> list[str]:
     return sorted(n for n in names if n in wanted)
 
 
-def staged_copies(temp_root: str, study_dir_name: str, file_name: str) -> list[str]:
-    """Staged copies of ``file_name`` for a study called ``study_dir_name`` under the Ray
-    temp folder ``temp_root``, newest first."""
-    pattern = os.path.join(glob.escape(temp_root), "session_*", "artifacts", "*",
-                           glob.escape(study_dir_name), "driver_artifacts",
-                           glob.escape(file_name))
-    return sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True)
-
-
 def ray_temp_root() -> str:
     """The Ray temp folder of this machine (where driver staging folders live)."""
-    running = ray_session_temp_dir()  # the running session, if any
-    if running is not None:
-        return running
-    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
+    return ray_session_temp_dir() or os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
 
 
 def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None) -> list[str]:
@@ -107,9 +86,8 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
     if not damaged:
         return []
     backup = posixpath.join(directory, BACKUP_DIR)
-    backed_up = set(list_files(fs, backup))
-    saved = {n: read(fs, posixpath.join(backup, n)) for n in current if n in backed_up}
-    if len(saved) == len(current) and all(loads(data) for data in saved.values()):
+    saved = {n: read(fs, posixpath.join(backup, n)) for n in current}  # b"" when missing
+    if all(loads(data) for data in saved.values()):
         for name, data in saved.items():
             replace(fs, posixpath.join(directory, name), data)
         return current
@@ -129,7 +107,7 @@ def list_files(fs: pafs.FileSystem, directory: str) -> list[str]:
     """Names of the files directly in ``directory`` (none if it does not exist)."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(directory))
-    except (FileNotFoundError, OSError):
+    except OSError:  # not found included
         return []
     return [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File]
 
@@ -139,7 +117,7 @@ def read(fs: pafs.FileSystem, path: str) -> bytes:
     try:
         with fs.open_input_stream(path) as f:
             return f.readall()
-    except (FileNotFoundError, OSError):
+    except OSError:
         return b""
 
 
@@ -172,8 +150,11 @@ class StateBackup:
 
 
 def intact_copy(temp_root: str, study_dir_name: str, name: str) -> bytes | None:
-    """The newest staged copy of ``name`` that loads, or None."""
-    for candidate in staged_copies(temp_root, study_dir_name, name):
+    """The newest staged copy of ``name`` for the study called ``study_dir_name`` under the
+    Ray temp folder ``temp_root`` that loads, or None."""
+    pattern = os.path.join(glob.escape(temp_root), "session_*", "artifacts", "*",
+                           glob.escape(study_dir_name), "driver_artifacts", glob.escape(name))
+    for candidate in sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True):
         data = Path(candidate).read_bytes()
         if loads(data):
             return data

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import attr
 import numpy as np
@@ -41,7 +41,6 @@ from trainables.compat import RdpComposeHook, truncated_negative_binomial_gamma
 DISTRIBUTIONS: dict[str, float | None] = {
     "poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0,
     "truncated-negative-binomial": None}
-RANDOM_SAMPLERS = ("random",)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -143,19 +142,13 @@ def composition_epsilon(mechanisms: Sequence[TrialMechanism], delta: float) -> f
     return epsilon_of(dp_event.ComposedDpEvent([m.event() for m in mechanisms]), delta)
 
 
-def selection_event(trial: dp_event.DpEvent, *, mean: float,
-                    shape: float) -> dp_event.RepeatAndSelectDpEvent:
-    """The best of a random number of runs of ``trial`` (mean ``mean``, ``shape``)."""
-    return dp_event.RepeatAndSelectDpEvent(trial, float(mean), float(shape))
-
-
 def selection_epsilon(trial: dp_event.DpEvent | Sequence[TrialMechanism], *, mean: float,
                       shape: float, delta: float) -> float:
     """*Only the selected result released*: the Papernot-Steinke bound of the best of a
     random number of independent runs of ``trial`` (an event, or the possible mechanisms
     of one trial, bounded by their worst)."""
     event = trial if isinstance(trial, dp_event.DpEvent) else worst_of(trial)
-    return epsilon_of(selection_event(event, mean=mean, shape=shape), delta)
+    return epsilon_of(dp_event.RepeatAndSelectDpEvent(event, float(mean), float(shape)), delta)
 
 
 def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
@@ -201,7 +194,7 @@ def selection_assumptions(*, mode: str, sampler: str, scheduler: str,
     declared distribution, no cross-trial early stopping, and selection scores that are DP
     or computed on public data."""
     failed = []
-    if sampler not in RANDOM_SAMPLERS:
+    if sampler != "random":
         failed.append(f"trials are not independent: sampler {sampler!r} adapts to earlier "
                       f"trials' scores (only random search keeps them independent)")
     if mode != "private-selection":
@@ -260,11 +253,7 @@ class StudyPrivacy:
 
     def to_dict(self) -> dict:
         """Plain data (for Parquet metadata and JSON)."""
-        return {"delta": self.delta, "trials": self.trials, "epsilon_all": self.epsilon_all,
-                "epsilon_selected": self.epsilon_selected,
-                "failed_assumptions": list(self.failed_assumptions),
-                "not_covered": list(self.not_covered),
-                "composition_failed": list(self.composition_failed), "audits": self.audits}
+        return asdict(self)
 
 
 def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
@@ -277,21 +266,17 @@ def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
     trial (default: those run), when no assumption failed. ``composition_failed`` withholds
     both. ``not_covered`` names released values that are not DP (see
     :attr:`StudyPrivacy.not_covered`)."""
-    if composition_failed:
-        return StudyPrivacy(delta=delta, trials=len(run) - audits, epsilon_all=None,
-                            epsilon_selected=None,
-                            failed_assumptions=tuple(failed_assumptions or composition_failed),
-                            not_covered=tuple(not_covered),
-                            composition_failed=tuple(composition_failed), audits=audits)
     selected = None
-    if not failed_assumptions and mean is not None and (possible or run):
+    if (not composition_failed and not failed_assumptions and mean is not None
+            and (possible or run)):
         selected = selection_epsilon(list(possible or run), mean=mean, shape=shape,
                                      delta=delta)
-    return StudyPrivacy(delta=delta, trials=len(run) - audits,
-                        epsilon_all=composition_epsilon(run, delta),
-                        epsilon_selected=selected,
-                        failed_assumptions=tuple(failed_assumptions),
-                        not_covered=tuple(not_covered), audits=audits)
+    return StudyPrivacy(
+        delta=delta, trials=len(run) - audits, epsilon_selected=selected,
+        epsilon_all=None if composition_failed else composition_epsilon(run, delta),
+        failed_assumptions=tuple(failed_assumptions or composition_failed),
+        not_covered=tuple(not_covered), composition_failed=tuple(composition_failed),
+        audits=audits)
 
 
 def calibrate_noise(*, epsilon: float, delta: float, designs: Sequence[tuple[float, int]],

@@ -36,9 +36,6 @@ from study.spec.model import SpecError, StudySpec
 from study.spec.selection import selection_metric
 from trainables.errors import InputError
 
-RELEASE_FILE = "release.json"
-MODEL_FILE = "model.pt"
-NOTE_FILE = "PRIVATE.txt"
 CONFIG_KEYS = (*hyperparameters.names(reported=True), "sample_rate", "steps", "epochs",
                *hyperparameters.names(criterion=True), "model", "dataset", "delta",
                "accountant", "val_noise")
@@ -72,15 +69,6 @@ class Release:
     delta: float
 
 
-def chosen_trial(spec: StudySpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The study's selected trial: the best completed search trial by its DP score."""
-    metric, mode = selection_metric(spec)
-    best = selection.best(rows, metric, mode)
-    if best is None:
-        raise ReleaseError(f"release: no completed trial with a {metric} to release")
-    return best
-
-
 def model_weights(experiment: str, trial_id: str) -> dict[str, Any]:
     """The final model weights of ``trial_id`` from its last Tune checkpoint: its parameter
     average when the trial kept one (``optim.ema_decay``), else its trained weights."""
@@ -112,9 +100,10 @@ def release(spec: StudySpec, rows: list[dict[str, Any]], results: str, out: str,
         raise ReleaseError("release: the selection bound does not apply to this study, so "
                            "no release is covered by it: "
                            + "; ".join(privacy.failed_assumptions))
-    search = [r for r in rows if selection.is_search(r)]
-    best = chosen_trial(spec, search)
-    metric = selection_metric(spec)[0]
+    metric, mode = selection_metric(spec)
+    best = selection.best(rows, metric, mode)  # the selected trial, by its DP score
+    if best is None:
+        raise ReleaseError(f"release: no completed trial with a {metric} to release")
     weights = model_weights(experiment, best["trial_id"])
     document = {
         "study": spec.name, "trial_id": best["trial_id"],
@@ -136,11 +125,11 @@ def _write(out: str, document: dict[str, Any], weights: dict[str, Any]) -> None:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".release-", dir=parent)
     try:
-        with open(os.path.join(staging, RELEASE_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, "release.json"), "w", encoding="utf-8") as f:
             json.dump(document, f, indent=2, default=str)
-        with open(os.path.join(staging, NOTE_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, "PRIVATE.txt"), "w", encoding="utf-8") as f:
             f.write(NOTE)
-        torch.save(weights, os.path.join(staging, MODEL_FILE))
+        torch.save(weights, os.path.join(staging, "model.pt"))
         if os.path.isdir(out):
             os.rmdir(out)  # empty, checked above
         os.replace(staging, out)

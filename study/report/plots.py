@@ -48,13 +48,10 @@ def save_png(fig: Any, path: str) -> None:
             os.remove(tmp)
 
 
-def _eps_label(eps: float) -> str:
-    return "ε target unknown" if pd.isna(eps) else f"ε target = {eps:g}"
-
-
 def _by_epsilon(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     groups = df.groupby("epsilon_target", dropna=False, sort=True)
-    return [(_eps_label(eps), g) for eps, g in groups]
+    return [("ε target unknown" if pd.isna(eps) else f"ε target = {eps:g}", g)
+            for eps, g in groups]
 
 
 def _colour_scale(values: pd.Series) -> tuple[Any, Any]:

@@ -1,11 +1,7 @@
 """Report figures about the study as a whole: the privacy-utility curve (one point per trial)
-and Optuna's own parallel-coordinate and contour plots of the persisted Optuna study.
-
-Like :mod:`study.report.plots`, every ``plot_*`` function writes one PNG to ``path`` atomically and
-raises :class:`~study.report.plots.SkipFigure` with a reason when there is nothing to draw. The
-Optuna plots come from ``optuna.visualization.matplotlib`` applied to the study the searcher
-persisted in its experiment directory (:mod:`study.search.persisted`), found through the spec
-copy in the results directory (:func:`persisted_study`).
+and Optuna's own parallel-coordinate and contour plots of the study the searcher persisted
+(:mod:`study.search.persisted`). Like :mod:`study.report.plots`, every ``plot_*`` function
+writes one PNG to ``path`` or raises :class:`~study.report.plots.SkipFigure`.
 """
 
 from __future__ import annotations
@@ -69,11 +65,13 @@ def persisted_study(results_uri: str, name: str) -> Any:
     return load_study(os.path.join(spec.storage_path, spec.name), spec.name)
 
 
-def _optuna_axes(study: Any, kind: str) -> Any:
-    """Optuna's matplotlib ``plot_<kind>`` of ``study`` on its first objective."""
+def plot_optuna(study: Any, kind: str, path: str) -> None:
+    """Optuna's matplotlib ``parallel_coordinate`` or ``contour`` plot of ``study`` (on its
+    first objective) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # Optuna draws through pyplot: never a display
+    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
     from optuna.trial import TrialState
 
@@ -92,16 +90,8 @@ def _optuna_axes(study: Any, kind: str) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning of optuna's matplotlib module
         plot = getattr(ovm, f"plot_{kind}")
-        return plot(study, params=params[:4] if kind == "contour" else None, **target)
-
-
-def plot_optuna(study: Any, kind: str, path: str) -> None:
-    """Optuna's ``parallel_coordinate`` or ``contour`` plot of ``study`` as a PNG."""
-    import matplotlib.pyplot as plt
-
-    axes = _optuna_axes(study, kind)
-    first = axes.flat[0] if hasattr(axes, "flat") else axes
-    fig = first.figure
+        axes = plot(study, params=params[:4] if kind == "contour" else None, **target)
+    fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
     try:
         fig.set_size_inches(9, 6 if kind == "parallel_coordinate" else 8)
         fig.set_dpi(100)
