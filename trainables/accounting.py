@@ -14,22 +14,31 @@ A sigma above :func:`noise_interval`'s upper end reaches the ``max_epochs`` cap 
 budget is spent; the study searches sigma inside that interval only, so every trial that is
 not stopped early spends its target epsilon and trials are compared at the same budget.
 
-:func:`plan_budget` is the one calibrator the train loop calls; the other functions are
-pure (they build a throw-away accountant) so they can be tested and reused alone.
+:func:`plan_budget` is the calibrator; the other functions are pure (they build a throw-away
+accountant) so they can be tested and reused alone. The train loop calls
+:func:`cached_plan`: :func:`plan_budget`'s result for the same inputs, kept per process and
+on disk (a study's trials start in fresh processes, and confirmation runs and resumed
+trials repeat a calibration), and checked with the accountant before it is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import opacus
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from trainables import compat, disk_cache
 from trainables.config import PrivacyConfig
 from trainables.errors import InputError
+
+compat.memoize_rdp()  # exact: each (q, sigma) RDP curve once per process, not per evaluation
 
 
 class BudgetError(InputError, ValueError):
@@ -198,6 +207,73 @@ def plan_budget(config: PrivacyConfig, *, sample_rate: float,
     return PrivacyPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
                        epsilon=spent, epsilon_target=config.epsilon, delta=config.delta,
                        accountant=config.accountant, validation_noise=config.validation_noise)
+
+
+#: Bumped whenever :func:`plan_budget` would plan differently for the same inputs.
+CALIBRATION_VERSION = 1
+_PLANS: dict[str, PrivacyPlan] = {}  # key digest -> plan calibrated in this process
+
+
+def calibration_key(config: PrivacyConfig, *, sample_rate: float,
+                    max_epochs: float) -> dict[str, object]:
+    """Everything :func:`plan_budget`'s result depends on (the code's and Opacus' versions
+    included), as JSON-serialisable values."""
+    return {"version": CALIBRATION_VERSION, "opacus": opacus.__version__,
+            "spend_tolerance": SPEND_TOLERANCE, "accountant": config.accountant,
+            "epsilon": float(config.epsilon), "delta": float(config.delta),
+            "noise_multiplier": config.noise_multiplier, "epochs": config.epochs,
+            "validation_noise": config.validation_noise,
+            "sample_rate": float(sample_rate), "max_epochs": float(max_epochs)}
+
+
+def cached_plan(config: PrivacyConfig, *, sample_rate: float,
+                max_epochs: float) -> PrivacyPlan:
+    """:func:`plan_budget`'s plan, calibrated once per machine for the same inputs.
+
+    A plan read from disk is used only if it is one :func:`plan_budget` could have made for
+    these inputs and the accountant confirms what it spends, exactly as recorded and within
+    ``config.epsilon`` (one evaluation, not a calibration); otherwise the budget is
+    calibrated again and the cached copy replaced. The cache folder is
+    :func:`trainables.disk_cache.calibration_dir`."""
+    key = calibration_key(config, sample_rate=sample_rate, max_epochs=max_epochs)
+    digest = disk_cache.key_digest(key)
+    if digest in _PLANS:
+        return _PLANS[digest]
+    path = os.path.join(disk_cache.calibration_dir(), f"{digest}.json")
+    stored = disk_cache.read_json(path)
+    plan = _checked(stored, key, config, max_epochs) if isinstance(stored, dict) else None
+    if plan is None:
+        plan = plan_budget(config, sample_rate=sample_rate, max_epochs=max_epochs)
+        disk_cache.write_json(path, {"key": key, "plan": dataclasses.asdict(plan)})
+    _PLANS[digest] = plan
+    return plan
+
+
+def _checked(stored: dict, key: dict[str, object], config: PrivacyConfig,
+             max_epochs: float) -> PrivacyPlan | None:
+    """The stored plan if it fits ``key`` and the accountant confirms its epsilon, or None."""
+    try:
+        plan = PrivacyPlan(**stored["plan"])
+        steps, sigma = int(plan.steps), float(plan.noise_multiplier)
+    except (KeyError, TypeError, ValueError):
+        return None
+    same = (stored.get("key") == key and steps == plan.steps and steps >= 1
+            and plan.sample_rate == key["sample_rate"] and plan.accountant == config.accountant
+            and plan.epsilon_target == config.epsilon and plan.delta == config.delta
+            and plan.validation_noise == config.validation_noise and sigma > 0)
+    if not same:
+        return None
+    if config.epochs is not None:
+        fits = steps == max(1, round(config.epochs / plan.sample_rate))
+    else:
+        fits = sigma <= config.noise_multiplier and steps <= cap_steps(plan.sample_rate,
+                                                                       max_epochs)
+    releases = (config.validation_noise,) if config.validation_noise else ()
+    if not fits:
+        return None
+    spent = epsilon_after(steps, noise_multiplier=sigma, sample_rate=plan.sample_rate,
+                          delta=config.delta, accountant=config.accountant, releases=releases)
+    return plan if spent == plan.epsilon and spent <= config.epsilon else None
 
 
 def _noise_leaving_room(config: PrivacyConfig, sigma: float, steps: int, sample_rate: float,

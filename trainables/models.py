@@ -14,12 +14,12 @@ The CNNs are plain ``nn.Sequential`` chains with a width multiplier, which is wh
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from trainables.config import ModelConfig
 
@@ -67,6 +67,7 @@ def resnet18(*, num_classes: int, image_shape: tuple[int, int, int],
     """ResNet-18 with GroupNorm (Opacus-compatible); small inputs get a 3x3 stem."""
     from opacus.validators import ModuleValidator
     from torchvision.models import resnet18 as tv_resnet18
+    from torchvision.models.resnet import BasicBlock
 
     if width != 1.0:
         raise ValueError(f"model.width: resnet18 supports only width 1.0 (got {width!r})")
@@ -81,18 +82,24 @@ def resnet18(*, num_classes: int, image_shape: tuple[int, int, int],
         if isinstance(module, nn.ReLU):
             module.inplace = False
         if isinstance(module, BasicBlock):
-            module.__class__ = _OutOfPlaceBasicBlock
+            module.__class__ = _out_of_place_basic_block()
     return model
 
 
-class _OutOfPlaceBasicBlock(BasicBlock):
-    """torchvision's ``BasicBlock`` (same parameter names) without ``out += identity``."""
+@functools.cache
+def _out_of_place_basic_block() -> type[nn.Module]:
+    """torchvision's ``BasicBlock`` (same parameter names) without ``out += identity``;
+    made on first use, so that only ResNets import torchvision (seconds per trial process)."""
+    from torchvision.models.resnet import BasicBlock
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+    class OutOfPlaceBasicBlock(BasicBlock):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return self.relu(out + identity)
+
+    return OutOfPlaceBasicBlock
 
 
 ModelBuilder = Callable[..., nn.Module]

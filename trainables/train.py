@@ -44,7 +44,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from trainables import checkpoint, placement, precision
-from trainables.accounting import PrivacyPlan, plan_budget, steps_per_epoch
+from trainables.accounting import PrivacyPlan, cached_plan, steps_per_epoch
 from trainables.augment import augmentation_for
 from trainables.config import OptimConfig, TrialConfig
 from trainables.data import Datasets, Split, load_datasets
@@ -140,7 +140,7 @@ def build_run(cfg: TrialConfig, *, assigned_gpus: list[Any] | None = None,
     precision.check_precision(cfg.precision, device)
     data = load_datasets(cfg.dataset, seed=cfg.seed).to(device)
     sample_rate = cfg.optim.batch_size / data.nominal_train  # public n, not the split's
-    plan = plan_budget(cfg.privacy, sample_rate=sample_rate, max_epochs=cfg.optim.max_epochs)
+    plan = cached_plan(cfg.privacy, sample_rate=sample_rate, max_epochs=cfg.optim.max_epochs)
     generators, seeds = make_generators(cfg.seed, device,
                                         reproducible_noise=cfg.reproducible_noise)
     model = build_model(cfg.model, num_classes=data.num_classes, image_shape=data.image_shape)

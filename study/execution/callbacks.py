@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from study.execution.trial import CONFIRM_KEY
 from study.execution.tune_state import StateBackup
 from study.privacy.private_selection import study_privacy_metadata
 from study.spec import hyperparameters
@@ -44,8 +45,6 @@ RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used
 EPOCH_COLUMNS = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss",
                  "train_loss", "epsilon_spent", "budget_used", "steps", "wall_time_s",
                  "samples_per_s")
-#: Key of a confirmation run's description in its Tune config (see :mod:`study.analysis.confirm`).
-CONFIRM_KEY = "confirm_run"
 
 
 def trial_status(result: dict[str, Any] | None, error: bool) -> str:

@@ -33,6 +33,7 @@ from study.execution import cluster, tune_state
 from study.execution.callbacks import CONFIRM_KEY, StudyCallback
 from study.execution.lock import StudyLock
 from study.execution.trackers import tracker_callbacks
+from study.execution.trial import dpstudy_trial
 from study.privacy import private_selection
 from study.search.persisted import experiment_storage
 from study.search.space import NoiseBudget, check_space, make_search, noise_budget
@@ -56,7 +57,6 @@ from study.storage.locations import (
 from trainables.data import dataset_size
 from trainables.errors import InputError
 from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
-from trainables.tune_trainable import run_trial
 
 
 class StudyExistsError(InputError, RuntimeError):
@@ -105,20 +105,6 @@ def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseB
     budget = noise_budget(spec, n)
     check_space(spec, budget, n)
     return spec, budget
-
-
-def dpstudy_trial(config: dict[str, Any], spec: StudySpec,
-                  budget: private_selection.StudyBudget | None = None) -> None:
-    """The Tune function trainable: sampled params (or a confirmation run: params and a
-    seed) -> trial config (under the study budget, if any) -> one DP trial."""
-    resources = spec.resources_per_trial
-    if CONFIRM_KEY in config:
-        run = config[CONFIRM_KEY]
-        trial = spec.trial_config(run["params"], seed=run["seed"])
-    else:
-        trial = spec.trial_config(config)
-    trial = private_selection.study_trial_config(trial, budget)
-    run_trial(trial, cost_per_second=resources.cpu + resources.gpu)
 
 
 def make_trainable(spec: StudySpec) -> Any:

