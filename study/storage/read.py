@@ -76,32 +76,39 @@ def scan_parts(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
     return table
 
 
-def newest_rows(table: pa.Table, newest: dict[tuple[str, str], str]) -> pa.Table:
-    """The rows of ``table`` (read by :func:`scan_parts`) that come from their trial's newest
-    part (a trial part or the epoch part of the same name), without ``__filename``."""
+def trial_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], list[str]]:
+    """For a results directory: ``(study, trial_id) ->`` its trial parts, oldest name first
+    (all but the newest are superseded, see :mod:`study.storage.store`). Reads only the key
+    columns."""
+    files = part_files(fs, f"{base}/{TRIALS_FILE}")
+    parts: dict[tuple[str, str], list[str]] = {}
+    if files:
+        keys = scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"])
+        for study, trial, path in zip(keys["study"].to_pylist(), keys["trial_id"].to_pylist(),
+                                      keys["__filename"].to_pylist(), strict=True):
+            parts.setdefault((study, trial), []).append(path)
+    return {key: sorted(paths, key=posixpath.basename) for key, paths in parts.items()}
+
+
+def read_newest(fs: pafs.FileSystem, base: str, which: str,
+                newest: dict[tuple[str, str], str]) -> pa.Table:
+    """The ``which`` rows (trials or epochs) of each trial's ``newest`` part (a trial part,
+    or the epochs part of the same name: a trial recorded without epochs has none)."""
+    schema = TRIALS_SCHEMA if which == TRIALS_FILE else EPOCHS_SCHEMA
+    files = sorted({f"{base}/{which}/{posixpath.basename(p)}" for p in newest.values()})
+    if which == EPOCHS_FILE:
+        files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
+    if not files:
+        return schema.empty_table()
+    table = scan_parts(fs, files, schema, schema.names)
     wanted = pa.array([f"{s}/{t}@{posixpath.basename(p)}" for (s, t), p in newest.items()],
                       pa.string())
     names = pa.array([posixpath.basename(f) for f in table["__filename"].to_pylist()],
                      pa.string())
     keys = pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
     tags = pc.binary_join_element_wise(keys, names, "@")
-    return table.filter(pc.is_in(tags, value_set=wanted)).drop_columns(["__filename"])
-
-
-def _newest_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], str]:
-    """For a results directory: ``(study, trial_id) -> newest trial part`` (older parts of
-    a trial are superseded, see :mod:`study.storage.store`). Reads only the key columns."""
-    files = part_files(fs, f"{base}/{TRIALS_FILE}")
-    newest: dict[tuple[str, str], str] = {}
-    if not files:
-        return newest
-    keys = scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"])
-    for study, trial, path in zip(keys["study"].to_pylist(), keys["trial_id"].to_pylist(),
-                                  keys["__filename"].to_pylist(), strict=True):
-        key = (study, trial)
-        if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
-            newest[key] = path
-    return newest
+    table = table.filter(pc.is_in(tags, value_set=wanted))
+    return table.drop_columns(["__filename"]).cast(schema)
 
 
 def _read_layout(uri: str, which: str) -> pa.Table:
@@ -121,14 +128,8 @@ def _read_layout(uri: str, which: str) -> pa.Table:
         return read_file(fs, table_path, schema)
     if kind != pafs.FileType.Directory:
         raise FileNotFoundError(f"no results table at {uri!r} (looked for {table_path})")
-    newest = _newest_parts(fs, path)
-    files = sorted({f"{table_path}/{posixpath.basename(p)}" for p in newest.values()})
-    if which == EPOCHS_FILE:  # a trial recorded without epochs has no epoch part
-        files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
-    if not files:
-        return schema.empty_table()
-    table = newest_rows(scan_parts(fs, files, schema, schema.names), newest)
-    return table.cast(schema)
+    newest = {key: parts[-1] for key, parts in trial_parts(fs, path).items()}
+    return read_newest(fs, path, which, newest)
 
 
 def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from study.storage.locations import filesystem
-from study.storage.read import newest_rows, part_files, scan_parts
+from study.storage.read import read_newest, trial_parts
 from study.storage.schema import (
     EPOCHS_FILE,
     EPOCHS_SCHEMA,
@@ -87,28 +87,14 @@ class ResultsStore:
                                  f"dpstudy < 0.2); dpstudy now writes a directory of part files "
                                  f"there: move the file away or choose another results "
                                  f"directory")
-        files = part_files(self._fs, self._path(TRIALS_FILE))
-        if not files:
-            return
-        newest: dict[tuple[str, str], str] = {}
-        for row in scan_parts(self._fs, files, TRIALS_SCHEMA, TRIALS_SCHEMA.names).to_pylist():
-            key, path = (row["study"], row["trial_id"]), row.pop("__filename")
-            if row["study"] != self.study:
-                continue
-            self._files.setdefault(key, []).append(path)
-            if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
-                newest[key], self._trials[key], self._epochs[key] = path, row, []
-        for paths in self._files.values():
-            paths.sort()
-        epoch_parts = [self._path(f"{EPOCHS_FILE}/{posixpath.basename(p)}")
-                       for p in sorted(set(newest.values()))]
-        epoch_parts = [p for p in epoch_parts
-                       if self._fs.get_file_info(p).type == pafs.FileType.File]
-        if epoch_parts:
-            epochs = newest_rows(scan_parts(self._fs, epoch_parts, EPOCHS_SCHEMA,
-                                        EPOCHS_SCHEMA.names), newest)
-            for row in epochs.to_pylist():
-                self._epochs[(row["study"], row["trial_id"])].append(row)
+        self._files = {key: parts for key, parts in trial_parts(self._fs, self._dir).items()
+                       if key[0] == self.study}
+        newest = {key: parts[-1] for key, parts in self._files.items()}
+        for row in read_newest(self._fs, self._dir, TRIALS_FILE, newest).to_pylist():
+            key = (row["study"], row["trial_id"])
+            self._trials[key], self._epochs[key] = row, []
+        for row in read_newest(self._fs, self._dir, EPOCHS_FILE, newest).to_pylist():
+            self._epochs[(row["study"], row["trial_id"])].append(row)
 
     def add_trial(self, row: dict, epochs: list[dict]) -> None:
         """Insert or replace (by ``trial_id``) one trial's row and all its epoch rows; written
