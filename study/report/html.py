@@ -1,11 +1,5 @@
-"""A standalone HTML or Markdown report of one study: summary, tables and PNG figures.
-
-:func:`build_report` reads ``trials.parquet`` / ``epochs.parquet`` (a local directory or a
-pyarrow.fs URI such as ``s3://bucket/prefix``) and writes, into a local ``out_dir``, the
-figures of :mod:`study.report.plots` and :mod:`study.report.study_plots` plus ``report.html`` (or
-``report.md``) that embeds them by relative path. The page is written atomically
-(temporary file, then ``os.replace``).
-"""
+"""A standalone HTML or Markdown report of one study: summary, tables and the PNG figures of
+:mod:`study.report.plots` and :mod:`study.report.study_plots`, embedded by relative path."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Reading a results directory: its tables as ``pyarrow.dataset`` scans of part files.
-
-A trial recorded again (retried, resumed) has several parts; readers keep, per
-``(study, trial_id)``, the trial part with the greatest name and the epochs part of the
-same name (see :mod:`study.storage.store`), so each trial is seen once even while a writer
-is between its two steps. Single-file tables (written by dpstudy < 0.2) and one
-``.parquet`` file given directly are read too. Every part is checked against the schema
-(:func:`study.storage.schema.conform_table`), naming the file and column that does not fit.
-"""
+"""Reading a results directory: its tables as ``pyarrow.dataset`` scans of part files, each
+trial seen once (its newest part, see :mod:`study.storage.store`), every part checked against
+the schema. Single-file tables (dpstudy < 0.2) and one ``.parquet`` file are read too."""
 
 from __future__ import annotations
 
