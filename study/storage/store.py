@@ -1,20 +1,13 @@
-"""The results store: one study's trials and epochs, written as immutable part files.
-
-A results directory holds two tables, each a directory of Parquet part files (the layout
-Spark, pandas, DuckDB and polars read as one dataset)::
+"""The results store: one study's trials and epochs, written as immutable part files::
 
     RESULTS/trials.parquet/part-<UTC stamp>-<uuid>.parquet   one row: one trial
     RESULTS/epochs.parquet/part-<same name>.parquet          that trial's epoch rows
 
-Keys: ``study`` + ``trial_id`` (trials), plus ``epoch`` (epochs); every column is documented
-in :mod:`study.storage.schema` and ``docs/results-schema.md``. A part is written once and
-never modified: a trial recorded again (a retried or resumed trial) gets a new part, with a
-later name, and its older parts are deleted after the new one is published. Readers
-(:mod:`study.storage.read`) keep, per ``(study, trial_id)``, the trial part with the
-greatest name and the epochs part of the same name, so a reader that runs between the two
-steps still sees each trial once. Nothing is ever rewritten in place, so any number of
-studies (and their drivers) can share one results directory, on a local disk or on an
-object store without atomic rename.
+A trial recorded again (retried, resumed) gets a new part with a later name, and its older
+parts are deleted after the new one is published; readers keep the newest part per
+``(study, trial_id)``, so a reader between the two steps still sees each trial once. Nothing
+is rewritten in place, so any number of studies can share one results directory, on a local
+disk or on an object store without atomic rename.
 """
 
 from __future__ import annotations
