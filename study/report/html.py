@@ -18,6 +18,7 @@ from study.analysis.query import pareto_front, parse_pareto, to_frame
 from study.report.privacy import audit_blocks, facts_table, noise_note, privacy_blocks
 from study.report.study_plots import persisted_study
 from study.spec import hyperparameters
+from study.spec.sections import MAXIMISED
 from study.storage.read import read_epochs, read_trials
 from study.storage.schema import EPOCHS_SCHEMA
 
@@ -86,9 +87,7 @@ def selection_of(trials: pd.DataFrame) -> tuple[str, str, str]:
     splits = trials["selection_split"].dropna() if "selection_split" in trials else []
     metric = str(metrics.iloc[0]).split(",")[0] if len(metrics) else "test_accuracy"
     split = str(splits.iloc[0]) if len(splits) else "test"
-    mode = "min" if metric.endswith("_loss") or metric in ("density", "epsilon_spent",
-                                                          "wall_time_s", "trial_cost") else "max"
-    return metric, mode, split
+    return metric, "max" if metric in MAXIMISED else "min", split
 
 
 def selection_banner(trials: pd.DataFrame) -> str:

@@ -75,9 +75,6 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
                    "random | magnitude | public-grad", criterion=True),
 )
 
-BY_NAME: dict[str, Hyperparameter] = {h.name: h for h in HYPERPARAMETERS}
-
-
 def names(**flags: bool) -> tuple[str, ...]:
     """Names of the hyperparameters whose flags are all as given, in table order:
     ``names(searched=True)`` is the spec's numeric search space."""

@@ -136,9 +136,7 @@ def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
     if info.type == pafs.FileType.File:
         candidates = [path]
     elif info.type == pafs.FileType.Directory:
-        parts = fs.get_file_info(pafs.FileSelector(path))
-        candidates = sorted((p.path for p in parts if p.type == pafs.FileType.File
-                             and p.base_name.endswith(".parquet")), reverse=True)
+        candidates = part_files(fs, path)[::-1]
     else:
         raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
     for candidate in candidates:

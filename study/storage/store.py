@@ -37,15 +37,10 @@ from study.storage.schema import (
 
 
 class ResultsStore:
-    """One study's trials and epochs, written as immutable per-trial part files.
-
-    ``uri`` is the results directory: a local path (``~`` expanded) or a pyarrow.fs URI
-    (``file:///abs``, ``s3://bucket/prefix?endpoint_override=...``). Existing parts of this
-    study are loaded on construction, so a resumed study merges with them. Parts of other
-    studies are never read back into this store, rewritten or deleted, so any number of
-    studies may share one results directory. At most one writer per study (the study
-    lock, :mod:`study.execution.lock`, ensures it).
-    """
+    """One study's trials and epochs in the results directory ``uri`` (a local path or a
+    pyarrow.fs URI). Its existing parts are loaded on construction, so a resumed study merges
+    with them; other studies' parts are never read, rewritten or deleted. At most one writer
+    per study (the study lock, :mod:`study.execution.lock`, ensures it)."""
 
     def __init__(self, uri: str, study: str) -> None:
         self.uri, self.study = uri, study
@@ -57,7 +52,6 @@ class ResultsStore:
         self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
         self._pending: list[tuple[str, str]] = []
         self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
-        self._remove_leftovers()
         self._load()
 
     def _path(self, name: str) -> str:
@@ -66,16 +60,14 @@ class ResultsStore:
     def _staging(self, table: str) -> str:
         return self._path(f"{table}/.staging-{self.study}")
 
-    def _remove_leftovers(self) -> None:
-        """Delete this study's staged files of a killed writer (never another study's)."""
-        for table in (TRIALS_FILE, EPOCHS_FILE):
-            if self._local and self._fs.get_file_info(self._path(table)).type == \
-                    pafs.FileType.Directory:
-                self._fs.delete_dir_contents(self._staging(table), missing_dir_ok=True)
-
     def _load(self) -> None:
+        """Remove this study's files staged by a killed writer (never another study's), then
+        read its newest parts."""
         for table in (TRIALS_FILE, EPOCHS_FILE):
-            if self._fs.get_file_info(self._path(table)).type == pafs.FileType.File:
+            kind = self._fs.get_file_info(self._path(table)).type
+            if self._local and kind == pafs.FileType.Directory:
+                self._fs.delete_dir_contents(self._staging(table), missing_dir_ok=True)
+            if kind == pafs.FileType.File:
                 raise ValueError(f"{self._path(table)}: a single-file results table (written by "
                                  f"dpstudy < 0.2); dpstudy now writes a directory of part files "
                                  f"there: move the file away or choose another results "
@@ -168,7 +160,6 @@ class ResultsStore:
     def trial_ids(self) -> set[str]:
         """The trial ids of this study present in the store."""
         return {tid for _, tid in self._trials}
-
 
 
 def new_part_name() -> str:
