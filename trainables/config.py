@@ -1,12 +1,8 @@
 """Configuration of one trial: frozen pydantic models validated on creation.
 
-A trial is fully described by a :class:`TrialConfig`. The study service builds one per
-trial from the study spec and the sampled hyperparameters (as a plain dict, which is what
-Ray Tune carries), and :func:`TrialConfig.from_dict` turns it back into this tree.
-
-Every section checks its fields (types and bounds) and its cross-field rules
-(:meth:`~trainables.validation.Section.problems`), and reports *all* problems at once as a
-:class:`ConfigError` whose messages name the field, the rule and the value
+The study service builds one :class:`TrialConfig` per trial from the spec and the sampled
+hyperparameters, as the plain dict Ray Tune carries; :meth:`TrialConfig.from_dict` turns it
+back into this tree, or raises a :class:`ConfigError` listing every problem
 (:mod:`trainables.validation` words them).
 """
 
@@ -18,18 +14,8 @@ from typing import Annotated, ClassVar, Literal
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import AfterValidator, Field
 
-from trainables.validation import (
-    ConfigError as ConfigError,
-)
-from trainables.validation import (
-    Flag,
-    Integer,
-    Number,
-    Problem,
-    Section,
-    Text,
-    fail,
-)
+from trainables.validation import ConfigError as ConfigError
+from trainables.validation import Flag, Integer, Number, Problem, Section, Text, fail
 from trainables.yaml_input import load_yaml as load_yaml
 from trainables.yaml_input import read_yaml_file as read_yaml_file
 
@@ -262,13 +248,11 @@ class TrialConfig(Section):
         """bf16 needs CUDA; the public-data criteria need public data."""
         if self.precision == "bf16" and self.device == "cpu":
             yield "precision", "bf16 needs a CUDA device (device is cpu)", self.precision
-        if (self.dropping.criterion == "public-grad" and self.dropping.rate > 0
-                and self.dataset.public is None):
-            yield "dropping.criterion", "public-grad needs dataset.public", "public-grad"
-        if self.pruning.criterion == "snip" and self.pruning.rate > 0 and (
-                self.dataset.public is None):
-            yield ("pruning.criterion", "snip needs dataset.public (it may only look at "
-                   "public data)", "snip")
+        for section, criterion, why in (("dropping", "public-grad", ""),
+                                        ("pruning", "snip", " (it may only look at public data)")):
+            chosen = getattr(self, section)
+            if chosen.criterion == criterion and chosen.rate > 0 and self.dataset.public is None:
+                yield f"{section}.criterion", f"{criterion} needs dataset.public{why}", criterion
 
 
 PublicConfig.model_rebuild()

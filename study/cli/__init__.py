@@ -3,10 +3,6 @@
 Heavy libraries (torch, ray, optuna, pandas) are imported inside the command that needs
 them, so ``dpstudy --help`` is instant. Exit codes: 0 success, 1 runtime failure,
 2 invalid input (bad spec, bad filter, unknown study), 130 interrupted.
-
-The parser and the mapping of errors to exit codes are here; the commands are grouped by
-concept: :mod:`~study.cli.running`, :mod:`~study.cli.reading`, :mod:`~study.cli.privacy`
-(:mod:`~study.cli.targets` resolves what they are pointed at).
 """
 
 from __future__ import annotations

@@ -23,11 +23,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     problem = storage_problem(storage, given=args.storage is not None)
     if problem:
         raise UsageError(f"--storage: {problem} (got {storage!r})")
-    rows = study_statuses(os.path.expanduser(storage))
-    if not rows:
-        print(f"no studies under {storage}")
-        return EXIT_OK
-    for line in rows:
+    for line in study_statuses(os.path.expanduser(storage)) or [f"no studies under {storage}"]:
         print(line)
     return EXIT_OK
 

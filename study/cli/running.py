@@ -61,23 +61,21 @@ def _then_confirm(runner: object, spec: object, summary: object, address: str | 
 
 def _print_study_budget(spec: object) -> None:
     """Per-trial vs study budget, before running (scope: study or private selection)."""
-    from study.privacy import private_selection
+    from study.privacy import private_selection as ps
 
-    s = spec
-    n = private_selection.train_size(s)
-    budget = private_selection.plan_study_budget(s, n)
+    n = ps.train_size(spec)
+    budget = ps.plan_study_budget(spec, n)
     if budget is not None:
-        print(f"[{s.name}] {budget.describe(s)}", flush=True)
-    elif s.selection.private:
-        t = s.selection.trials
-        bound = "n/a (" + "; ".join(private_selection.assumptions(s, [])) + ")"
-        if not private_selection.assumptions(s, []):
-            value = private_selection.selection_epsilon(
-                private_selection.possible_mechanisms(s, n), mean=t.mean,
-                shape=t.event_shape, delta=s.privacy.delta)
-            bound = f"{value:.3f}"
-        print(f"[{s.name}] per trial epsilon={s.privacy.epsilon:g}; study (only the selected "
-              f"result released) epsilon {bound}, delta={s.privacy.delta:g}", flush=True)
+        print(f"[{spec.name}] {budget.describe(spec)}", flush=True)
+    elif spec.selection.private:
+        t, failed = spec.selection.trials, ps.assumptions(spec, [])
+        epsilon = None if failed else ps.selection_epsilon(
+            ps.possible_mechanisms(spec, n), mean=t.mean, shape=t.event_shape,
+            delta=spec.privacy.delta)
+        bound = "n/a (" + "; ".join(failed) + ")" if failed else f"{epsilon:.3f}"
+        print(f"[{spec.name}] per trial epsilon={spec.privacy.epsilon:g}; study (only the "
+              f"selected result released) epsilon {bound}, delta={spec.privacy.delta:g}",
+              flush=True)
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
@@ -117,7 +115,7 @@ def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str |
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Finish an interrupted study: ``resume NAME --storage DIR`` or ``resume DIR/NAME``."""
-    if _is_jobs_address(args.address):  # the driver runs on the cluster, as a Ray Job
+    if (args.address or "").startswith(("http://", "https://")):  # the driver runs as a Ray Job
         from study.execution import jobs
 
         job_id = jobs.submit_resume(args.study, args.address, python=args.python)
@@ -163,12 +161,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _is_jobs_address(address: str | None) -> bool:
-    return bool(address) and address.startswith(("http://", "https://"))
-
-
-def _summarise(summary: object, spec: object) -> int:
-    s = summary
+def _summarise(s: object, spec: object) -> int:
+    """Print how the search ended and its best trial; exit 1 if no trial finished."""
     print(f"[{s.name}] finished: {s.completed} completed, {s.stopped} stopped early, "
           f"{s.failed} failed; results in {s.results}")
     if s.best:

@@ -1,22 +1,17 @@
 """Driver-side Tune callback: record each finished trial in Parquet and show progress.
 
-Rows are written as trials finish (``on_trial_complete`` / ``on_trial_error``), each
-as its own part file, so a killed driver keeps every trial that finished before it died.
-The write waits for the end of the controller step (``on_step_end``), which comes after
-Tune's experiment-state snapshot of that step: a trial is in Parquet only once Tune's
-state says it ended, so a resume does not run it again. Rows are upserted by trial id,
-so a trial recorded again after a resume is replaced, never duplicated. The write itself
-runs on a background writer thread (:class:`Writer`), so it never blocks Tune's
-controller; ``on_experiment_end`` (also reached on Ctrl-C) waits for it. A driver killed
-before the writer finished loses nothing: the run or resume that follows records every
-ended trial its result grid holds and Parquet lacks (:func:`study.execution.runner.finish`).
-The callback is pickled into Tune's experiment state and restored by ``dpstudy resume``; it
-therefore holds only plain settings and opens the results store lazily in
-:meth:`StudyCallback.setup`.
+Each finished trial is written as its own part file, after the end of the controller step
+(``on_step_end``), which follows Tune's snapshot of that step: a trial is in Parquet only once
+Tune's state says it ended, so a resume does not run it again (a trial recorded again
+replaces its row). Writes run on a background thread (:class:`Writer`) so they never block
+Tune's controller; a driver killed before the writer finished loses nothing, as the next run
+or resume records every ended trial Parquet lacks. The callback is pickled into Tune's
+experiment state, so it holds only plain settings and opens the store in :meth:`setup`.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import queue
@@ -245,16 +240,10 @@ class StudyCallback(Callback):
                       file=sys.stderr, flush=True)
         return None
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _trial_event(self, *args: Any, **info: Any) -> None:
         self.events = True
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
-        self.events = True
-
-    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
-                      **info: Any) -> None:
-        self.events = True
+    on_trial_start = on_trial_result = on_checkpoint = _trial_event
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if self.backup is None and trials:
@@ -274,9 +263,7 @@ class StudyCallback(Callback):
         """``[name] 2/8 done (1 stopped early), 2 running, 0 failed, best ...`` where best is
         over the trials that completed (withheld in a private-selection study, whose
         scores are private until the release)."""
-        counts: dict[str, int] = {}
-        for t in trials:
-            counts[t.status] = counts.get(t.status, 0) + 1
+        counts = collections.Counter(t.status for t in trials)
         metric, mode = self.spec.objective.primary
         # completed trials only (they spent the whole budget): what the study would select;
         # a running trial's latest epoch can go down again, a stopped one spent less

@@ -1,19 +1,10 @@
 """Experiment trackers: the spec's ``loggers`` as Ray Tune's own logger callbacks.
 
-- ``mlflow``: Ray's ``MLflowLoggerCallback`` (``ray.air.integrations.mlflow``), one MLflow
-  run per trial in the MLflow experiment named after the study. Parameters: the sampled
-  values (Tune's config) and, from its first report, the whole configuration the trial
-  resolved and reported (``privacy/epsilon``, ``optim/clip_norm``, ``pruning/rate``, ...;
-  :func:`study.execution.callbacks.reported_config`); metrics: every number a trial reports, per
-  epoch (``epsilon_spent``, ``val_accuracy``, ``test_accuracy``, ``density``, ...). The
-  tracking URI is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the experiment
-  directory (``STORAGE/NAME/mlflow.db``; no server needed). A trial resumed after a killed
-  driver logs into its earlier run (found by its ``dpstudy.trial_id`` tag), not a new one.
-- ``tensorboard``: Ray's ``TBXLoggerCallback`` (``ray.tune.logger``), event files in each
-  trial's directory under ``STORAGE/NAME``.
-
-Attached by :func:`study.execution.runner.run_config`; ``pip install 'dpstudy[trackers]'``
-for MLflow.
+- ``mlflow``: one MLflow run per trial in the experiment named after the study, with the
+  sampled values and the whole configuration the trial resolved as parameters, and every
+  number it reports as metrics. Tracking URI: ``MLFLOW_TRACKING_URI``, else SQLite in the
+  experiment directory. A trial resumed after a killed driver logs into its earlier run.
+- ``tensorboard``: event files in each trial's directory under ``STORAGE/NAME``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""A standalone HTML or Markdown report of one study: summary, tables and PNG figures.
-
-:func:`build_report` reads ``trials.parquet`` / ``epochs.parquet`` (a local directory or a
-pyarrow.fs URI such as ``s3://bucket/prefix``) and writes, into a local ``out_dir``, the
-figures of :mod:`study.report.plots` and :mod:`study.report.study_plots` plus ``report.html`` (or
-``report.md``) that embeds them by relative path. The page is written atomically
-(temporary file, then ``os.replace``).
-"""
+"""A standalone HTML or Markdown report of one study: summary, tables and the PNG figures of
+:mod:`study.report.plots` and :mod:`study.report.study_plots`, embedded by relative path."""
 
 from __future__ import annotations
 
@@ -24,6 +18,7 @@ from study.analysis.query import pareto_front, parse_pareto, to_frame
 from study.report.privacy import audit_blocks, facts_table, noise_note, privacy_blocks
 from study.report.study_plots import persisted_study
 from study.spec import hyperparameters
+from study.spec.sections import MAXIMISED
 from study.storage.read import read_epochs, read_trials
 from study.storage.schema import EPOCHS_SCHEMA
 
@@ -92,9 +87,7 @@ def selection_of(trials: pd.DataFrame) -> tuple[str, str, str]:
     splits = trials["selection_split"].dropna() if "selection_split" in trials else []
     metric = str(metrics.iloc[0]).split(",")[0] if len(metrics) else "test_accuracy"
     split = str(splits.iloc[0]) if len(splits) else "test"
-    mode = "min" if metric.endswith("_loss") or metric in ("density", "epsilon_spent",
-                                                          "wall_time_s", "trial_cost") else "max"
-    return metric, mode, split
+    return metric, "max" if metric in MAXIMISED else "min", split
 
 
 def selection_banner(trials: pd.DataFrame) -> str:

@@ -1,13 +1,6 @@
-"""The one table of a study's hyperparameters: name, place in the trial config, and where
-each is shown.
-
-Every part of the service that lists hyperparameters reads this table: the search space
-(:mod:`study.spec.params`), the trial rows (:mod:`study.execution.callbacks`), the report
-and its figures (:mod:`study.report.html`, :mod:`study.report.plots`), the run summary
-(:mod:`study.cli`) and the release (:mod:`study.privacy.release`). A hyperparameter is named
-in the spec and in the results by ``name`` and lives in the trial config
-(:class:`trainables.config.TrialConfig`) at ``section.key``.
-"""
+"""The one table of a study's hyperparameters: name (in the spec and the results), place in
+the trial config (``section.key``), and where each is shown. Every part of the service that
+lists hyperparameters reads it."""
 
 from __future__ import annotations
 
@@ -81,9 +74,6 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("dropping_criterion", "dropping", "criterion",
                    "random | magnitude | public-grad", criterion=True),
 )
-
-BY_NAME: dict[str, Hyperparameter] = {h.name: h for h in HYPERPARAMETERS}
-
 
 def names(**flags: bool) -> tuple[str, ...]:
     """Names of the hyperparameters whose flags are all as given, in table order:

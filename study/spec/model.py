@@ -1,13 +1,6 @@
-"""The study spec: a user-written YAML file parsed once into frozen pydantic models.
-
-:func:`load_spec` reads the file and :meth:`StudySpec.from_dict` builds the tree: the sections
-here (privacy, optimizer, resources, objective, scheduler) and the search space from
-:mod:`study.spec.params` (whose names are re-exported). Unknown keys get a "did you mean" hint, and
-*every* problem is reported together in one :class:`SpecError`, each as
-``"<dotted.field>: <rule> (got <value>)"`` (:mod:`trainables.validation`).
-:func:`check_against_data` adds the checks that need the dataset or the machine (delta < 1/n,
-batch size <= n, GPUs present).
-"""
+"""The study spec: :class:`StudySpec`, read by :func:`load_spec` into frozen pydantic models
+that report every problem together in one :class:`SpecError`; :func:`check_against_data` adds
+the checks that need the dataset or the machine."""
 
 from __future__ import annotations
 
@@ -71,10 +64,6 @@ class SpecError(ConfigError):
         n = len(self.problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return f"invalid study spec ({n} problem{'' if n == 1 else 's'}):\n{lines}"
-
-
-def _expand(location: str) -> str:
-    return location if "://" in location else os.path.expanduser(location)
 
 
 def _study_name(value: Any) -> Any:
@@ -215,8 +204,7 @@ class StudySpec(Spec):
 
     @classmethod
     def from_dict(cls, data: Any, *, prefix: str | None = None) -> StudySpec:
-        """Build and validate a spec from parsed YAML; raises :class:`SpecError` with all
-        problems."""
+        """Build and validate a spec from parsed YAML; :class:`SpecError` lists every problem."""
         if not isinstance(data, dict):
             raise SpecError([f"spec: must be a mapping of keys to values (got {data!r})"])
         try:
@@ -235,12 +223,12 @@ class StudySpec(Spec):
     @property
     def storage_path(self) -> str:
         """``storage`` with ``~`` expanded unless it is a URI."""
-        return _expand(self.storage)
+        return self.storage if "://" in self.storage else os.path.expanduser(self.storage)
 
     @property
     def results_path(self) -> str:
         """``results`` with ``~`` expanded unless it is a URI."""
-        return _expand(self.results)
+        return self.results if "://" in self.results else os.path.expanduser(self.results)
 
     def parameters(self) -> dict[str, Param | tuple[str, ...]]:
         """Every trial parameter (the keys :meth:`trial_config` takes): a :class:`Param` for

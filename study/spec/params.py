@@ -1,11 +1,6 @@
-"""The search space of a study spec, and the base of its sections.
-
-:class:`Param` is one hyperparameter (a fixed value, a range or choices, within per-parameter
-bounds); :class:`SearchSpec` holds the numeric ones, :class:`PruningSpec` and
-:class:`DroppingSpec` the criteria. :func:`trial_space` flattens them into the trial
-parameters and :func:`trial_values` resolves one trial's values. :class:`Spec` is the base of
-every spec section (:mod:`trainables.validation` words their problems).
-"""
+"""The search space of a study spec (one :class:`Param` per hyperparameter, the criteria of
+:class:`PruningSpec` and :class:`DroppingSpec`), and :class:`Spec`, the base of every spec
+section."""
 
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
-"""A JSON Schema of the study spec: pydantic's, with the spec's short forms added.
+"""A JSON Schema of the study spec (``dpstudy schema``, for editors' YAML language server).
 
-:func:`spec_schema` starts from ``StudySpec.model_json_schema()`` (so the schema follows the
-models: nothing about a field is written twice) and adds what the YAML form allows beyond
-the models' fields:
-
-- a hyperparameter (:class:`~study.spec.params.Param`) as a number, a list of choices or a
-  range mapping (its ``name`` is the search key, not a YAML key);
-- ``search.mode`` and ``search.trials`` (the model's ``selection``);
-- a section named in :data:`study.spec.model.NAME_SHORTHANDS` as its name alone;
-- the fields a section reports as required when absent (its ``required``; ``trials`` unless
-  private selection draws it).
-
-``dpstudy schema`` prints it; editors with the YAML language server use it to complete and
-check specs as they are typed (see README, "Editor support"). Validation against the schema
-is a convenience for editors: :func:`study.spec.model.load_spec` remains the authority (it also
-checks cross-field rules such as ``low < high``).
+It starts from ``StudySpec.model_json_schema()``, so nothing about a field is written twice,
+and adds the YAML short forms: a hyperparameter as a number, a list or a range; ``search.mode``
+and ``search.trials`` (the model's ``selection``); a section by its name alone
+(:data:`study.spec.model.NAME_SHORTHANDS`); fields reported as required when absent. The schema
+is a convenience: :func:`study.spec.model.load_spec` remains the authority (cross-field rules).
 """
 
 from __future__ import annotations

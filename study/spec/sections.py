@@ -19,7 +19,7 @@ METRICS = (*VALIDATION_METRICS, *TEST_METRICS, "density", "epsilon_spent", "wall
            "trial_cost", "val_accuracy_dp")
 MODES = ("max", "min")
 SCHEDULERS = ("none", "asha")
-_MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
+MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
               "val_accuracy_dp")
 SCOPES = ("trial", "study")
 MAX_CONFIRM_SEEDS = 100  # confirmation runs use seeds seed + 1 ... seed + seeds
@@ -78,7 +78,7 @@ class Objective(Spec):
             metrics = data.get("metrics", ("val_accuracy",))
             metrics = (metrics,) if isinstance(metrics, str) else metrics
             if isinstance(metrics, (list, tuple)) and all(isinstance(m, str) for m in metrics):
-                data = {**data, "modes": ["max" if m in _MAXIMISED else "min" for m in metrics]}
+                data = {**data, "modes": ["max" if m in MAXIMISED else "min" for m in metrics]}
         return data
 
     def problems(self) -> Iterator[Problem]:

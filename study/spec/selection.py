@@ -1,20 +1,8 @@
-"""Spec sections of study-level privacy: private selection and DP validation scores.
-
-In YAML::
-
-    search:
-      mode: private-selection          # default: optimize (adaptive search, fixed trials)
-      trials: {distribution: geometric, mean: 10}   # poisson | geometric | logarithmic |
-                                                     # truncated-negative-binomial (+ shape)
-      ...the searched parameters...
-    validation: {noise: 20.0}          # std of the Gaussian noise on the count of correct
-                                       # validation predictions (the DP score)
-    privacy: {scope: study, epsilon: 3, delta: 1e-5}   # budget of the whole selection
-
-:func:`selection_problems` holds the cross-section rules (private selection needs random
-search, no ASHA, a DP score; ``scope: study`` needs private selection and a finite worst
-case for noise, batch size and epochs), each ``"<field>: <rule> (got <value>)"``.
-"""
+"""Spec sections of study-level privacy: private selection (``search.mode:
+private-selection`` with ``search.trials: {distribution: geometric, mean: 10}``), the DP
+validation score (``validation: {noise: 20.0}``, the std of the Gaussian noise on the count of
+correct predictions) and ``privacy.scope: study``; :func:`selection_problems` ties them
+together."""
 
 from __future__ import annotations
 

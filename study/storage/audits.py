@@ -1,9 +1,5 @@
-"""The audits table: one row per empirical privacy audit (``dpstudy audit``).
-
-``RESULTS/audits.parquet`` is a directory of immutable part files, one per audit, so that
-concurrent audits sharing a results root never overwrite each other (older versions wrote
-a single file, still read). Its schema is :data:`study.storage.schema.AUDITS_SCHEMA`.
-"""
+"""The audits table (``dpstudy audit``): ``RESULTS/audits.parquet``, one immutable part per
+audit, so concurrent audits sharing a results root never overwrite each other."""
 
 from __future__ import annotations
 

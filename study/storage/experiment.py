@@ -1,8 +1,5 @@
-"""The files of a study's experiment directory (``STORAGE/NAME``): the resolved spec that
-``resume`` reads (:data:`SPEC_FILE`), and its copy in the results directory, where
-``dpstudy confirm RESULTS`` finds it. Tune's own state lives beside it
-(:mod:`study.execution.tune_state`).
-"""
+"""The experiment directory's saved spec (``STORAGE/NAME/dpstudy-spec.yaml``, which ``resume``
+reads) and its copy in the results directory (which ``dpstudy confirm RESULTS`` reads)."""
 
 from __future__ import annotations
 

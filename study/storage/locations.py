@@ -1,17 +1,8 @@
-"""Locations of a study (``storage`` and ``results``): resolve once, join safely, check early.
+"""Locations of a study (``storage`` and ``results``): local paths or pyarrow.fs URIs, possibly
+with query parameters (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
 
-A location is a local path or a pyarrow.fs URI (``s3://bucket/prefix``, ``gs://...``,
-``file:///abs``), possibly with query parameters that configure the filesystem
-(``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``).
-
-- :func:`resolve_location` makes a local path absolute once, at ``run`` (for a whole spec:
-  :func:`resolve_paths`), so a study resumed from another working directory writes to the
-  same place.
-- :func:`join_location` appends path components to the URI's *path*, before its query.
-- :func:`filesystem` opens a location, turning pyarrow's errors (an unknown scheme, HDFS
-  without Hadoop) into one :class:`LocationError` line naming the field.
-- :func:`check_writable` writes and deletes a probe before any trial runs, and leaves
-  behind no empty local directory it had to create (for a whole spec: :func:`check_locations`).
+Local paths are made absolute once, at ``run``, so a study resumed from another working
+directory writes to the same place; both are probed for writing before any trial runs.
 """
 
 from __future__ import annotations

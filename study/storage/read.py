@@ -1,12 +1,6 @@
-"""Reading a results directory: its tables as ``pyarrow.dataset`` scans of part files.
-
-A trial recorded again (retried, resumed) has several parts; readers keep, per
-``(study, trial_id)``, the trial part with the greatest name and the epochs part of the
-same name (see :mod:`study.storage.store`), so each trial is seen once even while a writer
-is between its two steps. Single-file tables (written by dpstudy < 0.2) and one
-``.parquet`` file given directly are read too. Every part is checked against the schema
-(:func:`study.storage.schema.conform_table`), naming the file and column that does not fit.
-"""
+"""Reading a results directory: its tables as ``pyarrow.dataset`` scans of part files, each
+trial seen once (its newest part, see :mod:`study.storage.store`), every part checked against
+the schema. Single-file tables (dpstudy < 0.2) and one ``.parquet`` file are read too."""
 
 from __future__ import annotations
 
@@ -76,32 +70,39 @@ def scan_parts(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
     return table
 
 
-def newest_rows(table: pa.Table, newest: dict[tuple[str, str], str]) -> pa.Table:
-    """The rows of ``table`` (read by :func:`scan_parts`) that come from their trial's newest
-    part (a trial part or the epoch part of the same name), without ``__filename``."""
+def trial_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], list[str]]:
+    """For a results directory: ``(study, trial_id) ->`` its trial parts, oldest name first
+    (all but the newest are superseded, see :mod:`study.storage.store`). Reads only the key
+    columns."""
+    files = part_files(fs, f"{base}/{TRIALS_FILE}")
+    parts: dict[tuple[str, str], list[str]] = {}
+    if files:
+        keys = scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"])
+        for study, trial, path in zip(keys["study"].to_pylist(), keys["trial_id"].to_pylist(),
+                                      keys["__filename"].to_pylist(), strict=True):
+            parts.setdefault((study, trial), []).append(path)
+    return {key: sorted(paths, key=posixpath.basename) for key, paths in parts.items()}
+
+
+def read_newest(fs: pafs.FileSystem, base: str, which: str,
+                newest: dict[tuple[str, str], str]) -> pa.Table:
+    """The ``which`` rows (trials or epochs) of each trial's ``newest`` part (a trial part,
+    or the epochs part of the same name: a trial recorded without epochs has none)."""
+    schema = TRIALS_SCHEMA if which == TRIALS_FILE else EPOCHS_SCHEMA
+    files = sorted({f"{base}/{which}/{posixpath.basename(p)}" for p in newest.values()})
+    if which == EPOCHS_FILE:
+        files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
+    if not files:
+        return schema.empty_table()
+    table = scan_parts(fs, files, schema, schema.names)
     wanted = pa.array([f"{s}/{t}@{posixpath.basename(p)}" for (s, t), p in newest.items()],
                       pa.string())
     names = pa.array([posixpath.basename(f) for f in table["__filename"].to_pylist()],
                      pa.string())
     keys = pc.binary_join_element_wise(table["study"], table["trial_id"], "/")
     tags = pc.binary_join_element_wise(keys, names, "@")
-    return table.filter(pc.is_in(tags, value_set=wanted)).drop_columns(["__filename"])
-
-
-def _newest_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], str]:
-    """For a results directory: ``(study, trial_id) -> newest trial part`` (older parts of
-    a trial are superseded, see :mod:`study.storage.store`). Reads only the key columns."""
-    files = part_files(fs, f"{base}/{TRIALS_FILE}")
-    newest: dict[tuple[str, str], str] = {}
-    if not files:
-        return newest
-    keys = scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"])
-    for study, trial, path in zip(keys["study"].to_pylist(), keys["trial_id"].to_pylist(),
-                                  keys["__filename"].to_pylist(), strict=True):
-        key = (study, trial)
-        if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
-            newest[key] = path
-    return newest
+    table = table.filter(pc.is_in(tags, value_set=wanted))
+    return table.drop_columns(["__filename"]).cast(schema)
 
 
 def _read_layout(uri: str, which: str) -> pa.Table:
@@ -121,14 +122,8 @@ def _read_layout(uri: str, which: str) -> pa.Table:
         return read_file(fs, table_path, schema)
     if kind != pafs.FileType.Directory:
         raise FileNotFoundError(f"no results table at {uri!r} (looked for {table_path})")
-    newest = _newest_parts(fs, path)
-    files = sorted({f"{table_path}/{posixpath.basename(p)}" for p in newest.values()})
-    if which == EPOCHS_FILE:  # a trial recorded without epochs has no epoch part
-        files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
-    if not files:
-        return schema.empty_table()
-    table = newest_rows(scan_parts(fs, files, schema, schema.names), newest)
-    return table.cast(schema)
+    newest = {key: parts[-1] for key, parts in trial_parts(fs, path).items()}
+    return read_newest(fs, path, which, newest)
 
 
 def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
@@ -141,9 +136,7 @@ def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
     if info.type == pafs.FileType.File:
         candidates = [path]
     elif info.type == pafs.FileType.Directory:
-        parts = fs.get_file_info(pafs.FileSelector(path))
-        candidates = sorted((p.path for p in parts if p.type == pafs.FileType.File
-                             and p.base_name.endswith(".parquet")), reverse=True)
+        candidates = part_files(fs, path)[::-1]
     else:
         raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
     for candidate in candidates:

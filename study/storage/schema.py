@@ -1,14 +1,8 @@
-"""The one module that owns the documented, versioned Parquet schema of a study's results.
-
-A results directory holds three tables, each a directory of immutable Parquet part files
-(:mod:`study.storage.store` writes trials and epochs, :mod:`study.storage.audits` the
-audits; :mod:`study.storage.read` reads them): ``trials.parquet`` (one row: one trial,
-keys ``study`` + ``trial_id``), ``epochs.parquet`` (that trial's epoch rows, plus key
-``epoch``) and ``audits.parquet`` (one row: one empirical privacy audit). Every column is
-documented here (field metadata ``doc`` and ``unit``) and in ``docs/results-schema.md``;
-:data:`SCHEMA_VERSION` is stored in each file. :func:`coerce_row` checks a row before it is
-written, :func:`conform_table` a table read back (older versions' files included).
-"""
+"""The documented, versioned Parquet schema of a study's results: ``trials.parquet`` (keys
+``study`` + ``trial_id``), ``epochs.parquet`` (plus ``epoch``) and ``audits.parquet``. Every
+column carries its ``doc`` and ``unit`` (also in ``docs/results-schema.md``) and every file
+:data:`SCHEMA_VERSION`; :func:`coerce_row` checks a row before it is written,
+:func:`conform_table` a table read back (older versions' files included)."""
 
 from __future__ import annotations
 

@@ -1,20 +1,13 @@
-"""The results store: one study's trials and epochs, written as immutable part files.
-
-A results directory holds two tables, each a directory of Parquet part files (the layout
-Spark, pandas, DuckDB and polars read as one dataset)::
+"""The results store: one study's trials and epochs, written as immutable part files::
 
     RESULTS/trials.parquet/part-<UTC stamp>-<uuid>.parquet   one row: one trial
     RESULTS/epochs.parquet/part-<same name>.parquet          that trial's epoch rows
 
-Keys: ``study`` + ``trial_id`` (trials), plus ``epoch`` (epochs); every column is documented
-in :mod:`study.storage.schema` and ``docs/results-schema.md``. A part is written once and
-never modified: a trial recorded again (a retried or resumed trial) gets a new part, with a
-later name, and its older parts are deleted after the new one is published. Readers
-(:mod:`study.storage.read`) keep, per ``(study, trial_id)``, the trial part with the
-greatest name and the epochs part of the same name, so a reader that runs between the two
-steps still sees each trial once. Nothing is ever rewritten in place, so any number of
-studies (and their drivers) can share one results directory, on a local disk or on an
-object store without atomic rename.
+A trial recorded again (retried, resumed) gets a new part with a later name, and its older
+parts are deleted after the new one is published; readers keep the newest part per
+``(study, trial_id)``, so a reader between the two steps still sees each trial once. Nothing
+is rewritten in place, so any number of studies can share one results directory, on a local
+disk or on an object store without atomic rename.
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from study.storage.locations import filesystem
-from study.storage.read import newest_rows, part_files, scan_parts
+from study.storage.read import read_newest, trial_parts
 from study.storage.schema import (
     EPOCHS_FILE,
     EPOCHS_SCHEMA,
@@ -44,15 +37,10 @@ from study.storage.schema import (
 
 
 class ResultsStore:
-    """One study's trials and epochs, written as immutable per-trial part files.
-
-    ``uri`` is the results directory: a local path (``~`` expanded) or a pyarrow.fs URI
-    (``file:///abs``, ``s3://bucket/prefix?endpoint_override=...``). Existing parts of this
-    study are loaded on construction, so a resumed study merges with them. Parts of other
-    studies are never read back into this store, rewritten or deleted, so any number of
-    studies may share one results directory. At most one writer per study (the study
-    lock, :mod:`study.execution.lock`, ensures it).
-    """
+    """One study's trials and epochs in the results directory ``uri`` (a local path or a
+    pyarrow.fs URI). Its existing parts are loaded on construction, so a resumed study merges
+    with them; other studies' parts are never read, rewritten or deleted. At most one writer
+    per study (the study lock, :mod:`study.execution.lock`, ensures it)."""
 
     def __init__(self, uri: str, study: str) -> None:
         self.uri, self.study = uri, study
@@ -64,7 +52,6 @@ class ResultsStore:
         self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
         self._pending: list[tuple[str, str]] = []
         self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
-        self._remove_leftovers()
         self._load()
 
     def _path(self, name: str) -> str:
@@ -73,42 +60,26 @@ class ResultsStore:
     def _staging(self, table: str) -> str:
         return self._path(f"{table}/.staging-{self.study}")
 
-    def _remove_leftovers(self) -> None:
-        """Delete this study's staged files of a killed writer (never another study's)."""
-        for table in (TRIALS_FILE, EPOCHS_FILE):
-            if self._local and self._fs.get_file_info(self._path(table)).type == \
-                    pafs.FileType.Directory:
-                self._fs.delete_dir_contents(self._staging(table), missing_dir_ok=True)
-
     def _load(self) -> None:
+        """Remove this study's files staged by a killed writer (never another study's), then
+        read its newest parts."""
         for table in (TRIALS_FILE, EPOCHS_FILE):
-            if self._fs.get_file_info(self._path(table)).type == pafs.FileType.File:
+            kind = self._fs.get_file_info(self._path(table)).type
+            if self._local and kind == pafs.FileType.Directory:
+                self._fs.delete_dir_contents(self._staging(table), missing_dir_ok=True)
+            if kind == pafs.FileType.File:
                 raise ValueError(f"{self._path(table)}: a single-file results table (written by "
                                  f"dpstudy < 0.2); dpstudy now writes a directory of part files "
                                  f"there: move the file away or choose another results "
                                  f"directory")
-        files = part_files(self._fs, self._path(TRIALS_FILE))
-        if not files:
-            return
-        newest: dict[tuple[str, str], str] = {}
-        for row in scan_parts(self._fs, files, TRIALS_SCHEMA, TRIALS_SCHEMA.names).to_pylist():
-            key, path = (row["study"], row["trial_id"]), row.pop("__filename")
-            if row["study"] != self.study:
-                continue
-            self._files.setdefault(key, []).append(path)
-            if key not in newest or posixpath.basename(path) > posixpath.basename(newest[key]):
-                newest[key], self._trials[key], self._epochs[key] = path, row, []
-        for paths in self._files.values():
-            paths.sort()
-        epoch_parts = [self._path(f"{EPOCHS_FILE}/{posixpath.basename(p)}")
-                       for p in sorted(set(newest.values()))]
-        epoch_parts = [p for p in epoch_parts
-                       if self._fs.get_file_info(p).type == pafs.FileType.File]
-        if epoch_parts:
-            epochs = newest_rows(scan_parts(self._fs, epoch_parts, EPOCHS_SCHEMA,
-                                        EPOCHS_SCHEMA.names), newest)
-            for row in epochs.to_pylist():
-                self._epochs[(row["study"], row["trial_id"])].append(row)
+        self._files = {key: parts for key, parts in trial_parts(self._fs, self._dir).items()
+                       if key[0] == self.study}
+        newest = {key: parts[-1] for key, parts in self._files.items()}
+        for row in read_newest(self._fs, self._dir, TRIALS_FILE, newest).to_pylist():
+            key = (row["study"], row["trial_id"])
+            self._trials[key], self._epochs[key] = row, []
+        for row in read_newest(self._fs, self._dir, EPOCHS_FILE, newest).to_pylist():
+            self._epochs[(row["study"], row["trial_id"])].append(row)
 
     def add_trial(self, row: dict, epochs: list[dict]) -> None:
         """Insert or replace (by ``trial_id``) one trial's row and all its epoch rows; written
@@ -189,7 +160,6 @@ class ResultsStore:
     def trial_ids(self) -> set[str]:
         """The trial ids of this study present in the store."""
         return {tid for _, tid in self._trials}
-
 
 
 def new_part_name() -> str:
