@@ -224,12 +224,13 @@ class StudyCallback(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.write_finished()
+        self.show_progress(trials, final=True)  # the last trial may end between two steps
         self.wait_written()
 
     def get_state(self) -> None:
         """Called by Tune right after it wrote its experiment state to the driver's staging
-        folder: back that state up whole (see :mod:`study.execution.tune_state`). Returns None: this
-        callback has no state of its own to save. Tune snapshots at every controller step
+        folder: back that state up whole (see :mod:`study.execution.tune_state`). Returns
+        None: this callback has no state of its own to save. Tune snapshots at every controller step
         (its state holds timestamps); only steps with trial events are backed up."""
         if self.backup is not None and self.events:
             self.events = False
@@ -253,9 +254,14 @@ class StudyCallback(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.write_finished()
+        self.show_progress(trials)
+
+    def show_progress(self, trials: list, *, final: bool = False) -> None:
+        """Print the progress line when it changed, or every ``interval_s`` while nothing
+        does (not again at the end of the study if it is already shown)."""
         line = self.progress_line(trials)
         now = time.monotonic()
-        if line != self._last_line or now - self._last_time > self.interval_s:
+        if line != self._last_line or (not final and now - self._last_time > self.interval_s):
             print(line, file=self.stream, flush=True)
             self._last_line, self._last_time = line, now
 

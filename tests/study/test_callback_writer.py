@@ -106,3 +106,27 @@ def test_time_line_puts_wall_next_to_training_over_concurrency(tmp_path: Path) -
     s = spec(tmp_path)  # max_concurrent 1
     assert time_line(s, grid, 44.0) == ("[writer] time: wall 44.0 s; trials' training 40.0 s "
                                         "/ concurrency 1 = 40.0 s (1.10x)")
+
+
+def test_the_final_progress_line_is_printed_when_the_last_trial_ends_between_steps(
+        tmp_path: Path) -> None:
+    """Tune may end the experiment without another step after the last trial finished: the
+    progress line that counts it is printed at the experiment's end, once."""
+    import io
+
+    stream = io.StringIO()
+    callback = StudyCallback(spec(tmp_path))
+    callback.stream = stream
+    callback.setup()
+    first = trial("t1", 0.0)
+    second = SimpleNamespace(trial_id="t2", config={"prune_rate": 0.5}, status="RUNNING",
+                             last_result={})
+    callback.on_step_end(1, [first, second])
+    assert "1/2 done" in stream.getvalue()
+    second = trial("t2", 0.5)  # finished after the last step
+    callback.on_trial_complete(2, [first, second], second)
+    callback.on_experiment_end([first, second])
+    lines = stream.getvalue().splitlines()
+    assert sum("2/2 done" in line for line in lines) == 1, lines
+    callback.on_experiment_end([first, second])  # nothing new: not printed again
+    assert stream.getvalue().splitlines() == lines
