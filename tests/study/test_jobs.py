@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +33,13 @@ def _free_agent_port(self, *args, **kwargs):
     kwargs.setdefault("dashboard_agent_listen_port", int(sys.argv[2]))
     _params(self, *args, **kwargs)
 parameter.RayParams.__init__ = _free_agent_port
+# Its own temp dir, with its address recorded there: the job supervisor resolves the
+# driver's RAY_ADDRESS ("auto") from the head's temp dir, and in the shared /tmp/ray it found
+# whichever Ray another test started last (a `ray.cluster_utils.Cluster`, an embedded Ray):
+# the study then ran its trials on that cluster, which has no copy of the job's working dir.
 ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-         dashboard_port=int(sys.argv[1]))
+         dashboard_port=int(sys.argv[1]), _temp_dir=sys.argv[3])
+ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address, sys.argv[3])
 print("READY", flush=True)
 while True:
     time.sleep(60)
@@ -51,7 +58,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("head") / "head.log"
     with open(log, "w") as out:
-        head = subprocess.Popen([sys.executable, "-c", HEAD, str(port), str(free_port())],
+        temp_dir = tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp")  # short: socket paths
+        head = subprocess.Popen([sys.executable, "-c", HEAD, str(port), str(free_port()),
+                                 temp_dir],
                                 stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -62,6 +71,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # only this head's processes, never `ray stop`
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def dpstudy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
