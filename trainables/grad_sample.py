@@ -41,23 +41,53 @@ from trainables.clipping import GradSample, OuterProducts, dense
 Samplers = dict[nn.Parameter, GradSample]
 
 
+#: input channels up to which a convolution's per-sample weight gradients are computed
+#: with the channels as the batch (:func:`conv_weight_by_channel`; image input layers)
+FEW_CHANNELS = 3
+
+
 def conv2d_grad_sample(layer: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> Samplers:
     """Per-sample weight/bias gradients of a 2-D convolution from its input and output
-    gradient: one weight-gradient convolution with the batch folded into the groups (each
-    sample its own group), so no im2col copy of the input is made."""
-    n, c, o = x.shape[0], layer.in_channels, layer.out_channels
+    gradient, without an im2col copy of the input: :func:`conv_weight_by_channel` for an
+    input layer (few channels, one group), else :func:`conv_weight_by_group`."""
     out: Samplers = {}
     if layer.weight.requires_grad:
-        shape = layer.weight.shape  # (O, C / groups, kh, kw)
-        weight = x.new_empty((n * shape[0], *shape[1:]))  # only its shape is read
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            grad.reshape(1, n * o, *grad.shape[2:]), x.reshape(1, n * c, *x.shape[2:]),
-            weight, None, layer.stride, layer.padding, layer.dilation, False, (0, 0),
-            n * layer.groups, (False, True, False))
-        out[layer.weight] = gw.view(n, *shape)
+        few = layer.groups == 1 and layer.in_channels <= FEW_CHANNELS
+        out[layer.weight] = (conv_weight_by_channel if few else conv_weight_by_group)(
+            layer, x, grad)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = grad.sum((2, 3))
     return out
+
+
+def conv_weight_by_group(layer: nn.Conv2d, x: torch.Tensor,
+                         grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(n, O, C / groups, kh, kw)``: one weight-gradient
+    convolution with the batch folded into the groups (each sample its own group)."""
+    n, c, o = x.shape[0], layer.in_channels, layer.out_channels
+    shape = layer.weight.shape  # (O, C / groups, kh, kw)
+    weight = x.new_empty((n * shape[0], *shape[1:]))  # only its shape is read
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        grad.reshape(1, n * o, *grad.shape[2:]), x.reshape(1, n * c, *x.shape[2:]),
+        weight, None, layer.stride, layer.padding, layer.dilation, False, (0, 0),
+        n * layer.groups, (False, True, False))
+    return gw.view(n, *shape)
+
+
+def conv_weight_by_channel(layer: nn.Conv2d, x: torch.Tensor,
+                           grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(n, O, C, kh, kw)`` of a one-group convolution: a
+    convolution of the padded input, with its C channels as the batch and its samples as
+    the groups, by each sample's output gradient as the kernel (the layer's stride becomes
+    the dilation, its dilation the stride). Fast where C is small (an input layer)."""
+    n, o = x.shape[0], layer.out_channels
+    kh, kw = layer.kernel_size
+    (ph, pw), (oh, ow) = layer.padding, grad.shape[2:]
+    padded = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1)  # (C, n, H, W)
+    gw = F.conv2d(padded, grad.reshape(n * o, 1, oh, ow), stride=layer.dilation,
+                  dilation=layer.stride, groups=n)  # (C, n * O, >= kh, >= kw)
+    gw = gw[:, :, :kh, :kw].reshape(layer.in_channels, n, o, kh, kw)
+    return gw.permute(1, 2, 0, 3, 4).contiguous()
 
 
 def linear_grad_sample(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor) -> Samplers:

@@ -267,3 +267,21 @@ def test_grad_samples_materialise_and_used_gradients_are_refused() -> None:
     opt.clip_and_accumulate()
     assert all(p.summed_grad.shape == p.shape and not p.summed_grad.any()
                for p in opt.params)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_input_layer_convolutions_equal_opacus(channels: int) -> None:
+    """Few input channels (the channel-as-batch path): strides, padding, dilation, bias,
+    and output sizes that leave input rows unused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(channels, 4, (3, 4), stride=(2, 3), padding=(1, 2), dilation=(2, 1)),
+        nn.Tanh(), nn.Conv2d(4, 3, 2, bias=False), nn.Flatten(), nn.LazyLinear(5))
+    x, y = torch.randn(6, channels, 11, 10), torch.randint(0, 5, (6,))
+    model(x)  # materialise the lazy layer
+    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    fast = FastGradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    for m in (ref, fast):
+        nn.functional.cross_entropy(m(x), y).backward()
+    for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL)
