@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainables.clipping import dense
 from trainables.data import Split
 from trainables.dropping import Masks
 
@@ -118,6 +119,7 @@ def _append_rows(p: torch.Tensor, rows: torch.Tensor, isolated: list[int]) -> No
     """Add canary rows to ``p.grad_sample`` (tensor, or the last tensor of a list)."""
     gs = p.grad_sample
     last = gs[-1] if isinstance(gs, list) else gs
+    last = None if last is None else dense(last)  # factored rows materialised
     if last is None:
         last = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     if isolated:

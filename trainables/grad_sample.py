@@ -19,6 +19,12 @@ Fast paths: ``nn.Linear``, ``nn.Conv2d`` (zero padding given as numbers) and
 layer with an Opacus grad sampler uses that sampler on the same (input, output gradient)
 pair. A model with a layer Opacus can only handle through functorch falls back to Opacus'
 own module (:func:`wrap_model`).
+
+With ``factored_linear`` (what :func:`wrap_model` builds for training) a linear layer on a
+2-D input stores its weight's per-sample gradients as
+:class:`trainables.clipping.OuterProducts` (the output gradients and inputs, never the
+``(n, out, in)`` tensor); :class:`trainables.optimizer.MaskedDPOptimizer` clips them from
+the factors and :func:`trainables.clipping.dense` materialises them where needed.
 """
 
 from __future__ import annotations
@@ -30,26 +36,58 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from torch import nn
 
-Samplers = dict[nn.Parameter, torch.Tensor]
+from trainables.clipping import GradSample, OuterProducts, dense
+
+Samplers = dict[nn.Parameter, GradSample]
+
+
+#: input channels up to which a convolution's per-sample weight gradients are computed
+#: with the channels as the batch (:func:`conv_weight_by_channel`; image input layers)
+FEW_CHANNELS = 3
 
 
 def conv2d_grad_sample(layer: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> Samplers:
     """Per-sample weight/bias gradients of a 2-D convolution from its input and output
-    gradient: one weight-gradient convolution with the batch folded into the groups (each
-    sample its own group), so no im2col copy of the input is made."""
-    n, c, o = x.shape[0], layer.in_channels, layer.out_channels
+    gradient, without an im2col copy of the input: :func:`conv_weight_by_channel` for an
+    input layer (few channels, one group), else :func:`conv_weight_by_group`."""
     out: Samplers = {}
     if layer.weight.requires_grad:
-        shape = layer.weight.shape  # (O, C / groups, kh, kw)
-        weight = x.new_empty((n * shape[0], *shape[1:]))  # only its shape is read
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            grad.reshape(1, n * o, *grad.shape[2:]), x.reshape(1, n * c, *x.shape[2:]),
-            weight, None, layer.stride, layer.padding, layer.dilation, False, (0, 0),
-            n * layer.groups, (False, True, False))
-        out[layer.weight] = gw.view(n, *shape)
+        few = layer.groups == 1 and layer.in_channels <= FEW_CHANNELS
+        out[layer.weight] = (conv_weight_by_channel if few else conv_weight_by_group)(
+            layer, x, grad)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = grad.sum((2, 3))
     return out
+
+
+def conv_weight_by_group(layer: nn.Conv2d, x: torch.Tensor,
+                         grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(n, O, C / groups, kh, kw)``: one weight-gradient
+    convolution with the batch folded into the groups (each sample its own group)."""
+    n, c, o = x.shape[0], layer.in_channels, layer.out_channels
+    shape = layer.weight.shape  # (O, C / groups, kh, kw)
+    weight = x.new_empty((n * shape[0], *shape[1:]))  # only its shape is read
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        grad.reshape(1, n * o, *grad.shape[2:]), x.reshape(1, n * c, *x.shape[2:]),
+        weight, None, layer.stride, layer.padding, layer.dilation, False, (0, 0),
+        n * layer.groups, (False, True, False))
+    return gw.view(n, *shape)
+
+
+def conv_weight_by_channel(layer: nn.Conv2d, x: torch.Tensor,
+                           grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(n, O, C, kh, kw)`` of a one-group convolution: a
+    convolution of the padded input, with its C channels as the batch and its samples as
+    the groups, by each sample's output gradient as the kernel (the layer's stride becomes
+    the dilation, its dilation the stride). Fast where C is small (an input layer)."""
+    n, o = x.shape[0], layer.out_channels
+    kh, kw = layer.kernel_size
+    (ph, pw), (oh, ow) = layer.padding, grad.shape[2:]
+    padded = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1)  # (C, n, H, W)
+    gw = F.conv2d(padded, grad.reshape(n * o, 1, oh, ow), stride=layer.dilation,
+                  dilation=layer.stride, groups=n)  # (C, n * O, >= kh, >= kw)
+    gw = gw[:, :, :kh, :kw].reshape(layer.in_channels, n, o, kh, kw)
+    return gw.permute(1, 2, 0, 3, 4).contiguous()
 
 
 def linear_grad_sample(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor) -> Samplers:
@@ -86,6 +124,17 @@ def group_norm_grad_sample(layer: nn.GroupNorm, x: torch.Tensor,
     return out
 
 
+def linear_factors(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor) -> Samplers:
+    """Per-sample gradients of a linear layer on a 2-D input, the weight's kept as
+    factors (:class:`trainables.clipping.OuterProducts`)."""
+    out: Samplers = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = OuterProducts(grad, x)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = grad.clone()  # masked in place later: must not alias the factor
+    return out
+
+
 FAST_SAMPLERS = {nn.Linear: linear_grad_sample, nn.Conv2d: conv2d_grad_sample,
                  nn.GroupNorm: group_norm_grad_sample}
 
@@ -110,6 +159,9 @@ def supported(model: nn.Module) -> bool:
 
 class FastGradSampleModule(GradSampleModule):
     """Opacus' ``GradSampleModule`` interface; per-sample gradients without ``p.grad``."""
+
+    #: store a linear layer's per-sample weight gradients on 2-D inputs as factors
+    factored_linear: bool = False
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
                   force_functorch: bool = False) -> None:
@@ -166,26 +218,39 @@ class FastGradSampleModule(GradSampleModule):
             return
         grad = grad.detach()
         x = x.to(grad.dtype)  # under autocast the saved input may be wider (as Opacus does)
-        if self.loss_reduction == "mean":
-            grad = grad * x.shape[0]
-        params = {id(p) for p in _own_params(module)}
-        if fast_path(module):
+        own = _own_params(module)
+        # a mean loss scales each sample's gradient by 1/n: undo it on the smaller side
+        scale = x.shape[0] if self.loss_reduction == "mean" else 1
+        late = scale != 1 and grad.numel() > x.shape[0] * sum(p.numel() for p in own)
+        if scale != 1 and not late:
+            grad = grad * scale
+        if self.factored_linear and type(module) is nn.Linear and x.dim() == 2:
+            samples = linear_factors(module, x, grad)
+        elif fast_path(module):
             samples = FAST_SAMPLERS[type(module)](module, x, grad)
         else:
             samples = GradSampleModule.GRAD_SAMPLERS[type(module)](module, [x], grad)
+        params = {id(p) for p in own}
         for p, gs in samples.items():
             if id(p) in params:
-                _store(p, gs, pass_id)
+                _store(p, _scaled(gs, scale) if late else gs, pass_id)
+
+
+def _scaled(gs: GradSample, scale: int) -> GradSample:
+    """``gs`` times ``scale``, out of place (a sampler may return the output gradient)."""
+    if isinstance(gs, OuterProducts):
+        return OuterProducts(gs.grads * scale, gs.acts, gs.mask)
+    return gs * scale
 
 
 def _store(p: nn.Parameter, gs: torch.Tensor, pass_id: int) -> None:
     """``p.grad_sample`` as Opacus keeps it: summed within a backward pass (a layer used
     twice), stacked into a list across passes (gradient accumulation)."""
     if getattr(p, "_grad_sample_pass", None) == pass_id and p.grad_sample is not None:
-        if isinstance(p.grad_sample, list):
-            p.grad_sample[-1] = p.grad_sample[-1] + gs
+        if isinstance(p.grad_sample, list):  # a layer used twice: factors are summed densely
+            p.grad_sample[-1] = dense(p.grad_sample[-1]) + dense(gs)
         else:
-            p.grad_sample = p.grad_sample + gs
+            p.grad_sample = dense(p.grad_sample) + dense(gs)
         return
     p._grad_sample_pass = pass_id
     if p.grad_sample is None:
@@ -197,7 +262,10 @@ def _store(p: nn.Parameter, gs: torch.Tensor, pass_id: int) -> None:
 
 
 def wrap_model(model: nn.Module) -> GradSampleModule:
-    """The fast module where every layer is supported, else Opacus' own (batch first,
-    mean loss reduction)."""
-    cls = FastGradSampleModule if supported(model) else GradSampleModule
-    return cls(model, batch_first=True, loss_reduction="mean")
+    """The fast module (linear weights' per-sample gradients as factors) where every layer
+    is supported, else Opacus' own (batch first, mean loss reduction)."""
+    if not supported(model):
+        return GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    module = FastGradSampleModule(model, batch_first=True, loss_reduction="mean")
+    module.factored_linear = True
+    return module

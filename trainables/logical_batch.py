@@ -33,6 +33,7 @@ from torch import nn
 
 from trainables import precision
 from trainables.augment import Augmentation, Views
+from trainables.clipping import dense
 from trainables.data import Split
 from trainables.optimizer import MaskedDPOptimizer
 
@@ -106,7 +107,7 @@ def average_views(opt: MaskedDPOptimizer, k: int) -> None:
     """Replace each parameter's per-view gradients (example-major, ``k`` views each) by
     their mean per example: one per-sample gradient per example, clipped as usual."""
     for p in opt.params:
-        g = p.grad_sample
-        if g is None:
+        if p.grad_sample is None:
             continue
+        g = dense(p.grad_sample)  # a mean of outer products is not one: materialise
         p.grad_sample = g.view(-1, k, *g.shape[1:]).mean(dim=1)

@@ -5,6 +5,8 @@ noise -> scale -> step) and changes three steps:
 
 1. ``clip_and_accumulate``: per-sample gradients are multiplied by this step's keep-mask
    *before* their norms are taken, so clipping sees only the coordinates being trained;
+   norms and clipped sums come from :mod:`trainables.clipping` in one pass, from the
+   factors where a linear layer kept them (Opacus' clip factors, global per-sample norm);
 2. ``add_noise``: Gaussian noise lands only on kept coordinates;
 3. ``step``: coordinates not kept this step (pruned or dropped) keep their value and their
    optimizer state (momentum, Adam moments) exactly; pruned weights therefore stay 0. With
@@ -22,13 +24,20 @@ is still at most ``max_grad_norm``, and the accountant is unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from opacus.optimizers import DPOptimizer
+from torch import nn
 from torch.optim import Optimizer
 
+from trainables import clipping
+from trainables.clipping import OuterProducts
 from trainables.dropping import Masks, Selector
+
+#: the attribute Opacus marks used gradients with (it refuses to use them twice)
+PROCESSED = "_processed"
 
 
 class MaskedDPOptimizer(DPOptimizer):
@@ -64,21 +73,46 @@ class MaskedDPOptimizer(DPOptimizer):
             return self.trainable
         return self.selector.select(self.params, self.trainable)
 
+    @torch.no_grad()
     def clip_and_accumulate(self) -> None:
         """Mask per-sample gradients to the kept coordinates, then clip and sum them (into
-        ``p.summed_grad``, accumulating across calls as Opacus does between steps)."""
+        ``p.summed_grad``, accumulating across calls as Opacus does between steps): each
+        sample's clip factor comes from its norm over every parameter's kept coordinates."""
         self.mask_grad_samples()
-        super().clip_and_accumulate()
+        params = self.params
+        samples = [clipping.flatten(_fresh(p)) for p in params]
+        factors = clipping.clip_factors(samples, self.max_grad_norm)
+        for p, gs in zip(params, samples, strict=True):
+            grad = clipping.clipped_sum(gs, factors.to(p.dtype), p.shape)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
+            _mark_processed(p.grad_sample)
 
     @torch.no_grad()
     def mask_grad_samples(self) -> None:
-        """Zero, in place, the per-sample gradients of coordinates not kept this step."""
+        """Zero, in place, the per-sample gradients of coordinates not kept this step
+        (factored ones carry the mask into their norms and sums)."""
         for p, keep in zip(self.params, self.keep, strict=True):
             if keep is None or p.grad_sample is None:
                 continue
-            samples = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
-            for g in samples:
-                g.mul_(keep)  # a bool mask multiplies without a float copy of it
+            if isinstance(p.grad_sample, list):
+                p.grad_sample = [_masked(g, keep) for g in p.grad_sample]
+            else:
+                p.grad_sample = _masked(p.grad_sample, keep)
+
+    @property
+    def grad_samples(self) -> Sequence[torch.Tensor]:
+        """Opacus' flat per-sample gradient per parameter, each materialised when read."""
+        return DenseGradSamples(self.params)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Backward passes accumulated since the last step (Opacus' count, factors
+        included)."""
+        counts = {len(s) if isinstance(s, list) else 1
+                  for s in (_grad_sample(p) for p in self.params)}
+        if len(counts) > 1:
+            raise ValueError("Number of accumulated steps is inconsistent across parameters")
+        return counts.pop() if counts else 1
 
     def add_noise(self) -> None:
         """Add Gaussian noise (std = noise_multiplier * max_grad_norm) to kept coordinates."""
@@ -169,3 +203,51 @@ class MaskedDPOptimizer(DPOptimizer):
                 if torch.is_tensor(tensor) and tensor.shape == p.shape:
                     before = saved.get(key, torch.zeros_like(tensor))
                     tensor.copy_(torch.where(keep, tensor, before))
+
+
+class DenseGradSamples(Sequence[torch.Tensor]):
+    """Each parameter's per-sample gradients as Opacus' flat tensor, built when indexed
+    (Opacus reads only the length of the list where it merely checks for parameters)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [clipping.dense(_grad_sample(p)) for p in self.params[i]]
+        return clipping.dense(_grad_sample(self.params[i]))
+
+
+def _grad_sample(p: nn.Parameter) -> Any:
+    """``p.grad_sample``; raises as Opacus does when it is missing."""
+    samples = getattr(p, "grad_sample", None)
+    if samples is None:
+        raise ValueError("Per sample gradient is not initialized. Not updated in backward "
+                         "pass?")
+    return samples
+
+
+def _fresh(p: nn.Parameter) -> Any:
+    """``p.grad_sample``; raises as Opacus does when it is missing or already used."""
+    samples = _grad_sample(p)
+    for s in samples if isinstance(samples, list) else [samples]:
+        if getattr(s, PROCESSED, False):
+            raise ValueError("Gradients haven't been cleared since the last optimizer step. "
+                             "In order to obtain privacy guarantees you must call "
+                             "optimizer.zero_grad() on each step")
+    return samples
+
+
+def _mark_processed(samples: Any) -> None:
+    for s in samples if isinstance(samples, list) else [samples]:
+        setattr(s, PROCESSED, True)
+
+
+def _masked(samples: clipping.GradSample, keep: torch.Tensor) -> clipping.GradSample:
+    """Dense per-sample gradients zeroed in place off ``keep``; factors get the mask."""
+    if isinstance(samples, OuterProducts):
+        return samples.masked(keep)
+    return samples.mul_(keep)  # a bool mask multiplies without a float copy of it

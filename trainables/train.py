@@ -137,6 +137,8 @@ def build_run(cfg: TrialConfig, *, assigned_gpus: list[Any] | None = None,
     seed_everything(cfg.seed)
     placement.set_determinism(cfg.deterministic)
     device = placement.choose_device(cfg.device, assigned_gpus=assigned_gpus)
+    if device.type == "cpu":
+        placement.keep_freed_host_memory()
     precision.check_precision(cfg.precision, device)
     data = load_datasets(cfg.dataset, seed=cfg.seed).to(device)
     sample_rate = cfg.optim.batch_size / data.nominal_train  # public n, not the split's

@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from trainables.clipping import OuterProducts, dense, flatten
 from trainables.grad_sample import FastGradSampleModule, fast_path, supported, wrap_model
 from trainables.models import cnn_mnist, resnet18
 from trainables.optimizer import MaskedDPOptimizer
@@ -129,3 +131,157 @@ def test_unsupported_layers_fall_back_to_opacus() -> None:
     assert type(wrap_model(nn.Sequential(nn.PReLU(), nn.Linear(2, 2)))) is GradSampleModule
     assert type(wrap_model(cnn_mnist(num_classes=10, image_shape=(1, 28, 28)))) \
         is FastGradSampleModule
+
+
+# --- factored linear layers (OuterProducts) and one-pass clipping ----------------------
+
+def factored_and_opacus(build, shape, batch: int, seed: int):
+    """The model wrapped for training (linear weights factored) and Opacus' module."""
+    torch.manual_seed(seed)
+    model = build()
+    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    fast = wrap_model(copy.deepcopy(model))
+    assert isinstance(fast, FastGradSampleModule) and fast.factored_linear
+    return ref, fast
+
+
+def opacus_clipped_sums(ref: GradSampleModule, masks, max_grad_norm: float,
+                        chunks) -> list[torch.Tensor]:
+    """Opacus' own clip-and-accumulate on its per-sample gradients, zeroed off the masks,
+    over the chunks of one logical batch."""
+    opt = DPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), noise_multiplier=0.0,
+                      max_grad_norm=max_grad_norm, expected_batch_size=5)
+    return accumulate(opt, ref, chunks, masks)
+
+
+def accumulate(opt: DPOptimizer, module: nn.Module, chunks, masks=None) -> list[torch.Tensor]:
+    """Clip and accumulate every chunk of one logical batch through Opacus' skip-step
+    protocol (a skipped ``step`` per chunk but the last); the summed clipped gradients.
+    ``masks`` zero Opacus' per-sample gradients by hand; a MaskedDPOptimizer selects its
+    keep-mask on the first chunk's step (by hand for a single chunk)."""
+    for i, (x, y) in enumerate(chunks):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(module(x), y).backward()
+        for p, keep in zip(opt.params, masks or [None] * len(opt.params), strict=True):
+            if keep is not None:
+                p.grad_sample = p.grad_sample * keep
+        if i < len(chunks) - 1:
+            opt.signal_skip_step(do_skip=True)
+            assert not opt.step()
+        else:
+            if len(chunks) == 1 and isinstance(opt, MaskedDPOptimizer):
+                opt.keep = opt.select()
+            opt.clip_and_accumulate()
+    return [p.summed_grad for p in opt.params]
+
+
+def chunks_of(shape, sizes, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=g), torch.randint(0, 5, (n,), generator=g))
+            for n in sizes]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("sizes", [(5,), (3, 2)])
+def test_factored_clipped_sum_equals_opacus(case: str, masked: bool, sizes) -> None:
+    """Ghost norms and factored sums: the clipped (masked) sum equals Opacus' clipped sum of
+    its own per-sample gradients, whole or in physical chunks, with a small clipping bound
+    (every sample clipped) and a large one (none)."""
+    build, shape = CASES[case]
+    chunks = chunks_of(shape, sizes, seed=2)
+    for bound in (0.05, 1e4):
+        ref, fast = factored_and_opacus(build, shape, batch=5, seed=1)
+        g = torch.Generator().manual_seed(4)
+        masks = [torch.rand(p.shape, generator=g) < 0.6 if masked else None
+                 for p in ref.parameters()]
+        expected = opacus_clipped_sums(ref, masks, bound, chunks)
+        opt = MaskedDPOptimizer(torch.optim.SGD(fast.parameters(), lr=0.1),
+                                trainable=masks if masked else None, noise_multiplier=0.0,
+                                max_grad_norm=bound, expected_batch_size=5)
+        for a, b in zip(expected, accumulate(opt, fast, chunks), strict=True):
+            torch.testing.assert_close(b, a, atol=TOL, rtol=TOL)
+
+
+def test_factored_clipped_sum_with_dropping_equals_opacus() -> None:
+    """Dropping (a fresh random keep-mask on top of pruning masks) on the factored path."""
+    from trainables.dropping import RandomSelector
+
+    build, shape = CASES["cnn-mnist"]
+    chunks = chunks_of(shape, (4, 3), seed=3)
+    ref, fast = factored_and_opacus(build, shape, batch=7, seed=0)
+    g = torch.Generator().manual_seed(1)
+    pruned = [torch.rand(p.shape, generator=g) < 0.5 if p.dim() > 1 else None
+              for p in ref.parameters()]
+    selector = RandomSelector(0.8, generator=torch.Generator().manual_seed(9))
+    opt = MaskedDPOptimizer(torch.optim.SGD(fast.parameters(), lr=0.1), trainable=pruned,
+                            selector=selector, noise_multiplier=0.0, max_grad_norm=0.1,
+                            expected_batch_size=7)
+    got = accumulate(opt, fast, chunks)
+    assert all(k is not None for k in opt.keep)
+    expected = opacus_clipped_sums(ref, opt.keep, 0.1, chunks)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, atol=TOL, rtol=TOL)
+
+
+def test_outer_products_match_their_dense_form() -> None:
+    """OuterProducts: dense tensor, (masked) squared norms, weighted sums; lists of passes
+    concatenate; Opacus' materialised per-sample gradients through ``grad_samples``."""
+    g = torch.Generator().manual_seed(0)
+    grads, acts = torch.randn(6, 4, generator=g), torch.randn(6, 9, generator=g)
+    mask = torch.rand(4, 9, generator=g) < 0.5
+    w = torch.rand(6, generator=g)
+    for op in (OuterProducts(grads, acts), OuterProducts(grads, acts).masked(mask)):
+        full = torch.einsum("ni,nj->nij", grads, acts)
+        full = full if op.mask is None else full * mask
+        assert op.shape == full.shape and len(op) == 6
+        torch.testing.assert_close(op.dense(), full)
+        torch.testing.assert_close(op.sq_norms(), full.flatten(1).square().sum(1))
+        torch.testing.assert_close(op.weighted_sum(w), torch.einsum("n,nij->ij", w, full))
+        halves = [OuterProducts(grads[:2], acts[:2], op.mask),
+                  OuterProducts(grads[2:], acts[2:], op.mask)]
+        assert isinstance(flatten(halves), OuterProducts)
+        torch.testing.assert_close(dense(halves), full)
+
+
+def test_grad_samples_materialise_and_used_gradients_are_refused() -> None:
+    """``grad_samples`` gives Opacus' tensors (factors materialised) equal to Opacus' own;
+    a second step without zero_grad is refused as Opacus refuses it; an empty batch is a
+    zero clipped sum."""
+    build, shape = CASES["cnn-mnist"]
+    ref, fast = factored_and_opacus(build, shape, batch=4, seed=0)
+    x, y = chunks_of(shape, (4,), seed=0)[0]
+    for m in (ref, fast):
+        nn.functional.cross_entropy(m(x), y).backward()
+    opt = MaskedDPOptimizer(torch.optim.SGD(fast.parameters(), lr=0.1), noise_multiplier=1.0,
+                            max_grad_norm=1.0, expected_batch_size=4)
+    assert len(opt.grad_samples) == len(opt.params) and opt.accumulated_iterations == 1
+    for a, p in zip(opt.grad_samples, ref.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad_sample, atol=TOL, rtol=TOL)
+    opt.step()
+    with pytest.raises(ValueError, match="zero_grad"):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    for p in opt.params:
+        p.grad_sample = torch.zeros((0, *p.shape))
+    opt.clip_and_accumulate()
+    assert all(p.summed_grad.shape == p.shape and not p.summed_grad.any()
+               for p in opt.params)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_input_layer_convolutions_equal_opacus(channels: int) -> None:
+    """Few input channels (the channel-as-batch path): strides, padding, dilation, bias,
+    and output sizes that leave input rows unused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(channels, 4, (3, 4), stride=(2, 3), padding=(1, 2), dilation=(2, 1)),
+        nn.Tanh(), nn.Conv2d(4, 3, 2, bias=False), nn.Flatten(), nn.LazyLinear(5))
+    x, y = torch.randn(6, channels, 11, 10), torch.randint(0, 5, (6,))
+    model(x)  # materialise the lazy layer
+    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    fast = FastGradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    for m in (ref, fast):
+        nn.functional.cross_entropy(m(x), y).backward()
+    for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL)
