@@ -264,7 +264,12 @@ class StudySearch(OptunaSearchState, OptunaSearch):
 
     With a journal storage, :meth:`restore` reloads the Optuna study from the journal
     (:func:`study.search.persisted.reattach`), and a trial told before a driver was killed is
-    not told again when Tune re-runs its last epoch after the resume."""
+    not told again, nor sent its epochs again, when Tune re-runs its last epochs after the
+    resume (Optuna refuses to update a finished trial)."""
+
+    #: Tune trial ids the searcher knew when it was restored (only those can have been told
+    #: before a kill); empty for a study that was not resumed.
+    restored_trials: frozenset[str] = frozenset()
 
     def restore(self, checkpoint_path: str) -> None:
         """Tune's pickled state, then the Optuna study from its journal: the pickled path,
@@ -277,6 +282,18 @@ class StudySearch(OptunaSearchState, OptunaSearch):
             self.optuna_storage = optuna_storage.open_storage(path)
             self.optuna_study = optuna_storage.reattach(self.optuna_study, self.optuna_trials,
                                                      self.optuna_storage)
+            self.restored_trials = frozenset(self.optuna_trials)
+
+    def told_before_restore(self, trial_id: str) -> bool:
+        """Whether the trial was already finished in Optuna's storage when the study was
+        resumed (told before the driver was killed, run again by Tune)."""
+        trial = self.optuna_trials.get(trial_id)
+        return (trial is not None and trial_id in self.restored_trials
+                and optuna_storage.is_finished(self.optuna_study, trial))
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self.told_before_restore(trial_id):
+            super().on_trial_result(trial_id, result)
 
     def suggest(self, trial_id: str) -> dict | None:
         """Ask Optuna for a trial, and tag it with the Tune trial id (the ``trial_id`` of

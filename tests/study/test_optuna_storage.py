@@ -84,3 +84,30 @@ def test_resume_restores_from_the_journal_each_finished_trial_once(
     assert states["t3"] == TrialState.FAIL  # the orphan is not left running
     assert len(study.trials) == 5
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+
+
+def test_a_trial_told_before_the_kill_reports_its_rerun_epochs_without_error(
+        tmp_path: Path) -> None:
+    """After a kill -9 Tune re-runs the last epochs of a trial that Optuna was already told
+    about: Optuna refuses to update a finished trial, so those epochs are not sent to it
+    (that refusal ended the resumed study), while an unfinished trial's epochs still are."""
+    search = searcher(tmp_path)
+    blank = pickle.dumps(search)
+    search.suggest("t1")
+    search.suggest("t2")
+    state = tmp_path / "journal" / "searcher-state.pkl"
+    search.save(str(state))  # the last checkpoint: both trials running
+    finish(search, "t1", 0.5)  # told, then the driver is killed
+
+    restored = pickle.loads(blank)
+    restored.restore(str(state))
+    assert restored.told_before_restore("t1") and not restored.told_before_restore("t2")
+    for trial_id in ("t1", "t2"):
+        restored.on_trial_result(trial_id, {"val_accuracy": 0.55, "training_iteration": 2})
+    finish(restored, "t1", 0.51)
+    finish(restored, "t2", 0.6)
+
+    study = optuna_storage.load_study(str(tmp_path / "journal"), "journal")
+    by_id = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.trials}
+    assert by_id["t1"].value == 0.5 and by_id["t1"].intermediate_values == {}
+    assert by_id["t2"].value == 0.6 and by_id["t2"].intermediate_values == {2: 0.55}
