@@ -305,10 +305,7 @@ class StudySearch(OptunaSearchState, OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        trial = self.optuna_trials.get(trial_id)
-        if (trial is not None and trial_id not in self.completed_trials
-                and self.optuna_storage is not None
-                and optuna_storage.is_finished(self.optuna_study, trial)):
+        if trial_id not in self.completed_trials and self.told_before_restore(trial_id):
             self.completed_trials.add(trial_id)  # told before a kill; Tune ran it again
             return
         stopped = bool(result) and not error and not result.get("finished", False)
