@@ -62,7 +62,8 @@ def preflight(config: Any) -> list[str]:
     writable."""
     import os
 
-    from trainables.data import DataUnavailableError, dataset_size
+    from trainables.data import dataset_size
+    from trainables.errors import DataUnavailableError
 
     problems = []
     weights = config.model.weights
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from trainables.accounting import BudgetError
-    from trainables.data import DataUnavailableError
+    from trainables.errors import DataUnavailableError
     from trainables.train import train
 
     resume = args.checkpoint_dir if args.resume else None

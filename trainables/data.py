@@ -24,11 +24,8 @@ Registry (:data:`LOADERS`):
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import math
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -37,15 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables import disk_cache
+from trainables import disk_cache, idx_files
 from trainables.config import DataConfig
-from trainables.errors import InputError
+from trainables.errors import DataUnavailableError
 
 _SPLIT_SEED = 0  # fixed, not the trial seed: every trial sees the same mnist-5k split
 #: Key of the per-example validation hash (fixed: every trial sees the same split).
 _VALIDATION_KEY = b"dpstudy-validation-split-v1"
-_IMAGES_MAGIC = (0x0803, 0x0804)  # uint8, 3 dims (N, H, W) or 4 dims
-_LABELS_MAGIC = (0x0801,)  # uint8, 1 dim (N,)
 
 #: Per-channel (mean, std) of images scaled to [0, 1]; ``idx`` computes its own.
 NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -58,10 +53,6 @@ NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 IDX_NORMALISATION = (0.5, 0.5)
 #: Training-set sizes of the torchvision datasets, so :func:`dataset_size` needs no files.
 TORCHVISION_TRAIN_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
-
-
-class DataUnavailableError(InputError, FileNotFoundError):
-    """The dataset's files are not on this machine and could not be obtained."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +164,8 @@ def _raw_train_size(config: DataConfig) -> int:
     if config.name in TORCHVISION_TRAIN_SIZES:
         return TORCHVISION_TRAIN_SIZES[config.name]
     if config.name == "idx":
-        return len(_read_idx(config.train_labels or "", "labels", _LABELS_MAGIC))
+        return len(idx_files.read_idx(config.train_labels or "", "labels",
+                                      idx_files.LABELS_MAGIC))
     return len(_load_raw(config)[0])
 
 
@@ -289,57 +281,14 @@ def _stratified_split(labels: torch.Tensor, fraction: float) -> tuple[torch.Tens
 def _load_idx(config: DataConfig) -> tuple[Split, Split]:
     if config.test is not None and (config.test_images or config.test_labels):
         raise ValueError("dataset: give either test_images/test_labels or test, not both")
-    train = _read_idx_split(config.train_images or "", config.train_labels or "")
+    train = Split(*idx_files.read_idx_pair(config.train_images or "", config.train_labels or ""))
     if config.test is None:
-        return train, _read_idx_split(config.test_images or "", config.test_labels or "")
+        return train, Split(*idx_files.read_idx_pair(config.test_images or "",
+                                           config.test_labels or ""))
     parts = _load_raw(config.test)  # its train and test data together
     test = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
     _check_shape("dataset.test", config.test.name, test, train)
     return train, test
-
-
-def _read_idx_split(images_path: str, labels_path: str) -> Split:
-    images = _read_idx(images_path, "images", _IMAGES_MAGIC)
-    labels = _read_idx(labels_path, "labels", _LABELS_MAGIC)
-    if len(images) != len(labels):
-        raise ValueError(f"{os.path.expanduser(labels_path)}: {len(labels)} labels, but "
-                         f"{os.path.expanduser(images_path)} has {len(images)} images")
-    if len(images) == 0:
-        raise ValueError(f"{os.path.expanduser(images_path)}: holds no examples")
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    elif images.shape[-1] == 3:  # (N, H, W, C) colour images
-        images = images.permute(0, 3, 1, 2).contiguous()
-    return Split(images, labels.long())
-
-
-def _read_idx(path: str, kind: str, magics: tuple[int, ...]) -> torch.Tensor:
-    """Read one uint8 IDX file (gzip detected by its magic bytes) as a tensor."""
-    path = os.path.expanduser(path)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except (FileNotFoundError, IsADirectoryError):
-        raise DataUnavailableError(f"IDX {kind} file not found: {path}") from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{path}: corrupt gzip data ({err})") from None
-    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
-    if magic not in magics:
-        wanted = " or ".join(f"0x{m:08x}" for m in magics)
-        found = "none (file too short)" if magic is None else f"0x{magic:08x}"
-        raise ValueError(f"{path}: not an IDX {kind} file: magic number {found}, "
-                         f"expected {wanted}")
-    header = 4 + 4 * (magic & 0xFF)
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, need {header})")
-    dims = tuple(int.from_bytes(data[i:i + 4], "big") for i in range(4, header, 4))
-    if len(data) != header + math.prod(dims):
-        raise ValueError(f"{path}: header says shape {dims}, i.e. {header + math.prod(dims)} "
-                         f"bytes, but the data has {len(data)} bytes")
-    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy())
 
 
 def _public_dataset(config: DataConfig, train: Split, num_classes: int) -> Split:

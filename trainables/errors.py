@@ -41,3 +41,7 @@ class FailureError(DpstudyError):
     """The input was fine but the work could not be done: exit code 1."""
 
     exit_code = EXIT_FAILED
+
+
+class DataUnavailableError(InputError, FileNotFoundError):
+    """The dataset's files are not on this machine and could not be obtained."""
