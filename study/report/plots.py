@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,15 +39,20 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.5,
     return fig, list(fig.subplots(1, ncols, squeeze=False, sharey=sharey)[0])
 
 
-def save_png(fig: Any, path: str) -> None:
-    """Write ``fig`` to ``path`` as a PNG atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+def write_atomic(path: str, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it onto ``path``."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        fig.savefig(tmp, format="png")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png(fig: Any, path: str) -> None:
+    """Write ``fig`` to ``path`` as a PNG atomically."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _by_epsilon(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
