@@ -87,9 +87,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     from study.execution import runner
     from study.storage import experiment
 
-    location = os.path.expanduser(args.results)
-    if "://" not in location and not os.path.exists(location):
-        location = results_uri(args.results)
+    location = results_uri(args.results)
     spec = experiment.find_spec(location, args.study)
     if not experiment.is_experiment_dir(location):  # rows live where the user pointed
         location = location if "://" in location else os.path.abspath(location)
