@@ -254,33 +254,23 @@ def _html_table(df: pd.DataFrame) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
 
-def _render_html(blocks: list[tuple], title: str) -> str:
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>",
-           "<body>"]
-    for kind, *args in blocks:
-        if kind == "table":
-            out.append(_html_table(args[0]))
-        elif kind == "figure":
-            src, cap = html.escape(args[0]), html.escape(args[1])
-            out.append(f'<figure><img src="{src}" alt="{cap}">'
-                       f"<figcaption>{cap}</figcaption></figure>")
-        else:
-            out.append(f"<{kind}>{html.escape(args[0])}</{kind}>")
-    return "\n".join([*out, "</body>", "</html>", ""])
+#: block kind -> its (HTML, Markdown) template, filled with the block's escaped arguments
+_TEMPLATES = {"h1": ("<h1>{}</h1>", "# {}"), "h2": ("<h2>{}</h2>", "## {}"),
+              "p": ("<p>{}</p>", "{}"),
+              "figure": ('<figure><img src="{0}" alt="{1}"><figcaption>{1}</figcaption></figure>',
+                         "![{1}]({0})\n\n*{1}*")}
 
 
-def _render_md(blocks: list[tuple], title: str) -> str:
-    prefix = {"h1": "# ", "h2": "## ", "p": ""}
-    out = []
-    for kind, *args in blocks:
-        if kind == "table":
-            out.append(_md_table(args[0]))
-        elif kind == "figure":
-            out.append(f"![{args[1]}]({args[0]})\n\n*{args[1]}*")
-        else:
-            out.append(prefix[kind] + _md_text(args[0]))
-    return "\n\n".join(out) + "\n"
+def _render(blocks: list[tuple], title: str, fmt: str) -> str:
+    md = fmt == "md"
+    escape, table = (_md_text, _md_table) if md else (html.escape, _html_table)
+    body = [table(args[0]) if kind == "table" else _TEMPLATES[kind][md].format(*map(escape, args))
+            for kind, *args in blocks]
+    if md:
+        return "\n\n".join(body) + "\n"
+    return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+                      f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>",
+                      "</head>", "<body>", *body, "</body>", "</html>", ""])
 
 
 def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
@@ -309,6 +299,6 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
                   functools.cache(lambda: study_plots.persisted_study(results_uri, name)))
     blocks = _blocks(name, results_uri, trials, front, objectives, files,
                      confirm_table(everything))
-    text = (_render_html if fmt == "html" else _render_md)(blocks, f"Study report: {name}")
+    text = _render(blocks, f"Study report: {name}", fmt)
     plots.write_atomic(files.page, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return files
