@@ -11,20 +11,17 @@ from trainables.errors import EXIT_OK
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One line per study under the storage root, or per submitted study (``--address``)."""
+    from study.report.status import study_statuses, submitted_statuses
+
     if args.address:
-        from study.report.status import submitted_statuses
-
-        for line in submitted_statuses(args.address) or ["no studies submitted"]:
-            print(line)
+        print("\n".join(submitted_statuses(args.address) or ["no studies submitted"]))
         return EXIT_OK
-    from study.report.status import study_statuses
-
     storage = args.storage or DEFAULT_STORAGE
     problem = storage_problem(storage, given=args.storage is not None)
     if problem:
         raise UsageError(f"--storage: {problem} (got {storage!r})")
-    for line in study_statuses(os.path.expanduser(storage)) or [f"no studies under {storage}"]:
-        print(line)
+    print("\n".join(study_statuses(os.path.expanduser(storage))
+                    or [f"no studies under {storage}"]))
     return EXIT_OK
 
 
@@ -56,6 +53,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """PNG plots and an HTML or Markdown page for one study."""
+    from study.analysis.query import parse_pareto
     from study.report.html import build_report, render_markdown_summary
     from study.storage.read import read_trials
 
@@ -63,11 +61,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out or (os.path.join(uri, "report") if "://" not in uri else "report")
     if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out: must be a directory, but {out!r} is a file")
-    pareto = None
-    if args.pareto:
-        from study.analysis.query import parse_pareto
-
-        pareto = parse_pareto(args.pareto)
+    pareto = parse_pareto(args.pareto) if args.pareto else None
     files = build_report(uri, out, pareto=pareto, fmt=args.format)
     print(render_markdown_summary(read_trials(uri)))
     print(f"report: {files.page}")

@@ -36,10 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _print_study_budget(spec)
     print(f"[{spec.name}] {spec.trials or 'a drawn number of'} trials at epsilon="
-          f"{spec.privacy.epsilon:g}, "
-          f"delta={spec.privacy.delta:g}, selecting on {spec.objective.selection_split} "
-          f"({selection_label(spec)}); experiment {experiment.experiment_dir(spec)}; "
-          f"results {spec.results_path}", flush=True)
+          f"{spec.privacy.epsilon:g}, delta={spec.privacy.delta:g}, selecting on "
+          f"{spec.objective.selection_split} ({selection_label(spec)}); experiment "
+          f"{experiment.experiment_dir(spec)}; results {spec.results_path}", flush=True)
     summary = runner.run(spec, budget, address=args.address)
     return _then_confirm(runner, spec, summary, args.address)
 
@@ -87,9 +86,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     from study.execution import runner
     from study.storage import experiment
 
-    location = os.path.expanduser(args.results)
-    if "://" not in location and not os.path.exists(location):
-        location = results_uri(args.results)
+    location = results_uri(args.results)
     spec = experiment.find_spec(location, args.study)
     if not experiment.is_experiment_dir(location):  # rows live where the user pointed
         location = location if "://" in location else os.path.abspath(location)

@@ -33,15 +33,12 @@ def experiment_target(study: str, storage: str) -> str:
 
     if "://" in study:
         return study
-    candidates = list(dict.fromkeys([
-        resolve_location(study), resolve_location(os.path.join(os.path.expanduser(storage),
-                                                               study))]))
-    for target in candidates:
-        if os.path.isfile(os.path.join(target, SPEC_FILE)):
+    candidates = list(dict.fromkeys(resolve_location(path) for path in (
+        study, os.path.join(os.path.expanduser(storage), study))))
+    # one with a saved spec first; else a folder (resume says it is no experiment directory)
+    for target in sorted(candidates, key=lambda c: not os.path.isfile(os.path.join(c, SPEC_FILE))):
+        if os.path.isdir(target):
             return target
-    folders = [c for c in candidates if os.path.isdir(c)]
-    if folders:  # not an experiment directory: resume says so, naming it
-        return folders[0]
     tried = " nor ".join(repr(c) for c in candidates)
     raise UsageError(f"study: no experiment directory {tried} (give DIR/NAME or NAME "
                      f"--storage DIR) (got {study!r})")

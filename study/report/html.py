@@ -7,16 +7,16 @@ import datetime as dt
 import functools
 import html
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
 from study.analysis import confirm, selection
 from study.analysis.query import pareto_front, parse_pareto, to_frame
+from study.report import plots, study_plots
 from study.report.privacy import audit_blocks, facts_table, noise_note, privacy_blocks
-from study.report.study_plots import persisted_study
 from study.spec import hyperparameters
 from study.spec.sections import MAXIMISED
 from study.storage.read import read_epochs, read_trials
@@ -101,15 +101,9 @@ def selection_banner(trials: pd.DataFrame) -> str:
             f"themselves differentially private.")
 
 
-def _best(trials: pd.DataFrame) -> pd.Series | None:
-    metric, mode, _ = selection_of(trials)
-    found = selection.best(trials.to_dict("records"), metric, mode)
-    return None if found is None else trials[trials["trial_id"] == found["trial_id"]].iloc[0]
-
-
 def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
     """(label, value) rows summarising a study's trials frame (``TRIALS_SCHEMA`` columns)."""
-    metric, _, split = selection_of(trials)
+    metric, mode, split = selection_of(trials)
     if "stage" in trials:
         trials = trials[trials["stage"].isna() | (trials["stage"] == "search")]
     counts = trials["status"].value_counts()
@@ -124,12 +118,12 @@ def summary_rows(trials: pd.DataFrame) -> list[tuple[str, str]]:
     if "budget_used" in done and done["budget_used"].notna().any():
         used = done["budget_used"].dropna()
         rows.append(("Budget used (completed)", f"{used.min():.3f} to {used.max():.3f}"))
-    best = _best(trials)
+    best = selection.best(trials.to_dict("records"), metric, mode)
     if best is None:
         return [*rows, ("Best trial", "- (no completed trial yet)")]
-    params = ", ".join(f"{p}={_cell(best[p])}" for p in HYPERPARAMS if p in best.index)
+    params = ", ".join(f"{p}={_cell(best[p])}" for p in HYPERPARAMS if p in best)
     scores = ", ".join(f"{k} {_cell(best[k])}" for k in dict.fromkeys(
-        (metric, "val_accuracy", "test_accuracy")) if k in best.index)
+        (metric, "val_accuracy", "test_accuracy")) if k in best)
     return [*rows, (f"Best by {metric}", f"trial {best['trial_id']}: {scores}"),
             ("Best hyperparameters", params)]
 
@@ -178,10 +172,8 @@ def _load(uri: str, study: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]
 
 
 def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
-          objectives: list[tuple[str, str]], out_dir: str,
-          optuna_study: Callable[[], object]) -> tuple[dict, dict]:
-    from study.report import plots, study_plots
-
+          objectives: list[tuple[str, str]], page: str,
+          optuna_study: Callable[[], object]) -> ReportFiles:
     metric = selection_of(trials)[0]
     draw = {
         "accuracy_vs_prune_rate": lambda p: plots.plot_accuracy_vs(trials, p, "prune_rate",
@@ -198,17 +190,17 @@ def _draw(trials: pd.DataFrame, epochs: pd.DataFrame, front: pd.DataFrame,
             optuna_study(), "parallel_coordinate", p),
         "optuna_contour": lambda p: study_plots.plot_optuna(optuna_study(), "contour", p),
     }
-    figures, skipped = {}, {}
+    files = ReportFiles(page=page)
     for stem in FIGURES:
-        path = os.path.join(out_dir, f"{stem}.png")
+        path = os.path.join(os.path.dirname(page), f"{stem}.png")
         try:
             draw[stem](path)
-            figures[stem] = path
+            files.figures[stem] = path
         except plots.SkipFigure as why:
-            skipped[stem] = str(why)
+            files.skipped[stem] = str(why)
             if os.path.exists(path):  # a stale figure of an earlier run
                 os.remove(path)
-    return figures, skipped
+    return files
 
 
 def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
@@ -227,6 +219,7 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
                            ("p", selection_banner(trials)),
                            ("p", f"Results: {uri} - generated {now}"),
                            ("h2", "Summary"), ("table", facts_table(summary_rows(trials))),
+                           *privacy_blocks(uri, name),
                            ("h2", f"Top 10 trials by {metric} (completed first)"),
                            ("table", top[[c for c in TOP_COLUMNS if c in top]]),
                            ("h2", "Pareto front (" + ", ".join(f"{c} {d}" for c, d in
@@ -251,7 +244,7 @@ def _blocks(name: str, uri: str, trials: pd.DataFrame, front: pd.DataFrame,
             blocks.append(("figure", f"{stem}.png", caption))
         elif stem in files.skipped:
             blocks.append(("p", f"{stem}.png not drawn: {files.skipped[stem]}."))
-    return blocks
+    return blocks + audit_blocks(uri, name)
 
 
 def _html_table(df: pd.DataFrame) -> str:
@@ -261,44 +254,23 @@ def _html_table(df: pd.DataFrame) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
 
-def _render_html(blocks: list[tuple], title: str) -> str:
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>",
-           "<body>"]
-    for kind, *args in blocks:
-        if kind == "table":
-            out.append(_html_table(args[0]))
-        elif kind == "figure":
-            src, cap = html.escape(args[0]), html.escape(args[1])
-            out.append(f'<figure><img src="{src}" alt="{cap}">'
-                       f"<figcaption>{cap}</figcaption></figure>")
-        else:
-            out.append(f"<{kind}>{html.escape(args[0])}</{kind}>")
-    return "\n".join([*out, "</body>", "</html>", ""])
+#: block kind -> its (HTML, Markdown) template, filled with the block's escaped arguments
+_TEMPLATES = {"h1": ("<h1>{}</h1>", "# {}"), "h2": ("<h2>{}</h2>", "## {}"),
+              "p": ("<p>{}</p>", "{}"),
+              "figure": ('<figure><img src="{0}" alt="{1}"><figcaption>{1}</figcaption></figure>',
+                         "![{1}]({0})\n\n*{1}*")}
 
 
-def _render_md(blocks: list[tuple], title: str) -> str:
-    prefix = {"h1": "# ", "h2": "## ", "p": ""}
-    out = []
-    for kind, *args in blocks:
-        if kind == "table":
-            out.append(_md_table(args[0]))
-        elif kind == "figure":
-            out.append(f"![{args[1]}]({args[0]})\n\n*{args[1]}*")
-        else:
-            out.append(prefix[kind] + _md_text(args[0]))
-    return "\n\n".join(out) + "\n"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _render(blocks: list[tuple], title: str, fmt: str) -> str:
+    md = fmt == "md"
+    escape, table = (_md_text, _md_table) if md else (html.escape, _html_table)
+    body = [table(args[0]) if kind == "table" else _TEMPLATES[kind][md].format(*map(escape, args))
+            for kind, *args in blocks]
+    if md:
+        return "\n\n".join(body) + "\n"
+    return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+                      f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>",
+                      "</head>", "<body>", *body, "</body>", "</html>", ""])
 
 
 def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
@@ -315,10 +287,7 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}: expected one of {', '.join(FORMATS)}")
     everything, epochs, name = _load(results_uri, study)
-    confirmed = confirm_table(everything)
-    search = pd.Series([selection.is_search(r) for r in everything.to_dict("records")],
-                       index=everything.index, dtype=bool)
-    trials = everything[search]
+    trials = everything.loc[[selection.is_search(r) for r in everything.to_dict("records")]]
     epochs = epochs[epochs["trial_id"].isin(trials["trial_id"])]
     objectives = list(pareto) if pareto else parse_pareto("accuracy,density")
     if "val_accuracy" in trials and trials["val_accuracy"].isna().all():
@@ -326,14 +295,10 @@ def build_report(results_uri: str, out_dir: str, *, study: str | None = None,
                       for c, d in objectives]  # results without a validation split
     front = pareto_front(trials, objectives)
     os.makedirs(out_dir, exist_ok=True)
-    figures, skipped = _draw(trials, epochs, front, objectives, out_dir,
-                             functools.cache(lambda: persisted_study(results_uri, name)))
-    page = os.path.join(out_dir, f"report.{fmt}")
-    files = ReportFiles(page=page, figures=figures, skipped=skipped)
-    blocks = _blocks(name, results_uri, trials, front, objectives, files, confirmed)
-    after = blocks.index(("h2", "Summary")) + 2  # the study's privacy after its summary
-    blocks[after:after] = privacy_blocks(results_uri, name)
-    blocks += audit_blocks(results_uri, name)
-    render = _render_html if fmt == "html" else _render_md
-    _write_atomic(page, render(blocks, f"Study report: {name}"))
+    files = _draw(trials, epochs, front, objectives, os.path.join(out_dir, f"report.{fmt}"),
+                  functools.cache(lambda: study_plots.persisted_study(results_uri, name)))
+    blocks = _blocks(name, results_uri, trials, front, objectives, files,
+                     confirm_table(everything))
+    text = _render(blocks, f"Study report: {name}", fmt)
+    plots.write_atomic(files.page, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return files

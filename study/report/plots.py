@@ -2,14 +2,16 @@
 
 Every ``plot_*`` function takes the trials (and epochs) of one study as pandas frames,
 writes one PNG to ``path`` atomically and raises :class:`SkipFigure` with a reason when
-there is nothing to draw. matplotlib and optuna are imported lazily; figures are drawn
-on an explicit Agg canvas, so no display and no global pyplot state are involved.
+there is nothing to draw. matplotlib and optuna are imported lazily; figures are plain
+``Figure`` objects (saved by Agg), so no display and no global pyplot state are involved.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,24 +30,27 @@ class SkipFigure(Exception):
 
 def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.5,
                sharey: bool = False) -> tuple[Any, list]:
-    """A figure on an Agg canvas (no pyplot) and its ``ncols`` axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """A figure (no pyplot: PNGs are drawn by Agg) and its ``ncols`` axes."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
     return fig, list(fig.subplots(1, ncols, squeeze=False, sharey=sharey)[0])
 
 
-def save_png(fig: Any, path: str) -> None:
-    """Write ``fig`` to ``path`` as a PNG atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+def write_atomic(path: str, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it onto ``path``."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        fig.savefig(tmp, format="png")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png(fig: Any, path: str) -> None:
+    """Write ``fig`` to ``path`` as a PNG atomically."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _by_epsilon(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

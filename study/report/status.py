@@ -6,21 +6,21 @@ Parquet results), so it works while a study runs, after it was killed, or from a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 
-from study.spec.model import StudySpec
+from study.analysis import selection
+from study.spec.model import SpecError, StudySpec
+from study.spec.selection import selection_metric
 from study.storage.experiment import SPEC_FILE
+from study.storage.read import read_trials
 from trainables.config import read_yaml_file
 
 
 def study_status(directory: str) -> str:
     """``NAME  done/total (stopped, failed), remaining, best METRIC VALUE``."""
-    from study.analysis import selection
-    from study.privacy.private_selection import recorded_trial_count
-    from study.spec.model import SpecError
-    from study.spec.selection import selection_metric
-    from study.storage.read import read_trials
+    from study.privacy.private_selection import recorded_trial_count  # imports torch
 
     spec = StudySpec.from_dict(read_yaml_file(os.path.join(directory, SPEC_FILE), "saved spec"))
     metric, mode = selection_metric(spec)
@@ -63,8 +63,6 @@ def study_privacy_lines(results: str, study: str | None = None,
                         refused: str | None = None) -> list[str]:
     """The study's (epsilon, delta) under both release models, from its Parquet metadata;
     ``refused``: why its trial count no longer checks out (no selection bound then)."""
-    import dataclasses
-
     from study.privacy.private_selection import read_study_privacy
 
     try:
@@ -84,8 +82,6 @@ def results_counts(results: str | None) -> str:
     if not results:
         return "results unknown"
     try:
-        from study.storage.read import read_trials
-
         statuses = read_trials(os.path.expanduser(results)).column("status").to_pylist()
     except (FileNotFoundError, OSError, ValueError):
         return "no results yet"

@@ -51,17 +51,15 @@ def plot_privacy_utility(trials: pd.DataFrame, path: str) -> None:
 def persisted_study(results_uri: str, name: str) -> Any:
     """The Optuna study persisted for study ``name`` whose results are at ``results_uri``
     (through the spec copy there), or None when there is none to read."""
-    import yaml
-
     from study.search.persisted import load_study
     from study.spec.model import StudySpec
-    from study.storage.experiment import SPEC_FILE
+    from study.storage.experiment import results_spec_name
+    from trainables.config import read_yaml_file
 
-    spec_file = os.path.join(results_uri, f"{name}.{SPEC_FILE}")
+    spec_file = os.path.join(results_uri, results_spec_name(name))
     if "://" in results_uri or not os.path.isfile(spec_file):
         return None
-    with open(spec_file, encoding="utf-8") as f:
-        spec = StudySpec.from_dict(yaml.safe_load(f))
+    spec = StudySpec.from_dict(read_yaml_file(spec_file, "saved spec"))
     return load_study(os.path.join(spec.storage_path, spec.name), spec.name)
 
 
