@@ -8,7 +8,8 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, model_serializer
+from pydantic import BeforeValidator, ConfigDict, Field, model_serializer
+from pydantic.json_schema import SkipJsonSchema
 
 from study.spec import hyperparameters
 from trainables.config import (
@@ -48,9 +49,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _required_in_schema(schema: dict[str, Any], cls: type[Spec]) -> None:
+    """JSON Schema: fields that default to None only to be reported missing are required."""
+    if cls.required:
+        schema["required"] = sorted(cls.required)
+    for key in cls.required:
+        prop = schema["properties"][key]
+        prop.pop("default", None)
+        parts = [p for p in prop.get("anyOf", []) if p != {"type": "null"}]
+        if len(parts) == 1:
+            del prop["anyOf"]
+            prop.update(parts[0])
+
+
 class Spec(Section):
     """Base of the spec sections: a section left empty (``null``) takes its defaults."""
 
+    model_config = ConfigDict(json_schema_extra=_required_in_schema)
     not_a_mapping: ClassVar[str] = "must be a mapping"
 
     @classmethod
@@ -85,7 +100,7 @@ class Param(Spec):
     log: Flag = False
     step: Number | None = None
     choices: Annotated[tuple[Number, ...], BeforeValidator(_as_choices)] | None = None
-    name: Literal[("", *SEARCH_PARAMS)] = Field("", exclude=True)
+    name: SkipJsonSchema[Literal[("", *SEARCH_PARAMS)]] = Field("", exclude=True)
 
     @classmethod
     def expand(cls, data: Any) -> Any:
