@@ -288,16 +288,6 @@ class DroppingSpec(CriteriaSpec):
     criterion: strings(DROPPING_CRITERIA, _CHOICE_RULE) = ("random",)
 
 
-def trial_space(search: SearchSpec, pruning: PruningSpec,
-                dropping: DroppingSpec) -> dict[str, Param | tuple[str, ...]]:
-    """Every trial parameter: a :class:`Param` per given search parameter, and a tuple of
-    allowed strings per criterion (length 1 = fixed)."""
-    out: dict[str, Param | tuple[str, ...]] = {
-        k: getattr(search, k) for k in SEARCH_PARAMS if getattr(search, k)}
-    return {**out, "pruning_criterion": pruning.criterion, "pruning_scope": pruning.scope,
-            "pruning_granularity": pruning.granularity, "dropping_criterion": dropping.criterion}
-
-
 def trial_values(space: dict[str, Param | tuple[str, ...]],
                  params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each parameter of ``space`` in one trial: from ``params`` (sampled values), else its
