@@ -244,17 +244,15 @@ class StudySpec(Spec):
         (keys of :meth:`parameters`), fixed values from the spec for absent keys; ``seed``
         replaces the spec's seed (a confirmation run)."""
         values = trial_values(self.parameters(), params)
-        privacy = self.privacy
         config = {
             "seed": self.seed if seed is None else seed, "device": self.device,
             "reproducible_noise": self.reproducible_noise, "deterministic": self.deterministic,
             "precision": self.precision,
             "dataset": self.dataset.to_dict(), "model": self.model.to_dict(),
             "pruning": {}, "dropping": {},
-            "privacy": {"epsilon": privacy.epsilon, "delta": privacy.delta,
-                        "accountant": privacy.accountant,
-                        "validation_noise": self.validation.noise_for(privacy.epsilon,
-                                                                      privacy.delta)},
+            "privacy": {"epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
+                        "accountant": self.privacy.accountant, "validation_noise":
+                        self.validation.noise_for(self.privacy.epsilon, self.privacy.delta)},
             "optim": self.optimizer.to_dict(),
         }
         for h in HYPERPARAMETERS:  # a parameter not given: off (no views beyond the example)

@@ -4,7 +4,6 @@ section."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -266,7 +265,7 @@ class CriteriaSpec(Spec):
         """A criterion given once is named without an index."""
         one = {f"{k}[0]" for k, v in raw.items() if isinstance(v, str) or (
             isinstance(v, list) and len(v) == 1)} if isinstance(raw, dict) else set()
-        return [(re.sub(r"\[0\]$", "", p) if p in one else p, rule, v) for p, rule, v in found]
+        return [(p.removesuffix("[0]") if p in one else p, rule, v) for p, rule, v in found]
 
     @model_serializer(mode="wrap")
     def _short(self, handler: Any) -> dict[str, Any]:
