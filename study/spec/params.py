@@ -79,16 +79,6 @@ def _as_choices(value: Any) -> Any:
     return tuple(value)
 
 
-def _bounded(field: str, value: float, name: str) -> Iterator[Problem]:
-    """The problem of ``value`` against parameter ``name``'s bounds, if any."""
-    if name in _INTEGER_PARAMS and not isinstance(value, int):
-        yield field, "must be an integer", value
-        return
-    rule = bound_rule(value, **_BOUNDS.get(name, {}))
-    if rule:
-        yield field, rule, value
-
-
 class Param(Spec):
     """A hyperparameter: fixed ``value``, a ``low``..``high`` range (``log``, ``step``) or
     ``choices``. ``name`` (a :data:`SEARCH_PARAMS` entry) selects the per-parameter bounds."""
@@ -130,15 +120,21 @@ class Param(Spec):
             yield from self._bounds_problems()
 
     def problems_despite(self, failed: set[str]) -> Iterator[Problem]:
-        """With a field invalid, only the bounds of the others (as before)."""
+        """With a field invalid, only the bounds of the others."""
         return self._bounds_problems()
 
     def _bounds_problems(self) -> Iterator[Problem]:
-        for key in ("value", "low", "high"):
-            if getattr(self, key) is not None:
-                yield from _bounded(key, getattr(self, key), self.name)
-        for i, v in enumerate(self.choices or ()):
-            yield from _bounded(f"choices[{i}]", v, self.name)
+        given = [("value", self.value), ("low", self.low), ("high", self.high),
+                 *((f"choices[{i}]", v) for i, v in enumerate(self.choices or ()))]
+        for key, value in given:
+            if value is not None:
+                yield from self._bounded(key, value, _BOUNDS.get(self.name, {}))
+
+    def _bounded(self, key: str, value: float, bounds: dict[str, float]) -> Iterator[Problem]:
+        if self.name in _INTEGER_PARAMS and not isinstance(value, int):
+            yield key, "must be an integer", value
+        elif rule := bound_rule(value, **bounds):
+            yield key, rule, value
 
     def _range_problems(self) -> Iterator[Problem]:
         found: list[Problem] = [
@@ -146,10 +142,7 @@ class Param(Spec):
             for key in ("low", "high") if getattr(self, key) is None]
         found += self._bounds_problems()
         if self.step is not None:
-            if self.name in _INTEGER_PARAMS and not isinstance(self.step, int):
-                found.append(("step", "must be an integer", self.step))
-            elif self.step <= 0:
-                found.append(("step", "must be > 0.0", self.step))
+            found += self._bounded("step", self.step, {"gt": 0.0})
             if self.log:
                 found.append(("step", "cannot be combined with log: true", self.step))
         yield from found
