@@ -284,18 +284,14 @@ def trial_values(space: dict[str, Param | tuple[str, ...]],
                  params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each parameter of ``space`` in one trial: from ``params`` (sampled values), else its
     fixed value; raises ValueError for an unknown key or a searched one not given."""
-    params = dict(params or {})
+    params = params or {}
     unknown = sorted(set(params) - set(space))
     if unknown:
         raise ValueError(f"unknown trial parameters {unknown}; expected {sorted(space)}")
     values: dict[str, Any] = {}
     for key, p in space.items():
-        if key in params:
-            values[key] = params[key]
-        elif isinstance(p, Param) and p.is_fixed():
-            values[key] = p.value
-        elif isinstance(p, tuple) and len(p) == 1:
-            values[key] = p[0]
-        else:
+        fixed = p.value if isinstance(p, Param) else p[0] if len(p) == 1 else None
+        if key not in params and fixed is None:
             raise ValueError(f"{key} is searched, so params must give a value for it")
+        values[key] = params.get(key, fixed)
     return values
