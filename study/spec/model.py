@@ -251,11 +251,12 @@ class StudySpec(Spec):
             "dataset": self.dataset.to_dict(), "model": self.model.to_dict(),
             "pruning": {}, "dropping": {},
             "privacy": {"epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
-                        "accountant": self.privacy.accountant, "validation_noise":
-                        self.validation.noise_for(self.privacy.epsilon, self.privacy.delta)},
+                        "accountant": self.privacy.accountant,
+                        "validation_noise": self.validation.noise_for(
+                            self.privacy.epsilon, self.privacy.delta)},
             "optim": self.optimizer.to_dict(),
         }
-        for h in HYPERPARAMETERS:  # a parameter not given: off (no views beyond the example)
+        for h in HYPERPARAMETERS:  # a parameter not given is off: None, or 1 view per example
             default = 1 if h.name == "augmentation_multiplicity" else None
             config[h.section][h.key] = values.get(h.name, default)
         return config
