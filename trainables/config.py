@@ -253,8 +253,3 @@ class TrialConfig(Section):
             chosen = getattr(self, section)
             if chosen.criterion == criterion and chosen.rate > 0 and self.dataset.public is None:
                 yield f"{section}.criterion", f"{criterion} needs dataset.public{why}", criterion
-
-
-PublicConfig.model_rebuild()
-ValidationConfig.model_rebuild()
-

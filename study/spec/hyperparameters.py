@@ -33,10 +33,6 @@ class Hyperparameter:
         """The place in the trial config, ``section.key``."""
         return f"{self.section}.{self.key}"
 
-    def value_in(self, config: dict[str, Any]) -> Any:
-        """This hyperparameter's value in a trial config dict (None when absent)."""
-        return (config.get(self.section) or {}).get(self.key)
-
 
 _SHOWN = {"searched": True, "reported": True, "summarised": True}
 
@@ -83,5 +79,7 @@ def names(**flags: bool) -> tuple[str, ...]:
 
 
 def recorded_values(config: dict[str, Any]) -> dict[str, Any]:
-    """The ``trials.parquet`` hyperparameter columns of one trial config dict."""
-    return {h.name: h.value_in(config) for h in HYPERPARAMETERS if h.recorded}
+    """The ``trials.parquet`` hyperparameter columns of one trial config dict (None when
+    absent)."""
+    return {h.name: (config.get(h.section) or {}).get(h.key)
+            for h in HYPERPARAMETERS if h.recorded}

@@ -13,13 +13,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from annotated_types import Ge, Le
 from pydantic import BeforeValidator, field_validator
 
+from study.spec.hyperparameters import HYPERPARAMETERS
 from study.spec.params import (
+    SEARCH_PARAMS,
     DroppingSpec,
     Param,
     PruningSpec,
     SearchSpec,
     Spec,
-    trial_space,
     trial_values,
 )
 from study.spec.sections import (
@@ -42,7 +43,7 @@ from trainables.config import (
     ModelConfig,
     read_yaml_file,
 )
-from trainables.validation import Flag, Integer, Problem, fail, problems_of, strings
+from trainables.validation import Flag, Integer, Problem, Section, fail, problems_of, strings
 
 SAMPLERS = ("tpe", "random", "nsgaii", "gp")
 LOGGERS = ("mlflow", "tensorboard")  # Ray Tune's own experiment-tracker callbacks
@@ -147,13 +148,13 @@ class StudySpec(Spec):
             found.append(("trials", _REMOVE_TRIALS, raw["trials"]))
         return found
 
-    @field_validator("dataset", "model", mode="before")
+    @field_validator(*NAME_SHORTHANDS, mode="before")
     @classmethod
     def _by_name(cls, value: Any) -> Any:
-        """A dataset or model given by its name alone."""
+        """A section given by its name alone (:data:`NAME_SHORTHANDS`)."""
         if isinstance(value, str):
             return {"name": value}
-        if value is not None and not isinstance(value, (dict, DataConfig, ModelConfig)):
+        if value is not None and not isinstance(value, (dict, Section)):
             raise fail("must be a mapping")
         return {} if value is None else value
 
@@ -231,35 +232,34 @@ class StudySpec(Spec):
         return self.results if "://" in self.results else os.path.expanduser(self.results)
 
     def parameters(self) -> dict[str, Param | tuple[str, ...]]:
-        """Every trial parameter (the keys :meth:`trial_config` takes): a :class:`Param` for
-        numbers, a tuple of allowed strings for criteria (length 1 = fixed)."""
-        return trial_space(self.search, self.pruning, self.dropping)
+        """Every trial parameter (the keys :meth:`trial_config` takes): a :class:`Param` per
+        given search parameter, a tuple of allowed strings per criterion (length 1 = fixed)."""
+        space = {k: p for k in SEARCH_PARAMS if (p := getattr(self.search, k)) is not None}
+        return {**space, **{h.name: getattr(getattr(self, h.section), h.key)
+                            for h in HYPERPARAMETERS if h.criterion}}
 
     def trial_config(self, params: dict[str, Any] | None = None, *,
                      seed: int | None = None) -> dict[str, Any]:
         """The :class:`~trainables.config.TrialConfig` dict of one trial: sampled ``params``
         (keys of :meth:`parameters`), fixed values from the spec for absent keys; ``seed``
         replaces the spec's seed (a confirmation run)."""
-        v = trial_values(self.parameters(), params)
-        return {
+        values = trial_values(self.parameters(), params)
+        config = {
             "seed": self.seed if seed is None else seed, "device": self.device,
             "reproducible_noise": self.reproducible_noise, "deterministic": self.deterministic,
             "precision": self.precision,
             "dataset": self.dataset.to_dict(), "model": self.model.to_dict(),
-            "pruning": {"rate": v["prune_rate"], "criterion": v["pruning_criterion"],
-                        "scope": v["pruning_scope"], "granularity": v["pruning_granularity"]},
-            "dropping": {"rate": v["drop_rate"], "criterion": v["dropping_criterion"]},
+            "pruning": {}, "dropping": {},
             "privacy": {"epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
                         "accountant": self.privacy.accountant,
                         "validation_noise": self.validation.noise_for(
-                            self.privacy.epsilon, self.privacy.delta),
-                        "noise_multiplier": v.get("noise_multiplier"), "epochs": v.get("epochs")},
-            "optim": {**self.optimizer.to_dict(), "learning_rate": v["learning_rate"],
-                      "clip_norm": v["clip_norm"], "batch_size": v["batch_size"],
-                      "max_epochs": v["max_epochs"],
-                      "augmentation_multiplicity": v.get("augmentation_multiplicity", 1),
-                      "ema_decay": v.get("ema_decay")},
+                            self.privacy.epsilon, self.privacy.delta)},
+            "optim": self.optimizer.to_dict(),
         }
+        for h in HYPERPARAMETERS:  # a parameter not given is off: None, or 1 view per example
+            default = 1 if h.name == "augmentation_multiplicity" else None
+            config[h.section][h.key] = values.get(h.name, default)
+        return config
 
 
 def load_spec(path: str | os.PathLike[str]) -> StudySpec:

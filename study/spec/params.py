@@ -4,11 +4,11 @@ section."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, model_serializer
+from pydantic import BeforeValidator, ConfigDict, Field, model_serializer
+from pydantic.json_schema import SkipJsonSchema
 
 from study.spec import hyperparameters
 from trainables.config import (
@@ -48,9 +48,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _required_in_schema(schema: dict[str, Any], cls: type[Spec]) -> None:
+    """JSON Schema: fields that default to None only to be reported missing are required."""
+    if cls.required:
+        schema["required"] = sorted(cls.required)
+    for key in cls.required:
+        prop = schema["properties"][key]
+        prop.pop("default", None)
+        parts = [p for p in prop.get("anyOf", []) if p != {"type": "null"}]
+        if len(parts) == 1:
+            del prop["anyOf"]
+            prop.update(parts[0])
+
+
 class Spec(Section):
     """Base of the spec sections: a section left empty (``null``) takes its defaults."""
 
+    model_config = ConfigDict(json_schema_extra=_required_in_schema)
     not_a_mapping: ClassVar[str] = "must be a mapping"
 
     @classmethod
@@ -65,16 +79,6 @@ def _as_choices(value: Any) -> Any:
     return tuple(value)
 
 
-def _bounded(field: str, value: float, name: str) -> Iterator[Problem]:
-    """The problem of ``value`` against parameter ``name``'s bounds, if any."""
-    if name in _INTEGER_PARAMS and not isinstance(value, int):
-        yield field, "must be an integer", value
-        return
-    rule = bound_rule(value, **_BOUNDS.get(name, {}))
-    if rule:
-        yield field, rule, value
-
-
 class Param(Spec):
     """A hyperparameter: fixed ``value``, a ``low``..``high`` range (``log``, ``step``) or
     ``choices``. ``name`` (a :data:`SEARCH_PARAMS` entry) selects the per-parameter bounds."""
@@ -85,7 +89,7 @@ class Param(Spec):
     log: Flag = False
     step: Number | None = None
     choices: Annotated[tuple[Number, ...], BeforeValidator(_as_choices)] | None = None
-    name: Literal[("", *SEARCH_PARAMS)] = Field("", exclude=True)
+    name: SkipJsonSchema[Literal[("", *SEARCH_PARAMS)]] = Field("", exclude=True)
 
     @classmethod
     def expand(cls, data: Any) -> Any:
@@ -116,15 +120,21 @@ class Param(Spec):
             yield from self._bounds_problems()
 
     def problems_despite(self, failed: set[str]) -> Iterator[Problem]:
-        """With a field invalid, only the bounds of the others (as before)."""
+        """With a field invalid, only the bounds of the others."""
         return self._bounds_problems()
 
     def _bounds_problems(self) -> Iterator[Problem]:
-        for key in ("value", "low", "high"):
-            if getattr(self, key) is not None:
-                yield from _bounded(key, getattr(self, key), self.name)
-        for i, v in enumerate(self.choices or ()):
-            yield from _bounded(f"choices[{i}]", v, self.name)
+        given = [("value", self.value), ("low", self.low), ("high", self.high),
+                 *((f"choices[{i}]", v) for i, v in enumerate(self.choices or ()))]
+        for key, value in given:
+            if value is not None:
+                yield from self._bounded(key, value, _BOUNDS.get(self.name, {}))
+
+    def _bounded(self, key: str, value: float, bounds: dict[str, float]) -> Iterator[Problem]:
+        if self.name in _INTEGER_PARAMS and not isinstance(value, int):
+            yield key, "must be an integer", value
+        elif rule := bound_rule(value, **bounds):
+            yield key, rule, value
 
     def _range_problems(self) -> Iterator[Problem]:
         found: list[Problem] = [
@@ -132,10 +142,7 @@ class Param(Spec):
             for key in ("low", "high") if getattr(self, key) is None]
         found += self._bounds_problems()
         if self.step is not None:
-            if self.name in _INTEGER_PARAMS and not isinstance(self.step, int):
-                found.append(("step", "must be an integer", self.step))
-            elif self.step <= 0:
-                found.append(("step", "must be > 0.0", self.step))
+            found += self._bounded("step", self.step, {"gt": 0.0})
             if self.log:
                 found.append(("step", "cannot be combined with log: true", self.step))
         yield from found
@@ -251,7 +258,7 @@ class CriteriaSpec(Spec):
         """A criterion given once is named without an index."""
         one = {f"{k}[0]" for k, v in raw.items() if isinstance(v, str) or (
             isinstance(v, list) and len(v) == 1)} if isinstance(raw, dict) else set()
-        return [(re.sub(r"\[0\]$", "", p) if p in one else p, rule, v) for p, rule, v in found]
+        return [(p.removesuffix("[0]") if p in one else p, rule, v) for p, rule, v in found]
 
     @model_serializer(mode="wrap")
     def _short(self, handler: Any) -> dict[str, Any]:
@@ -273,32 +280,18 @@ class DroppingSpec(CriteriaSpec):
     criterion: strings(DROPPING_CRITERIA, _CHOICE_RULE) = ("random",)
 
 
-def trial_space(search: SearchSpec, pruning: PruningSpec,
-                dropping: DroppingSpec) -> dict[str, Param | tuple[str, ...]]:
-    """Every trial parameter: a :class:`Param` per given search parameter, and a tuple of
-    allowed strings per criterion (length 1 = fixed)."""
-    out: dict[str, Param | tuple[str, ...]] = {
-        k: getattr(search, k) for k in SEARCH_PARAMS if getattr(search, k)}
-    return {**out, "pruning_criterion": pruning.criterion, "pruning_scope": pruning.scope,
-            "pruning_granularity": pruning.granularity, "dropping_criterion": dropping.criterion}
-
-
 def trial_values(space: dict[str, Param | tuple[str, ...]],
                  params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each parameter of ``space`` in one trial: from ``params`` (sampled values), else its
     fixed value; raises ValueError for an unknown key or a searched one not given."""
-    params = dict(params or {})
+    params = params or {}
     unknown = sorted(set(params) - set(space))
     if unknown:
         raise ValueError(f"unknown trial parameters {unknown}; expected {sorted(space)}")
     values: dict[str, Any] = {}
     for key, p in space.items():
-        if key in params:
-            values[key] = params[key]
-        elif isinstance(p, Param) and p.is_fixed():
-            values[key] = p.value
-        elif isinstance(p, tuple) and len(p) == 1:
-            values[key] = p[0]
-        else:
+        fixed = p.value if isinstance(p, Param) else p[0] if len(p) == 1 else None
+        if key not in params and fixed is None:
             raise ValueError(f"{key} is searched, so params must give a value for it")
+        values[key] = params.get(key, fixed)
     return values

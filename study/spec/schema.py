@@ -3,8 +3,9 @@
 It starts from ``StudySpec.model_json_schema()``, so nothing about a field is written twice,
 and adds the YAML short forms: a hyperparameter as a number, a list or a range; ``search.mode``
 and ``search.trials`` (the model's ``selection``); a section by its name alone
-(:data:`study.spec.model.NAME_SHORTHANDS`); fields reported as required when absent. The schema
-is a convenience: :func:`study.spec.model.load_spec` remains the authority (cross-field rules).
+(:data:`study.spec.model.NAME_SHORTHANDS`); each section marks its own required fields
+(:class:`study.spec.params.Spec`). The schema is a convenience: :func:`load_spec` remains the
+authority (cross-field rules).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from study.spec.model import NAME_SHORTHANDS, StudySpec
-from trainables.validation import Section
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -21,11 +21,7 @@ def spec_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a study spec file."""
     root = StudySpec.model_json_schema()
     defs = root.pop("$defs")
-    sections = _sections(Section)
-    for name, schema in [("StudySpec", root), *defs.items()]:
-        _mark_required(schema, sections[name].required)
     param = defs["Param"]
-    param["properties"].pop("name")
     defs["Param"] = {"description": param.get("description", ""), "anyOf": [
         {"type": "number"}, {"type": "array", "items": {"type": "number"}, "minItems": 1},
         param]}
@@ -43,28 +39,6 @@ def spec_schema() -> dict[str, Any]:
             **({"default": prop["default"]} if "default" in prop else {})}
     return _standard({"$schema": SCHEMA_DIALECT, "title": "dpstudy study spec", **root,
                       "$defs": dict(sorted(defs.items()))})
-
-
-def _sections(base: type) -> dict[str, type]:
-    """Every subclass of ``base``, by name."""
-    out = {}
-    for cls in base.__subclasses__():
-        out[cls.__name__] = cls
-        out.update(_sections(cls))
-    return out
-
-
-def _mark_required(schema: dict[str, Any], required: tuple[str, ...]) -> None:
-    """Fields that default to None only to be reported missing: required, not null."""
-    if not required:
-        return
-    schema["required"] = sorted(required)
-    for key in required:
-        prop = schema["properties"][key]
-        parts = [p for p in prop.get("anyOf", []) if p != {"type": "null"}]
-        if len(parts) == 1:
-            prop = {**{k: v for k, v in prop.items() if k != "anyOf"}, **parts[0]}
-        schema["properties"][key] = {k: v for k, v in prop.items() if k != "default"}
 
 
 _KEYWORDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum",

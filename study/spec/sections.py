@@ -19,8 +19,7 @@ METRICS = (*VALIDATION_METRICS, *TEST_METRICS, "density", "epsilon_spent", "wall
            "trial_cost", "val_accuracy_dp")
 MODES = ("max", "min")
 SCHEDULERS = ("none", "asha")
-MAXIMISED = ("val_accuracy", "best_val_accuracy", "test_accuracy", "best_test_accuracy",
-              "val_accuracy_dp")
+MAXIMISED = tuple(m for m in METRICS if "accuracy" in m)
 SCOPES = ("trial", "study")
 MAX_CONFIRM_SEEDS = 100  # confirmation runs use seeds seed + 1 ... seed + seeds
 
@@ -127,11 +126,6 @@ class Scheduler(Spec):
     name: Literal[SCHEDULERS] = "none"
     grace_budget: Fraction = 0.25
     reduction_factor: Annotated[Number, Ge(2)] = 3
-
-    @classmethod
-    def expand(cls, data: Any) -> Any:
-        """A scheduler given by its name alone."""
-        return {"name": data} if isinstance(data, str) else super().expand(data)
 
     @classmethod
     def relabel(cls, found: list[Problem], raw: Any) -> list[Problem]:
