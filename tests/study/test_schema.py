@@ -42,6 +42,13 @@ def test_every_example_validates(validator: jsonschema.Draft202012Validator,
     assert errors == []
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_a_valid_study(path: Path) -> None:
+    """Beyond the JSON Schema: the cross-field rules too (e.g. no selection on test)."""
+    spec = load_spec(str(path))
+    assert spec.name == yaml.safe_load(path.read_text())["name"]
+
+
 def test_generated_from_the_dataclasses() -> None:
     schema = spec_schema()
     fields = [f for f in StudySpec.model_fields if f != "selection"]
