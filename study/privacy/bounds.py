@@ -1,26 +1,17 @@
 """Study-level privacy: what the whole tuning costs, computed with ``dp-accounting``.
 
-Every trial is a DP mechanism on the private data; a study runs many of them and selects
-one. Two release models, both bounded with ``dp_accounting.rdp.RdpAccountant`` (no
-hand-written privacy math):
+Every trial is a DP mechanism on the private data (:class:`TrialMechanism`); a study runs
+many of them and selects one. Two release models, both bounded with
+``dp_accounting.rdp.RdpAccountant`` (no hand-written privacy math):
 
-- *everything released* (:func:`composition_epsilon`): every trial's scores and models are
-  public, so the study costs the composition of every trial actually run;
+- *everything released* (:func:`composition_epsilon`): the composition of every trial run;
 - *only the selected result released* (:func:`selection_epsilon`): Papernot & Steinke
   (ICLR 2022) bound the best of a *random* number K of independent runs
-  (``RepeatAndSelectDpEvent``). It holds only under the assumptions that
-  :func:`selection_assumptions` checks.
+  (``RepeatAndSelectDpEvent``), under the assumptions :func:`selection_assumptions` checks.
 
-One trial's mechanism (:class:`TrialMechanism`) is its DP-SGD steps
-(``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` self-composed ``steps`` times) plus
-its DP validation releases (a ``GaussianDpEvent`` each: Gaussian noise of std ``sigma_v``
-on a count of sensitivity 1). When trials may draw different (q, sigma, steps), the
-selection bound uses :class:`WorstOfDpEvent`: the pointwise maximum of their RDP curves
-(Renyi divergence is quasi-convex, so a data-independent random choice among mechanisms
-costs at most the worst of them, order by order).
-
-:func:`calibrate_noise` is the one calibrator: the per-trial noise multiplier such that
-the selection bound meets a study budget (E, D).
+Trials that may draw different (q, sigma, steps) are bounded by their worst
+(:class:`WorstOfDpEvent`). :func:`calibrate_noise` is the one calibrator: the per-trial
+noise multiplier such that the selection bound meets a study budget (E, D).
 """
 
 from __future__ import annotations
@@ -28,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import attr
 import numpy as np
@@ -46,7 +37,8 @@ DISTRIBUTIONS: dict[str, float | None] = {
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class WorstOfDpEvent(dp_event.DpEvent):
     """One of ``events``, chosen independently of the data: bounded by the pointwise
-    maximum of their RDP curves (supported by :class:`StudyRdpAccountant`)."""
+    maximum of their RDP curves (Renyi divergence is quasi-convex), which
+    :class:`StudyRdpAccountant` composes."""
 
     events: Sequence[dp_event.DpEvent]
 
@@ -75,9 +67,10 @@ class StudyRdpAccountant(RdpComposeHook, RdpAccountant):
 
 @dataclass(frozen=True, kw_only=True)
 class TrialMechanism:
-    """What one trial does to the private data: ``steps`` DP-SGD steps at Poisson rate
-    ``sample_rate`` and noise multiplier ``noise_multiplier``, then ``val_releases``
-    Gaussian releases of a count (sensitivity 1) with noise std ``val_noise``."""
+    """What one trial does to the private data: ``steps`` DP-SGD steps
+    (``PoissonSampledDpEvent(sample_rate, GaussianDpEvent(noise_multiplier))``), then
+    ``val_releases`` Gaussian releases of a count (sensitivity 1) with noise std
+    ``val_noise``."""
 
     sample_rate: float
     noise_multiplier: float
@@ -174,18 +167,6 @@ def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
             return k
 
 
-def composition_assumptions(*, reproducible_noise: bool) -> list[str]:
-    """Why not even the composition of every run bounds a study (empty: it does). With
-    ``reproducible_noise`` every trial draws the same noise and batches from the spec's
-    seed: two trials that differ only in their clip norm cancel the noise by a linear
-    combination, so the trials are not independent mechanisms and neither bound holds."""
-    if not reproducible_noise:
-        return []
-    return ["reproducible_noise is on: every trial draws the same DP noise and batches "
-            "from the spec's seed, so trials can cancel each other's noise (neither the "
-            "composition nor the selection bound holds; turn reproducible_noise off)"]
-
-
 def selection_assumptions(*, mode: str, sampler: str, scheduler: str,
                           scores_private: bool, scores_dp: bool) -> list[str]:
     """Why the selection bound does *not* apply to a study (empty: it applies).
@@ -250,10 +231,6 @@ class StudyPrivacy:
                        f"(computed on private or test data without noise); the bound holds "
                        f"for the models, the DP scores and the tables without these columns")
         return out
-
-    def to_dict(self) -> dict:
-        """Plain data (for Parquet metadata and JSON)."""
-        return asdict(self)
 
 
 def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
