@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 TUNE_TRIAL_ID = "tune_trial_id"
 #: Parameters that the noise interval depends on: suggested before the noise multiplier.
 _FIRST = ("batch_size", "max_epochs")
+#: The spec's ``sampler`` -> its class in ``optuna.samplers``.
+SAMPLER_CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "nsgaii": "NSGAIISampler",
+            "gp": "GPSampler"}
 
 
 def extremes(p: Param | None) -> list[float]:
@@ -98,16 +101,15 @@ def check_space(spec: StudySpec, budget: NoiseBudget | None, n: int | None = Non
     ends of the interval grow with each). In ``epochs`` mode (``budget`` None) check that
     the noise can be calibrated for every extreme batch size and number of epochs (``n``
     private training examples)."""
-    p = spec.search.noise_multiplier
     try:
         if budget is None:
             if n is not None and spec.search.epochs is not None:
                 _check_epochs(spec, n)
             return
-        _check_noise(spec, p, budget)
+        _check_noise(spec, spec.search.noise_multiplier, budget)
+    except SpecError:
+        raise
     except ValueError as err:  # Opacus: "The privacy budget is too low."
-        if isinstance(err, SpecError):
-            raise
         raise SpecError([f"privacy.epsilon: no noise multiplier meets epsilon="
                          f"{spec.privacy.epsilon:g} at delta={spec.privacy.delta:g} with the "
                          f"{spec.privacy.accountant} accountant ({err}); raise epsilon or "
@@ -215,13 +217,7 @@ def _suggest_noise(trial: optuna.Trial, p: Param, low: float, high: float) -> No
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     """The configured Optuna sampler, seeded by the spec."""
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
-        "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed),
-    }
-    return samplers[spec.sampler]()
+    return getattr(optuna.samplers, SAMPLER_CLASSES[spec.sampler])(seed=spec.seed)
 
 
 def baseline_point(spec: StudySpec) -> dict[str, float]:
@@ -231,12 +227,9 @@ def baseline_point(spec: StudySpec) -> dict[str, float]:
     (a pinned first trial would void the selection bound)."""
     if not spec.baseline_trial or spec.selection.private:
         return {}
-    point = {}
-    for name in ("prune_rate", "drop_rate"):
-        p = getattr(spec.search, name)
-        if not p.is_fixed() and admissible(p, 0.0, 0.0):
-            point[name] = 0.0
-    return point
+    rates = {name: getattr(spec.search, name) for name in ("prune_rate", "drop_rate")}
+    return {name: 0.0 for name, p in rates.items()
+            if not p.is_fixed() and admissible(p, 0.0, 0.0)}
 
 
 def make_search(spec: StudySpec, budget: NoiseBudget | None,
@@ -289,7 +282,8 @@ class StudySearch(OptunaSearchState, OptunaSearch):
         resumed (told before the driver was killed, run again by Tune)."""
         trial = self.optuna_trials.get(trial_id)
         return (trial is not None and trial_id in self.restored_trials
-                and optuna_storage.is_finished(self.optuna_study, trial))
+                and any(t.number == trial.number and t.state.is_finished()
+                        for t in self.optuna_study.get_trials(deepcopy=False)))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self.told_before_restore(trial_id):
