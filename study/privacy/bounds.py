@@ -44,10 +44,9 @@ class WorstOfDpEvent(dp_event.DpEvent):
 
 
 class StudyRdpAccountant(RdpComposeHook, RdpAccountant):
-    """``RdpAccountant`` that also composes :class:`WorstOfDpEvent` (each sub-event is
-    accounted by a fresh ``RdpAccountant`` on the same orders; the maximum is taken order
-    by order). Everything else is the library's own composition, including
-    ``RepeatAndSelectDpEvent`` wrapped around a ``WorstOfDpEvent``."""
+    """``RdpAccountant`` that also composes :class:`WorstOfDpEvent` (each sub-event on a
+    fresh accountant with the same orders, then the maximum order by order); everything
+    else, ``RepeatAndSelectDpEvent`` around a ``WorstOfDpEvent`` included, is the library's."""
 
     def compose_event(self, event: dp_event.DpEvent, count: int, do_compose: bool):
         if not isinstance(event, WorstOfDpEvent):
@@ -169,11 +168,9 @@ def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
 
 def selection_assumptions(*, mode: str, sampler: str, scheduler: str,
                           scores_private: bool, scores_dp: bool) -> list[str]:
-    """Why the selection bound does *not* apply to a study (empty: it applies).
-
-    Its assumptions: independent trials (random search), a random number of trials from a
-    declared distribution, no cross-trial early stopping, and selection scores that are DP
-    or computed on public data."""
+    """Why the selection bound does *not* apply to a study (empty: it applies): it needs
+    independent trials, a drawn number of them, no cross-trial early stopping, and
+    selection scores that are DP or computed on public data."""
     failed = []
     if sampler != "random":
         failed.append(f"trials are not independent: sampler {sampler!r} adapts to earlier "

@@ -125,16 +125,16 @@ def designs(spec: StudySpec) -> list[tuple[float, float, float | None]]:
         _values(spec, "batch_size"), epochs, noises)]
 
 
-def possible_mechanisms(spec: StudySpec, n: int,
-                        noise: float | None = None) -> list[TrialMechanism]:
-    """Each mechanism one trial can run (``noise``: the calibrated study-scope noise)."""
+@functools.lru_cache(maxsize=8)
+def possible_mechanisms(spec: StudySpec, n: int) -> tuple[TrialMechanism, ...]:
+    """Each mechanism one trial can run (under ``scope: study``, at the calibrated noise)."""
+    budget = plan_study_budget(spec, n)
     val_noise = validation_noise(spec)
-    releases = 1 if val_noise else 0
     out = []
     for batch, epochs, sigma in designs(spec):
         q = min(1.0, batch / n)
-        if spec.privacy.scope == "study":
-            steps, sigma = cap_steps(q, epochs), noise
+        if budget is not None:
+            steps, sigma = cap_steps(q, epochs), budget.noise_multiplier
         else:
             config = PrivacyConfig(
                 epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
@@ -147,8 +147,8 @@ def possible_mechanisms(spec: StudySpec, n: int,
                 continue
             steps, sigma = plan.steps, plan.noise_multiplier
         out.append(TrialMechanism(sample_rate=q, noise_multiplier=sigma, steps=steps,
-                                  val_noise=val_noise, val_releases=releases))
-    return out
+                                  val_noise=val_noise, val_releases=1 if val_noise else 0))
+    return tuple(out)
 
 
 # --- scope: study ---------------------------------------------------------------------
@@ -186,7 +186,9 @@ def plan_study_budget(spec: StudySpec, n: int) -> StudyBudget | None:
                                 val_noise=val_noise, val_releases=1 if val_noise else 0)
     except ValueError as err:
         raise SpecError([f"privacy.epsilon: {err} (got {spec.privacy.epsilon!r})"]) from None
-    mechanisms = possible_mechanisms(spec, n, noise=sigma)
+    mechanisms = [TrialMechanism(sample_rate=q, noise_multiplier=sigma, steps=steps,
+                                 val_noise=val_noise, val_releases=1 if val_noise else 0)
+                  for q, steps in points]
     spent = selection_epsilon(mechanisms, mean=t.mean, shape=t.event_shape,
                               delta=spec.privacy.delta)
     worst = max(epsilon_of(m.event(), spec.privacy.delta) for m in mechanisms)
@@ -284,7 +286,7 @@ def study_privacy_of(spec: StudySpec, rows: list[dict[str, Any]], n: int, *,
     t = spec.selection.trials  # set whenever nothing failed (private selection)
     not_covered = non_dp_columns(spec) + (("audits.test_accuracy",) if audits else ())
     return study_privacy(run, delta=spec.privacy.delta, failed_assumptions=failed,
-                         possible=() if failed else _possible(spec, n),
+                         possible=() if failed else possible_mechanisms(spec, n),
                          mean=t.mean if t else None, shape=t.event_shape if t else None,
                          not_covered=not_covered,
                          composition_failed=composition_problems(spec, rows),
@@ -299,13 +301,6 @@ def non_dp_columns(spec: StudySpec) -> tuple[str, ...]:
     if not validation_public(spec):
         columns += ["val_accuracy", "best_val_accuracy", "val_loss"]
     return tuple(columns)
-
-
-@functools.lru_cache(maxsize=8)
-def _possible(spec: StudySpec, n: int) -> tuple[TrialMechanism, ...]:
-    budget = plan_study_budget(spec, n)
-    noise = budget.noise_multiplier if budget else None
-    return tuple(possible_mechanisms(spec, n, noise=noise))
 
 
 @functools.lru_cache(maxsize=8)

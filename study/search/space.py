@@ -40,7 +40,7 @@ TUNE_TRIAL_ID = "tune_trial_id"
 _FIRST = ("batch_size", "max_epochs")
 #: The spec's ``sampler`` -> its class in ``optuna.samplers``.
 SAMPLER_CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "nsgaii": "NSGAIISampler",
-            "gp": "GPSampler"}
+                   "gp": "GPSampler"}
 
 
 def extremes(p: Param | None) -> list[float]:
@@ -54,11 +54,8 @@ def extremes(p: Param | None) -> list[float]:
     return [p.low, p.high]
 
 
-@functools.lru_cache(maxsize=512)
-def _interval(epsilon: float, delta: float, accountant: str, sample_rate: float,
-              max_epochs: float) -> tuple[float, float]:
-    return noise_interval(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate,
-                          max_epochs=max_epochs, accountant=accountant)
+#: ``noise_interval`` cached per process (every suggested trial asks for one)
+_interval = functools.lru_cache(maxsize=512)(noise_interval)
 
 
 @dataclass(frozen=True)
@@ -73,9 +70,10 @@ class NoiseBudget:
 
     def interval(self, batch_size: float, max_epochs: float) -> tuple[float, float]:
         """``(low, high)``: the noise multipliers that spend the budget in at most
-        ``max_epochs`` at batch size ``batch_size`` (cached per process)."""
+        ``max_epochs`` at batch size ``batch_size``."""
         q = min(1.0, float(batch_size) / self.n)
-        return _interval(self.epsilon, self.delta, self.accountant, q, float(max_epochs))
+        return _interval(target_epsilon=self.epsilon, delta=self.delta, sample_rate=q,
+                         max_epochs=float(max_epochs), accountant=self.accountant)
 
     def common_interval(self, batch_size: Param, max_epochs: Param) -> tuple[float, float]:
         """The noise multipliers that spend the budget at *every* batch size and epoch cap
@@ -99,14 +97,13 @@ def check_space(spec: StudySpec, budget: NoiseBudget | None, n: int | None = Non
     """Reject a budget no noise can meet, and a noise range that misses the
     budget-spending interval at some extreme batch size and epoch cap the spec allows (both
     ends of the interval grow with each). In ``epochs`` mode (``budget`` None) check that
-    the noise can be calibrated for every extreme batch size and number of epochs (``n``
-    private training examples)."""
+    the noise can be calibrated at the extremes of ``n`` private training examples."""
     try:
         if budget is None:
             if n is not None and spec.search.epochs is not None:
                 _check_epochs(spec, n)
             return
-        _check_noise(spec, spec.search.noise_multiplier, budget)
+        _check_noise(spec, budget)
     except SpecError:
         raise
     except ValueError as err:  # Opacus: "The privacy budget is too low."
@@ -127,7 +124,8 @@ def _check_epochs(spec: StudySpec, n: int) -> None:
                         accountant=spec.privacy.accountant)
 
 
-def _check_noise(spec: StudySpec, p: Param, budget: NoiseBudget) -> None:
+def _check_noise(spec: StudySpec, budget: NoiseBudget) -> None:
+    p = spec.search.noise_multiplier
     problems = []
     if p.choices is not None:
         low, high = budget.common_interval(spec.search.batch_size, spec.search.max_epochs)
@@ -251,22 +249,20 @@ def make_search(spec: StudySpec, budget: NoiseBudget | None,
 
 
 class StudySearch(OptunaSearchState, OptunaSearch):
-    """``OptunaSearch`` that tells Optuna a trial stopped early (by ASHA) was PRUNED when
-    the objective is multi-objective, so an incomplete trial never enters the Pareto front
-    as if it were complete. (Single-objective samplers keep its partial value.)
+    """``OptunaSearch`` that tells Optuna a trial stopped early (by ASHA) of a
+    multi-objective study was PRUNED, so it never enters the Pareto front as if complete.
 
-    With a journal storage, :meth:`restore` reloads the Optuna study from the journal
-    (:func:`study.search.persisted.reattach`), and a trial told before a driver was killed is
-    not told again, nor sent its epochs again, when Tune re-runs its last epochs after the
-    resume (Optuna refuses to update a finished trial)."""
+    With a journal storage, :meth:`restore` reloads the Optuna study from the journal, and a
+    trial told before a driver was killed is neither told nor sent its epochs again when
+    Tune re-runs it after the resume (Optuna refuses to update a finished trial)."""
 
     #: Tune trial ids the searcher knew when it was restored (only those can have been told
     #: before a kill); empty for a study that was not resumed.
     restored_trials: frozenset[str] = frozenset()
 
     def restore(self, checkpoint_path: str) -> None:
-        """Tune's pickled state, then the Optuna study from its journal: the pickled path,
-        or the journal next to the state file (an experiment directory that was moved)."""
+        """Tune's pickled state, then the Optuna study from its journal
+        (:func:`~study.search.persisted.restored_journal`)."""
         super().restore(checkpoint_path)
         if self.optuna_storage is None or self.optuna_study is None:
             return
