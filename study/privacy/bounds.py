@@ -134,13 +134,12 @@ def composition_epsilon(mechanisms: Sequence[TrialMechanism], delta: float) -> f
     return epsilon_of(dp_event.ComposedDpEvent([m.event() for m in mechanisms]), delta)
 
 
-def selection_epsilon(trial: dp_event.DpEvent | Sequence[TrialMechanism], *, mean: float,
-                      shape: float, delta: float) -> float:
+def selection_epsilon(mechanisms: Sequence[TrialMechanism], *, mean: float, shape: float,
+                      delta: float) -> float:
     """*Only the selected result released*: the Papernot-Steinke bound of the best of a
-    random number of independent runs of ``trial`` (an event, or the possible mechanisms
-    of one trial, bounded by their worst)."""
-    event = trial if isinstance(trial, dp_event.DpEvent) else worst_of(trial)
-    return epsilon_of(dp_event.RepeatAndSelectDpEvent(event, float(mean), float(shape)), delta)
+    random number of independent runs of one trial, which may be any of ``mechanisms``."""
+    event = dp_event.RepeatAndSelectDpEvent(worst_of(mechanisms), float(mean), float(shape))
+    return epsilon_of(event, delta)
 
 
 def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
@@ -235,11 +234,9 @@ def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
                   possible: Sequence[TrialMechanism] = (), mean: float | None = None,
                   shape: float | None = None, not_covered: Sequence[str] = (),
                   composition_failed: Sequence[str] = (), audits: int = 0) -> StudyPrivacy:
-    """Both bounds of a study: composition of the mechanisms ``run`` (trials, then
-    ``audits`` audit runs); the selection bound over the ``possible`` mechanisms of one
-    trial (default: those run), when no assumption failed. ``composition_failed`` withholds
-    both. ``not_covered`` names released values that are not DP (see
-    :attr:`StudyPrivacy.not_covered`)."""
+    """Both bounds of a study: the composition of ``run`` (trials, then ``audits`` audit
+    runs) and, when no assumption failed, the selection bound over the ``possible``
+    mechanisms of one trial (default: those run). ``composition_failed`` withholds both."""
     selected = None
     if (not composition_failed and not failed_assumptions and mean is not None
             and (possible or run)):

@@ -105,11 +105,11 @@ def recorded_trial_count(spec: StudySpec, directory: str) -> int | None:
 
 # --- the possible mechanisms of one trial ---------------------------------------------
 
-def _values(spec: StudySpec, name: str) -> list[float] | None:
-    """The finite values a search parameter can take (None: absent; [] continuous)."""
+def _values(spec: StudySpec, name: str, absent: Any = None) -> list[float] | None:
+    """The finite values a search parameter can take (``absent`` if absent; [] continuous)."""
     p = getattr(spec.search, name)
     if p is None:
-        return None
+        return absent
     if p.is_fixed():
         return [p.value]
     return list(p.choices) if p.choices is not None else []
@@ -117,12 +117,10 @@ def _values(spec: StudySpec, name: str) -> list[float] | None:
 
 def designs(spec: StudySpec) -> list[tuple[float, float, float | None]]:
     """Every (batch size, epochs or epoch cap, noise multiplier or None) a trial can draw."""
-    epochs = _values(spec, "epochs")
-    epochs = epochs if epochs is not None else _values(spec, "max_epochs")
-    noises = _values(spec, "noise_multiplier")
-    noises = noises if noises is not None else [None]
-    return [(float(b), float(e), s) for b, e, s in itertools.product(
-        _values(spec, "batch_size"), epochs, noises)]
+    epochs = _values(spec, "epochs", absent=_values(spec, "max_epochs"))
+    noises = _values(spec, "noise_multiplier", absent=[None])
+    return [(float(b), float(e), s)
+            for b, e, s in itertools.product(_values(spec, "batch_size"), epochs, noises)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -276,10 +274,9 @@ def completion_problems(spec: StudySpec, rows: list[dict[str, Any]],
 def study_privacy_of(spec: StudySpec, rows: list[dict[str, Any]], n: int, *,
                      drawn: int | None = None,
                      audits: list[dict[str, Any]] = ()) -> StudyPrivacy:
-    """Both release models for the trials in ``rows`` (all stages: each one ran) and the
-    ``audits`` (audit rows of this study: each re-trained on the private data). ``drawn``
-    is a private-selection study's verified trial count (default ``spec.trials``, which the
-    runner sets to it)."""
+    """Both release models for the trials in ``rows`` (all stages) and this study's
+    ``audits`` (each re-trained on the private data). ``drawn``: a private-selection
+    study's verified trial count (default ``spec.trials``, which the runner sets to it)."""
     run = [m for m in map(mechanism_of, [*rows, *audits]) if m is not None]
     failed = assumptions(spec, rows, audits)
     failed += completion_problems(spec, rows, drawn if drawn is not None else spec.trials)
@@ -330,8 +327,10 @@ def study_audits(results: str, study: str) -> list[dict[str, Any]]:
 
 def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy | None:
     """The study's (epsilon, delta) as recorded in its Parquet metadata (None if absent),
-    with the study's audit runs composed in: every audit re-trained on the private data."""
-    from study.storage.read import read_metadata
+    with the study's audit runs (each re-trained on the private data) composed into the
+    composition bound, recomputed over the study's trial rows, and the selection bound
+    withdrawn."""
+    from study.storage.read import read_metadata, read_trials
 
     meta = read_metadata(results, study)
     raw = meta.get(PRIVACY_METADATA_KEY)
@@ -341,16 +340,9 @@ def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy |
                                for k, v in json.loads(raw).items()})
     name = study or meta.get("dpstudy.study")
     audits = [a for a in study_audits(results, name) if mechanism_of(a)] if name else []
-    return with_audits(recorded, results, name, audits) if audits else recorded
-
-
-def with_audits(recorded: StudyPrivacy, results: str, study: str,
-                audits: list[dict[str, Any]]) -> StudyPrivacy:
-    """``recorded`` with ``audits`` composed into the composition bound (recomputed over
-    the study's trial rows) and the selection bound withdrawn."""
-    from study.storage.read import read_trials
-
-    rows = [r for r in read_trials(results).to_pylist() if r["study"] == study]
+    if not audits:
+        return recorded
+    rows = [r for r in read_trials(results).to_pylist() if r["study"] == name]
     run = [m for m in map(mechanism_of, rows + audits) if m is not None]
     reason = (f"{len(audits)} audit runs (dpstudy audit) re-trained on the private data "
               f"outside the selection")

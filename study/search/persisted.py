@@ -67,14 +67,10 @@ def restored_journal(storage: Any, state_file: str) -> str | None:
 
 def reattach(study: optuna.Study, trials: dict[str, Any],
              storage: JournalStorage) -> optuna.Study:
-    """Reload ``study`` from ``storage`` (a restored searcher's study and its
-    ``{tune trial id: optuna.Trial}``), re-pointing every trial at the reloaded study.
-
-    Optuna trials still RUNNING in the journal that no Tune trial owns were asked by a
-    driver killed before it saved its searcher state: Tune will never run them, so they
-    are told FAIL (the dashboard would otherwise show them running for ever). Returns the
-    reloaded study.
-    """
+    """``study`` reloaded from ``storage``, every one of the restored searcher's ``trials``
+    (by Tune trial id) re-pointed at it. A trial still RUNNING that no Tune trial owns was
+    asked by a driver killed before it saved its state: Tune will never run it, so it is
+    told FAIL (the dashboard would otherwise show it running for ever)."""
     fresh = optuna.load_study(study_name=study.study_name, storage=storage,
                               sampler=study.sampler, pruner=study.pruner)
     for trial in trials.values():

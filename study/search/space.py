@@ -29,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.search import persisted as optuna_storage
 from study.spec.model import Param, SpecError, StudySpec
-from trainables.accounting import noise_interval
+from trainables.accounting import noise_for_steps, noise_interval
 from trainables.compat import OptunaSearchState
 
 log = logging.getLogger(__name__)
@@ -98,30 +98,23 @@ def check_space(spec: StudySpec, budget: NoiseBudget | None, n: int | None = Non
     budget-spending interval at some extreme batch size and epoch cap the spec allows (both
     ends of the interval grow with each). In ``epochs`` mode (``budget`` None) check that
     the noise can be calibrated at the extremes of ``n`` private training examples."""
+    p = spec.privacy
     try:
-        if budget is None:
-            if n is not None and spec.search.epochs is not None:
-                _check_epochs(spec, n)
-            return
-        _check_noise(spec, budget)
+        if budget is not None:
+            _check_noise(spec, budget)
+        elif n is not None and spec.search.epochs is not None:
+            for batch, epochs in itertools.product(extremes(spec.search.batch_size),
+                                                   extremes(spec.search.epochs)):
+                q = min(1.0, batch / n)
+                noise_for_steps(target_epsilon=p.epsilon, delta=p.delta, sample_rate=q,
+                                steps=max(1, round(epochs / q)), accountant=p.accountant)
     except SpecError:
         raise
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise SpecError([f"privacy.epsilon: no noise multiplier meets epsilon="
-                         f"{spec.privacy.epsilon:g} at delta={spec.privacy.delta:g} with the "
-                         f"{spec.privacy.accountant} accountant ({err}); raise epsilon or "
-                         f"delta, or use accountant: prv (got {spec.privacy.epsilon!r})"]) from None
-
-
-def _check_epochs(spec: StudySpec, n: int) -> None:
-    from trainables.accounting import noise_for_steps
-
-    for batch, epochs in itertools.product(extremes(spec.search.batch_size),
-                                           extremes(spec.search.epochs)):
-        q = min(1.0, batch / n)
-        noise_for_steps(target_epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
-                        sample_rate=q, steps=max(1, round(epochs / q)),
-                        accountant=spec.privacy.accountant)
+                         f"{p.epsilon:g} at delta={p.delta:g} with the {p.accountant} "
+                         f"accountant ({err}); raise epsilon or delta, or use accountant: prv "
+                         f"(got {p.epsilon!r})"]) from None
 
 
 def _check_noise(spec: StudySpec, budget: NoiseBudget) -> None:
