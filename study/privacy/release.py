@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,15 +117,12 @@ def _write(out: str, document: dict[str, Any], weights: dict[str, Any]) -> None:
 
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".release-", dir=parent)
-    try:
+    with tempfile.TemporaryDirectory(prefix=".release-", dir=parent,
+                                     ignore_cleanup_errors=True) as staging:
         Path(staging, "release.json").write_text(json.dumps(document, indent=2, default=str),
                                                  encoding="utf-8")
         Path(staging, "PRIVATE.txt").write_text(NOTE, encoding="utf-8")
         torch.save(weights, os.path.join(staging, "model.pt"))
         if os.path.isdir(out):
             os.rmdir(out)  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        os.replace(staging, out)  # the staging name is gone: its cleanup does nothing

@@ -1,24 +1,21 @@
 """The search space and the search algorithm: Optuna behind Ray Tune's ``OptunaSearch``.
 
-The space is define-by-run: :func:`suggest` asks an Optuna trial for every searched
-parameter of the spec. It is a module-level function bound with ``functools.partial``, so
-the searcher (and with it the Optuna study) pickles into Tune's experiment state and
-comes back on ``dpstudy resume`` with every trial it has seen.
+The space is define-by-run (:func:`suggest`, a module-level function bound with
+``functools.partial``), so the searcher and its Optuna study pickle into Tune's experiment
+state and come back on ``dpstudy resume`` with every trial they have seen.
 
 Budget-exact search: at a fixed (epsilon, delta), a trial's noise multiplier must lie in
-:func:`trainables.accounting.noise_interval` at *that trial's* sample rate and epoch cap:
-below it, not even one epoch fits; above it, the epoch cap comes first and the trial
-leaves budget unspent, so its accuracy is not comparable with the others'. Batch size and
-``max_epochs`` are therefore suggested first, and the noise multiplier is then suggested
-from the spec's range cut to that interval (:class:`NoiseBudget`). A spec whose range
-misses the interval for some batch size it allows is rejected (:func:`check_space`).
+:func:`trainables.accounting.noise_interval` at *that trial's* sample rate and epoch cap
+(below it, not even one epoch fits; above it, the epoch cap leaves budget unspent and the
+accuracies are not comparable). So batch size and ``max_epochs`` are suggested first, then
+the noise multiplier from the spec's range cut to that interval (:class:`NoiseBudget`);
+:func:`check_space` rejects a range that misses it for some batch size the spec allows.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import math
 from dataclasses import dataclass
 
@@ -31,8 +28,6 @@ from study.search import persisted as optuna_storage
 from study.spec.model import Param, SpecError, StudySpec
 from trainables.accounting import noise_for_steps, noise_interval
 from trainables.compat import OptunaSearchState
-
-log = logging.getLogger(__name__)
 
 #: Optuna user attribute naming the Tune trial (the results' ``trial_id``) of a trial.
 TUNE_TRIAL_ID = "tune_trial_id"
