@@ -193,11 +193,9 @@ def plan_study_budget(spec: StudySpec, n: int) -> StudyBudget | None:
     return StudyBudget(noise_multiplier=sigma, n=n, epsilon=spent, per_trial_epsilon=worst)
 
 
-def study_trial_config(trial: dict[str, Any], budget: StudyBudget | None) -> dict[str, Any]:
+def study_trial_config(trial: dict[str, Any], budget: StudyBudget) -> dict[str, Any]:
     """A trial config under the study budget: the calibrated noise, all the steps of its
     epochs, and as its own target exactly what its accountant says those cost."""
-    if budget is None:
-        return trial
     privacy, optim = dict(trial["privacy"]), dict(trial["optim"])
     epochs = privacy.pop("epochs") or optim["max_epochs"]
     q = min(1.0, optim["batch_size"] / budget.n)
