@@ -1,15 +1,12 @@
 """Study-level privacy: what the whole tuning costs, computed with ``dp-accounting``.
 
 Every trial is a DP mechanism on the private data (:class:`TrialMechanism`); a study runs
-many of them and selects one. Two release models, both bounded with
-``dp_accounting.rdp.RdpAccountant`` (no hand-written privacy math):
-
-- *everything released* (:func:`composition_epsilon`): the composition of every trial run;
-- *only the selected result released* (:func:`selection_epsilon`): Papernot & Steinke
-  (ICLR 2022) bound the best of a *random* number K of independent runs
-  (``RepeatAndSelectDpEvent``), under the assumptions :func:`selection_assumptions` checks.
-
-Trials that may draw different (q, sigma, steps) are bounded by their worst
+many and selects one. Both release models are bounded with ``RdpAccountant`` (no
+hand-written privacy math): *everything released* (:func:`composition_epsilon`) is the
+composition of every trial run; *only the selected result released*
+(:func:`selection_epsilon`) is Papernot & Steinke's (ICLR 2022) bound of the best of a
+*random* number K of independent runs (``RepeatAndSelectDpEvent``), under the assumptions
+:func:`selection_assumptions` checks, each trial bounded by the worst mechanism it may run
 (:class:`WorstOfDpEvent`). :func:`calibrate_noise` is the one calibrator: the per-trial
 noise multiplier such that the selection bound meets a study budget (E, D).
 """

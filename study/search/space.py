@@ -153,8 +153,7 @@ def suggest(trial: optuna.Trial, *, space: dict[str, Param | tuple[str, ...]],
     """Define-by-run space: ask ``trial`` for each searched parameter; the noise multiplier
     last but within the interval that spends the budget at the batch size and epoch cap
     just drawn."""
-    order = sorted(space, key=lambda k: (k not in _FIRST, k == "noise_multiplier"))
-    for name in order:
+    for name in sorted(space, key=lambda k: (k not in _FIRST, k == "noise_multiplier")):
         param = space[name]
         if isinstance(param, tuple):
             if len(param) > 1:
@@ -201,11 +200,6 @@ def _suggest_noise(trial: optuna.Trial, p: Param, low: float, high: float) -> No
     trial.suggest_float(name, lo, hi, log=p.log, step=p.step)
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The configured Optuna sampler, seeded by the spec."""
-    return getattr(optuna.samplers, SAMPLER_CLASSES[spec.sampler])(seed=spec.seed)
-
-
 def baseline_point(spec: StudySpec) -> dict[str, float]:
     """The rates of plain DP-SGD (prune 0, drop 0) for those rates the spec searches and
     allows 0 for; empty when ``baseline_trial`` is off or no rate is searched, and in a
@@ -224,15 +218,14 @@ def make_search(spec: StudySpec, budget: NoiseBudget | None,
     ``baseline_trial`` the first trial is plain DP-SGD (its other hyperparameters sampled),
     so every study has a baseline to compare with. ``storage`` persists the Optuna study
     (:mod:`study.search.persisted`); None keeps it in memory (and in Tune's pickled state)."""
-    metrics = list(spec.objective.metrics)
-    modes = list(spec.objective.modes)
+    goal = spec.objective
+    metric, mode = (list(goal.metrics), list(goal.modes)) if goal.multi else goal.primary
     point = baseline_point(spec)
     search = StudySearch(
         points_to_evaluate=[point] if point else None,
         space=functools.partial(suggest, space=spec.parameters(), budget=budget),
-        metric=metrics if spec.objective.multi else metrics[0],
-        mode=modes if spec.objective.multi else modes[0],
-        sampler=make_sampler(spec), study_name=spec.name, storage=storage)
+        metric=metric, mode=mode, study_name=spec.name, storage=storage,
+        sampler=getattr(optuna.samplers, SAMPLER_CLASSES[spec.sampler])(seed=spec.seed))
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
 
 
