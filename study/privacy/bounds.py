@@ -1,26 +1,14 @@
 """Study-level privacy: what the whole tuning costs, computed with ``dp-accounting``.
 
-Every trial is a DP mechanism on the private data; a study runs many of them and selects
-one. Two release models, both bounded with ``dp_accounting.rdp.RdpAccountant`` (no
-hand-written privacy math):
-
-- *everything released* (:func:`composition_epsilon`): every trial's scores and models are
-  public, so the study costs the composition of every trial actually run;
-- *only the selected result released* (:func:`selection_epsilon`): Papernot & Steinke
-  (ICLR 2022) bound the best of a *random* number K of independent runs
-  (``RepeatAndSelectDpEvent``). It holds only under the assumptions that
-  :func:`selection_assumptions` checks.
-
-One trial's mechanism (:class:`TrialMechanism`) is its DP-SGD steps
-(``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` self-composed ``steps`` times) plus
-its DP validation releases (a ``GaussianDpEvent`` each: Gaussian noise of std ``sigma_v``
-on a count of sensitivity 1). When trials may draw different (q, sigma, steps), the
-selection bound uses :class:`WorstOfDpEvent`: the pointwise maximum of their RDP curves
-(Renyi divergence is quasi-convex, so a data-independent random choice among mechanisms
-costs at most the worst of them, order by order).
-
-:func:`calibrate_noise` is the one calibrator: the per-trial noise multiplier such that
-the selection bound meets a study budget (E, D).
+Every trial is a DP mechanism on the private data (:class:`TrialMechanism`); a study runs
+many and selects one. Both release models are bounded with ``RdpAccountant`` (no
+hand-written privacy math): *everything released* (:func:`composition_epsilon`) is the
+composition of every trial run; *only the selected result released*
+(:func:`selection_epsilon`) is Papernot & Steinke's (ICLR 2022) bound of the best of a
+*random* number K of independent runs (``RepeatAndSelectDpEvent``), under the assumptions
+:func:`selection_assumptions` checks, each trial bounded by the worst mechanism it may run
+(:class:`WorstOfDpEvent`). :func:`calibrate_noise` is the one calibrator: the per-trial
+noise multiplier such that the selection bound meets a study budget (E, D).
 """
 
 from __future__ import annotations
@@ -28,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import attr
 import numpy as np
@@ -46,16 +34,16 @@ DISTRIBUTIONS: dict[str, float | None] = {
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class WorstOfDpEvent(dp_event.DpEvent):
     """One of ``events``, chosen independently of the data: bounded by the pointwise
-    maximum of their RDP curves (supported by :class:`StudyRdpAccountant`)."""
+    maximum of their RDP curves (Renyi divergence is quasi-convex), which
+    :class:`StudyRdpAccountant` composes."""
 
     events: Sequence[dp_event.DpEvent]
 
 
 class StudyRdpAccountant(RdpComposeHook, RdpAccountant):
-    """``RdpAccountant`` that also composes :class:`WorstOfDpEvent` (each sub-event is
-    accounted by a fresh ``RdpAccountant`` on the same orders; the maximum is taken order
-    by order). Everything else is the library's own composition, including
-    ``RepeatAndSelectDpEvent`` wrapped around a ``WorstOfDpEvent``."""
+    """``RdpAccountant`` that also composes :class:`WorstOfDpEvent` (each sub-event on a
+    fresh accountant with the same orders, then the maximum order by order); everything
+    else, ``RepeatAndSelectDpEvent`` around a ``WorstOfDpEvent`` included, is the library's."""
 
     def compose_event(self, event: dp_event.DpEvent, count: int, do_compose: bool):
         if not isinstance(event, WorstOfDpEvent):
@@ -75,9 +63,10 @@ class StudyRdpAccountant(RdpComposeHook, RdpAccountant):
 
 @dataclass(frozen=True, kw_only=True)
 class TrialMechanism:
-    """What one trial does to the private data: ``steps`` DP-SGD steps at Poisson rate
-    ``sample_rate`` and noise multiplier ``noise_multiplier``, then ``val_releases``
-    Gaussian releases of a count (sensitivity 1) with noise std ``val_noise``."""
+    """What one trial does to the private data: ``steps`` DP-SGD steps
+    (``PoissonSampledDpEvent(sample_rate, GaussianDpEvent(noise_multiplier))``), then
+    ``val_releases`` Gaussian releases of a count (sensitivity 1) with noise std
+    ``val_noise``."""
 
     sample_rate: float
     noise_multiplier: float
@@ -142,13 +131,12 @@ def composition_epsilon(mechanisms: Sequence[TrialMechanism], delta: float) -> f
     return epsilon_of(dp_event.ComposedDpEvent([m.event() for m in mechanisms]), delta)
 
 
-def selection_epsilon(trial: dp_event.DpEvent | Sequence[TrialMechanism], *, mean: float,
-                      shape: float, delta: float) -> float:
+def selection_epsilon(mechanisms: Sequence[TrialMechanism], *, mean: float, shape: float,
+                      delta: float) -> float:
     """*Only the selected result released*: the Papernot-Steinke bound of the best of a
-    random number of independent runs of ``trial`` (an event, or the possible mechanisms
-    of one trial, bounded by their worst)."""
-    event = trial if isinstance(trial, dp_event.DpEvent) else worst_of(trial)
-    return epsilon_of(dp_event.RepeatAndSelectDpEvent(event, float(mean), float(shape)), delta)
+    random number of independent runs of one trial, which may be any of ``mechanisms``."""
+    event = dp_event.RepeatAndSelectDpEvent(worst_of(mechanisms), float(mean), float(shape))
+    return epsilon_of(event, delta)
 
 
 def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
@@ -174,25 +162,11 @@ def draw_trial_count(distribution: str, *, mean: float, shape: float | None,
             return k
 
 
-def composition_assumptions(*, reproducible_noise: bool) -> list[str]:
-    """Why not even the composition of every run bounds a study (empty: it does). With
-    ``reproducible_noise`` every trial draws the same noise and batches from the spec's
-    seed: two trials that differ only in their clip norm cancel the noise by a linear
-    combination, so the trials are not independent mechanisms and neither bound holds."""
-    if not reproducible_noise:
-        return []
-    return ["reproducible_noise is on: every trial draws the same DP noise and batches "
-            "from the spec's seed, so trials can cancel each other's noise (neither the "
-            "composition nor the selection bound holds; turn reproducible_noise off)"]
-
-
 def selection_assumptions(*, mode: str, sampler: str, scheduler: str,
                           scores_private: bool, scores_dp: bool) -> list[str]:
-    """Why the selection bound does *not* apply to a study (empty: it applies).
-
-    Its assumptions: independent trials (random search), a random number of trials from a
-    declared distribution, no cross-trial early stopping, and selection scores that are DP
-    or computed on public data."""
+    """Why the selection bound does *not* apply to a study (empty: it applies): it needs
+    independent trials, a drawn number of them, no cross-trial early stopping, and
+    selection scores that are DP or computed on public data."""
     failed = []
     if sampler != "random":
         failed.append(f"trials are not independent: sampler {sampler!r} adapts to earlier "
@@ -251,21 +225,15 @@ class StudyPrivacy:
                        f"for the models, the DP scores and the tables without these columns")
         return out
 
-    def to_dict(self) -> dict:
-        """Plain data (for Parquet metadata and JSON)."""
-        return asdict(self)
-
 
 def study_privacy(run: Sequence[TrialMechanism], *, delta: float,
                   failed_assumptions: Sequence[str],
                   possible: Sequence[TrialMechanism] = (), mean: float | None = None,
                   shape: float | None = None, not_covered: Sequence[str] = (),
                   composition_failed: Sequence[str] = (), audits: int = 0) -> StudyPrivacy:
-    """Both bounds of a study: composition of the mechanisms ``run`` (trials, then
-    ``audits`` audit runs); the selection bound over the ``possible`` mechanisms of one
-    trial (default: those run), when no assumption failed. ``composition_failed`` withholds
-    both. ``not_covered`` names released values that are not DP (see
-    :attr:`StudyPrivacy.not_covered`)."""
+    """Both bounds of a study: the composition of ``run`` (trials, then ``audits`` audit
+    runs) and, when no assumption failed, the selection bound over the ``possible``
+    mechanisms of one trial (default: those run). ``composition_failed`` withholds both."""
     selected = None
     if (not composition_failed and not failed_assumptions and mean is not None
             and (possible or run)):

@@ -1,16 +1,13 @@
-"""Study-level privacy at run time: private selection, study budgets and the study's
-(epsilon, delta) from its results.
+"""Study-level privacy at run time, from a spec and its results (the bounds themselves are
+pure functions in :mod:`study.privacy.bounds`).
 
-- :func:`trial_count`: a private-selection study's number of trials, drawn once from the
-  declared distribution with a fresh OS-entropy seed and recorded in the (private)
-  experiment directory, so ``resume`` runs the same number and nothing released reveals it.
-- :func:`plan_study_budget`: for ``privacy: {scope: study}``, the per-trial noise multiplier
-  that makes the selection bound meet the study budget (the calibrator of
-  :mod:`study.privacy.bounds`), and :func:`study_trial_config` that applies it to a trial.
+- :func:`trial_count`: a private-selection study's number of trials, drawn once with a
+  fresh OS-entropy seed and recorded in the (private) experiment directory, so ``resume``
+  runs the same number and nothing released reveals it;
+- :func:`plan_study_budget` / :func:`study_trial_config`: the calibrated per-trial noise of
+  ``privacy: {scope: study}``, applied to a trial;
 - :func:`study_privacy_of`: both release models for a results table, with the assumption
-  checks; it is what ``status``, the report, the Parquet metadata and ``release`` state.
-
-The bounds themselves are pure functions in :mod:`study.privacy.bounds`.
+  checks: what ``status``, the report, the Parquet metadata and ``release`` state.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
 import os
 import posixpath
 import secrets
@@ -33,7 +29,6 @@ from study.privacy.bounds import (
     StudyPrivacy,
     TrialMechanism,
     calibrate_noise,
-    composition_assumptions,
     composition_epsilon,
     draw_trial_count,
     epsilon_of,
@@ -74,10 +69,10 @@ def trial_count(spec: StudySpec, directory: str) -> int:
     if fs.type_name == "local":  # owner only, whatever the umask (an object store: its policy)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(record)
-        return count
-    with fs.open_output_stream(path) as out:
+        out = os.fdopen(fd, "wb")
+    else:
+        out = fs.open_output_stream(path)
+    with out:
         out.write(record)
     return count
 
@@ -110,41 +105,34 @@ def recorded_trial_count(spec: StudySpec, directory: str) -> int | None:
 
 # --- the possible mechanisms of one trial ---------------------------------------------
 
-def _values(spec: StudySpec, name: str) -> list[float] | None:
-    """The finite values a search parameter can take (None: absent; [] continuous)."""
+def _values(spec: StudySpec, name: str, absent: Any = None) -> list[float] | None:
+    """The finite values a search parameter can take (``absent`` if absent; [] continuous)."""
     p = getattr(spec.search, name)
     if p is None:
-        return None
+        return absent
     if p.is_fixed():
         return [p.value]
     return list(p.choices) if p.choices is not None else []
 
 
-def continuous_ranges(spec: StudySpec) -> list[str]:
-    """The parameters that shape a trial's mechanism but are continuous ranges."""
-    return [f"search.{n}" for n in _BOUNDED if _values(spec, n) == []]
-
-
-def designs(spec: StudySpec, n: int) -> list[tuple[float, float, float | None]]:
+def designs(spec: StudySpec) -> list[tuple[float, float, float | None]]:
     """Every (batch size, epochs or epoch cap, noise multiplier or None) a trial can draw."""
-    epochs = _values(spec, "epochs")
-    epochs = epochs if epochs is not None else _values(spec, "max_epochs")
-    noises = _values(spec, "noise_multiplier")
-    noises = noises if noises is not None else [None]
-    return [(float(b), float(e), s) for b, e, s in itertools.product(
-        _values(spec, "batch_size"), epochs, noises)]
+    epochs = _values(spec, "epochs", absent=_values(spec, "max_epochs"))
+    noises = _values(spec, "noise_multiplier", absent=[None])
+    return [(float(b), float(e), s)
+            for b, e, s in itertools.product(_values(spec, "batch_size"), epochs, noises)]
 
 
-def possible_mechanisms(spec: StudySpec, n: int,
-                        noise: float | None = None) -> list[TrialMechanism]:
-    """Each mechanism one trial can run (``noise``: the calibrated study-scope noise)."""
+@functools.lru_cache(maxsize=8)
+def possible_mechanisms(spec: StudySpec, n: int) -> tuple[TrialMechanism, ...]:
+    """Each mechanism one trial can run (under ``scope: study``, at the calibrated noise)."""
+    budget = plan_study_budget(spec, n)
     val_noise = validation_noise(spec)
-    releases = 1 if val_noise else 0
     out = []
-    for batch, epochs, sigma in designs(spec, n):
+    for batch, epochs, sigma in designs(spec):
         q = min(1.0, batch / n)
-        if spec.privacy.scope == "study":
-            steps, sigma = cap_steps(q, epochs), noise
+        if budget is not None:
+            steps, sigma = cap_steps(q, epochs), budget.noise_multiplier
         else:
             config = PrivacyConfig(
                 epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
@@ -157,8 +145,8 @@ def possible_mechanisms(spec: StudySpec, n: int,
                 continue
             steps, sigma = plan.steps, plan.noise_multiplier
         out.append(TrialMechanism(sample_rate=q, noise_multiplier=sigma, steps=steps,
-                                  val_noise=val_noise, val_releases=releases))
-    return out
+                                  val_noise=val_noise, val_releases=1 if val_noise else 0))
+    return tuple(out)
 
 
 # --- scope: study ---------------------------------------------------------------------
@@ -174,7 +162,7 @@ class StudyBudget:
 
     def describe(self, spec: StudySpec) -> str:
         """The line printed before running."""
-        failed = composition_assumptions(reproducible_noise=spec.reproducible_noise)
+        failed = composition_problems(spec, [])
         if failed:
             return (f"study budget epsilon={spec.privacy.epsilon:g}: withheld: {failed[0]}; "
                     f"per trial: noise multiplier {self.noise_multiplier:.4g}")
@@ -189,25 +177,25 @@ def plan_study_budget(spec: StudySpec, n: int) -> StudyBudget | None:
     if spec.privacy.scope != "study":
         return None
     t, val_noise = spec.selection.trials, validation_noise(spec)
-    points = [(min(1.0, b / n), cap_steps(min(1.0, b / n), e)) for b, e, _ in designs(spec, n)]
+    points = [(min(1.0, b / n), cap_steps(min(1.0, b / n), e)) for b, e, _ in designs(spec)]
     try:
         sigma = calibrate_noise(epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
                                 designs=points, mean=t.mean, shape=t.event_shape,
                                 val_noise=val_noise, val_releases=1 if val_noise else 0)
     except ValueError as err:
         raise SpecError([f"privacy.epsilon: {err} (got {spec.privacy.epsilon!r})"]) from None
-    mechanisms = possible_mechanisms(spec, n, noise=sigma)
+    mechanisms = [TrialMechanism(sample_rate=q, noise_multiplier=sigma, steps=steps,
+                                 val_noise=val_noise, val_releases=1 if val_noise else 0)
+                  for q, steps in points]
     spent = selection_epsilon(mechanisms, mean=t.mean, shape=t.event_shape,
                               delta=spec.privacy.delta)
     worst = max(epsilon_of(m.event(), spec.privacy.delta) for m in mechanisms)
     return StudyBudget(noise_multiplier=sigma, n=n, epsilon=spent, per_trial_epsilon=worst)
 
 
-def study_trial_config(trial: dict[str, Any], budget: StudyBudget | None) -> dict[str, Any]:
+def study_trial_config(trial: dict[str, Any], budget: StudyBudget) -> dict[str, Any]:
     """A trial config under the study budget: the calibrated noise, all the steps of its
     epochs, and as its own target exactly what its accountant says those cost."""
-    if budget is None:
-        return trial
     privacy, optim = dict(trial["privacy"]), dict(trial["optim"])
     epochs = privacy.pop("epochs") or optim["max_epochs"]
     q = min(1.0, optim["batch_size"] / budget.n)
@@ -240,8 +228,9 @@ def assumptions(spec: StudySpec, rows: list[dict[str, Any]],
     failed += selection_assumptions(
         mode=spec.selection.mode, sampler=spec.sampler, scheduler=spec.scheduler.name,
         scores_private=not validation_public(spec), scores_dp=spec.validation.dp)
-    failed += [f"{name} is a continuous range: one trial's mechanism has no finite worst "
-               f"case (give a fixed value or choices)" for name in continuous_ranges(spec)]
+    failed += [f"search.{name} is a continuous range: one trial's mechanism has no finite "
+               f"worst case (give a fixed value or choices)"
+               for name in _BOUNDED if _values(spec, name) == []]
     if any(r.get("stage") == "confirm" for r in rows):
         failed.append("confirmation re-runs are further releases outside the selection")
     if audits:
@@ -251,9 +240,15 @@ def assumptions(spec: StudySpec, rows: list[dict[str, Any]],
 
 
 def composition_problems(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
-    """Why not even the composition of every run bounds the study (empty: it does)."""
-    return composition_assumptions(reproducible_noise=bool(
-        spec.reproducible_noise or any(r.get("reproducible_noise") for r in rows)))
+    """Why not even the composition of every run bounds the study (empty: it does). With
+    reproducible noise (the spec's, or any row's) every trial draws the same noise and
+    batches from the spec's seed: two trials that differ only in their clip norm cancel the
+    noise by a linear combination, so they are not independent mechanisms."""
+    if not (spec.reproducible_noise or any(r.get("reproducible_noise") for r in rows)):
+        return []
+    return ["reproducible_noise is on: every trial draws the same DP noise and batches "
+            "from the spec's seed, so trials can cancel each other's noise (neither the "
+            "composition nor the selection bound holds; turn reproducible_noise off)"]
 
 
 def completion_problems(spec: StudySpec, rows: list[dict[str, Any]],
@@ -277,48 +272,30 @@ def completion_problems(spec: StudySpec, rows: list[dict[str, Any]],
 def study_privacy_of(spec: StudySpec, rows: list[dict[str, Any]], n: int, *,
                      drawn: int | None = None,
                      audits: list[dict[str, Any]] = ()) -> StudyPrivacy:
-    """Both release models for the trials in ``rows`` (all stages: each one ran) and the
-    ``audits`` (audit rows of this study: each re-trained on the private data). ``drawn``
-    is a private-selection study's verified trial count (default ``spec.trials``, which the
-    runner sets to it)."""
+    """Both release models for the trials in ``rows`` (all stages) and this study's
+    ``audits`` (each re-trained on the private data). ``drawn``: a private-selection
+    study's verified trial count (default ``spec.trials``, which the runner sets to it)."""
     run = [m for m in map(mechanism_of, [*rows, *audits]) if m is not None]
     failed = assumptions(spec, rows, audits)
     failed += completion_problems(spec, rows, drawn if drawn is not None else spec.trials)
-    mean = shape = None
-    possible: list[TrialMechanism] = []
-    if not failed:
-        t = spec.selection.trials
-        mean, shape = t.mean, t.event_shape
-        possible = list(_possible(spec, n))
+    t = spec.selection.trials  # set whenever nothing failed (private selection)
     not_covered = non_dp_columns(spec) + (("audits.test_accuracy",) if audits else ())
     return study_privacy(run, delta=spec.privacy.delta, failed_assumptions=failed,
-                         possible=possible, mean=mean, shape=shape, not_covered=not_covered,
+                         possible=() if failed else possible_mechanisms(spec, n),
+                         mean=t.mean if t else None, shape=t.event_shape if t else None,
+                         not_covered=not_covered,
                          composition_failed=composition_problems(spec, rows),
                          audits=sum(1 for a in audits if mechanism_of(a) is not None))
 
 
 def non_dp_columns(spec: StudySpec) -> tuple[str, ...]:
-    """Columns of the results that are computed without noise on private data, or on the
-    test data, so that no accountant covers them: the training loss (private batches) and
-    the test metrics always, the plain validation scores when the validation split is
-    private (carved from the training data or given as a private dataset). DP scores
-    (``val_accuracy_dp``) are covered."""
+    """Columns of the results that no accountant covers (computed without noise on private
+    data, or on the test data): the training loss and the test metrics always, the plain
+    validation scores when the validation split is private. DP scores are covered."""
     columns = ["train_loss", "test_accuracy", "best_test_accuracy", "test_loss"]
     if not validation_public(spec):
         columns += ["val_accuracy", "best_val_accuracy", "val_loss"]
     return tuple(columns)
-
-
-@functools.lru_cache(maxsize=8)
-def _possible(spec: StudySpec, n: int) -> tuple[TrialMechanism, ...]:
-    budget = plan_study_budget(spec, n)
-    noise = budget.noise_multiplier if budget else None
-    return tuple(possible_mechanisms(spec, n, noise=noise))
-
-
-def privacy_metadata(sp: StudyPrivacy) -> dict[str, str]:
-    """The Parquet metadata entry stating the study's (epsilon, delta)."""
-    return {PRIVACY_METADATA_KEY: json.dumps(sp.to_dict())}
 
 
 @functools.lru_cache(maxsize=8)
@@ -330,10 +307,10 @@ def train_size(spec: StudySpec) -> int:
 
 
 def study_privacy_metadata(spec: StudySpec, store: Any) -> dict[str, str]:
-    """:func:`privacy_metadata` of the trials in a results store (audits are folded in when
-    the statement is read: :func:`read_study_privacy`)."""
-    rows = store.trials().to_pylist()
-    return privacy_metadata(study_privacy_of(spec, rows, train_size(spec)))
+    """The Parquet metadata entry stating the (epsilon, delta) of the trials in a results
+    store (audits are folded in when the statement is read: :func:`read_study_privacy`)."""
+    privacy = study_privacy_of(spec, store.trials().to_pylist(), train_size(spec))
+    return {PRIVACY_METADATA_KEY: json.dumps(dataclasses.asdict(privacy))}
 
 
 def study_audits(results: str, study: str) -> list[dict[str, Any]]:
@@ -348,32 +325,22 @@ def study_audits(results: str, study: str) -> list[dict[str, Any]]:
 
 def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy | None:
     """The study's (epsilon, delta) as recorded in its Parquet metadata (None if absent),
-    with the study's audit runs composed in: every audit re-trained on the private data."""
-    from study.storage.read import read_metadata
+    with the study's audit runs (each re-trained on the private data) composed into the
+    composition bound, recomputed over the study's trial rows, and the selection bound
+    withdrawn."""
+    from study.storage.read import read_metadata, read_trials
 
     meta = read_metadata(results, study)
     raw = meta.get(PRIVACY_METADATA_KEY)
     if raw is None:
         return None
-    data = json.loads(raw)
-    recorded = StudyPrivacy(
-        delta=data["delta"], trials=data["trials"], epsilon_all=data["epsilon_all"],
-        epsilon_selected=data["epsilon_selected"],
-        failed_assumptions=tuple(data["failed_assumptions"]),
-        not_covered=tuple(data.get("not_covered", ())),
-        composition_failed=tuple(data.get("composition_failed", ())))
+    recorded = StudyPrivacy(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in json.loads(raw).items()})
     name = study or meta.get("dpstudy.study")
     audits = [a for a in study_audits(results, name) if mechanism_of(a)] if name else []
-    return with_audits(recorded, results, name, audits) if audits else recorded
-
-
-def with_audits(recorded: StudyPrivacy, results: str, study: str,
-                audits: list[dict[str, Any]]) -> StudyPrivacy:
-    """``recorded`` with ``audits`` composed into the composition bound (recomputed over
-    the study's trial rows) and the selection bound withdrawn."""
-    from study.storage.read import read_trials
-
-    rows = [r for r in read_trials(results).to_pylist() if r["study"] == study]
+    if not audits:
+        return recorded
+    rows = [r for r in read_trials(results).to_pylist() if r["study"] == name]
     run = [m for m in map(mechanism_of, rows + audits) if m is not None]
     reason = (f"{len(audits)} audit runs (dpstudy audit) re-trained on the private data "
               f"outside the selection")
@@ -383,8 +350,3 @@ def with_audits(recorded: StudyPrivacy, results: str, study: str,
                      else composition_epsilon(run, recorded.delta)),
         failed_assumptions=tuple(dict.fromkeys([*recorded.failed_assumptions, reason])),
         not_covered=tuple(dict.fromkeys([*recorded.not_covered, "audits.test_accuracy"])))
-
-
-def is_finite(value: float | None) -> bool:
-    """Whether a bound is a finite number."""
-    return value is not None and math.isfinite(value)

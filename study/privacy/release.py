@@ -1,17 +1,11 @@
 """``dpstudy release``: write out only what a private-selection study's guarantee covers.
 
 The Papernot-Steinke bound covers *the selected result*: the chosen configuration, its
-model weights and its DP validation score. It does not cover the rest of the results
-table (every other trial's scores, the non-DP validation and test metrics), Tune's
-experiment state and checkpoints (optimizer state, random generator states from which the
-noise could be recomputed), the trial seeds or the drawn number of trials: those stay
-private, and ``PRIVATE.txt`` in the release says so.
-
-A study whose selection bound does not apply (see :mod:`study.privacy.private_selection`) is
-refused: nothing is written. The bound is recomputed here from the results, the study's
-audits and the trial count recorded in the experiment directory (checked to be the draw of
-its recorded seed), so a study interrupted before all its drawn trials completed, or one
-run with a count chosen by hand, is refused.
+model weights and its DP validation score; ``PRIVATE.txt`` in the release names what must
+stay private. The bound is recomputed here from the results, the study's audits and the
+checked trial count of the experiment directory; a study it does not cover (interrupted
+before all its drawn trials completed, run with a count chosen by hand, audited, ...) is
+refused and nothing is written.
 """
 
 from __future__ import annotations
@@ -19,9 +13,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from study.analysis import selection
@@ -123,16 +117,12 @@ def _write(out: str, document: dict[str, Any], weights: dict[str, Any]) -> None:
 
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".release-", dir=parent)
-    try:
-        with open(os.path.join(staging, "release.json"), "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2, default=str)
-        with open(os.path.join(staging, "PRIVATE.txt"), "w", encoding="utf-8") as f:
-            f.write(NOTE)
+    with tempfile.TemporaryDirectory(prefix=".release-", dir=parent,
+                                     ignore_cleanup_errors=True) as staging:
+        Path(staging, "release.json").write_text(json.dumps(document, indent=2, default=str),
+                                                 encoding="utf-8")
+        Path(staging, "PRIVATE.txt").write_text(NOTE, encoding="utf-8")
         torch.save(weights, os.path.join(staging, "model.pt"))
         if os.path.isdir(out):
             os.rmdir(out)  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        os.replace(staging, out)  # the staging name is gone: its cleanup does nothing

@@ -1,17 +1,11 @@
 """Each study's Optuna study, persisted in its experiment directory.
 
-The searcher (:class:`study.search.space.StudySearch`, Ray Tune's ``OptunaSearch``) writes every
-trial it asks and tells to Optuna's own ``JournalStorage`` with a file backend,
-``STORAGE/NAME/optuna-journal.log``. That is what the Optuna tools read, live while the
-study runs and after it ends::
-
-    optuna-dashboard ~/dpstudy-runs/NAME/optuna-journal.log
-
-and ``optuna.load_study(study_name=NAME, storage=...)`` (see :func:`load_study`) for
-Optuna's visualisation and importance functions. On ``dpstudy resume`` the searcher is
-restored from this storage (:func:`reattach`): Tune's pickled searcher state only says which
-Tune trial is which Optuna trial, while trial states, values and the history the sampler
-learns from are replayed from the journal, which may be newer than the pickle.
+The searcher (:class:`study.search.space.StudySearch`) writes every trial it asks and tells
+to Optuna's ``JournalStorage`` in ``STORAGE/NAME/optuna-journal.log``, which the Optuna
+tools read live and afterwards (``optuna-dashboard ~/dpstudy-runs/NAME/optuna-journal.log``,
+:func:`load_study`). On ``dpstudy resume`` the searcher is restored from it
+(:func:`reattach`): Tune's pickled searcher state only maps Tune trials to Optuna trials;
+the trials' states and values are replayed from the journal, which may be newer.
 
 Only a local (or mounted) experiment directory can hold the journal; with a URI storage
 (``s3://...``) the searcher keeps its Optuna study in memory and in Tune's pickled state.
@@ -56,8 +50,7 @@ def load_study(experiment: str, study_name: str) -> optuna.Study | None:
     if path is None or not os.path.isfile(path):
         return None
     storage = open_storage(path)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if study_name not in names:
+    if study_name not in optuna.get_all_study_names(storage):
         return None
     return optuna.load_study(study_name=study_name, storage=storage)
 
@@ -74,14 +67,10 @@ def restored_journal(storage: Any, state_file: str) -> str | None:
 
 def reattach(study: optuna.Study, trials: dict[str, Any],
              storage: JournalStorage) -> optuna.Study:
-    """Reload ``study`` from ``storage`` (a restored searcher's study and its
-    ``{tune trial id: optuna.Trial}``), re-pointing every trial at the reloaded study.
-
-    Optuna trials still RUNNING in the journal that no Tune trial owns were asked by a
-    driver killed before it saved its searcher state: Tune will never run them, so they
-    are told FAIL (the dashboard would otherwise show them running for ever). Returns the
-    reloaded study.
-    """
+    """``study`` reloaded from ``storage``, every one of the restored searcher's ``trials``
+    (by Tune trial id) re-pointed at it. A trial still RUNNING that no Tune trial owns was
+    asked by a driver killed before it saved its state: Tune will never run it, so it is
+    told FAIL (the dashboard would otherwise show it running for ever)."""
     fresh = optuna.load_study(study_name=study.study_name, storage=storage,
                               sampler=study.sampler, pruner=study.pruner)
     for trial in trials.values():
@@ -91,11 +80,3 @@ def reattach(study: optuna.Study, trials: dict[str, Any],
         if frozen.number not in owned:
             fresh.tell(frozen.number, state=TrialState.FAIL)
     return fresh
-
-
-def is_finished(study: optuna.Study, trial: optuna.Trial) -> bool:
-    """Whether ``trial`` is already finished in the study's storage (a trial Tune runs again
-    after a resume may have been told before the driver was killed)."""
-    number = trial.number
-    return any(t.number == number and t.state.is_finished()
-               for t in study.get_trials(deepcopy=False))

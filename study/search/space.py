@@ -1,24 +1,21 @@
 """The search space and the search algorithm: Optuna behind Ray Tune's ``OptunaSearch``.
 
-The space is define-by-run: :func:`suggest` asks an Optuna trial for every searched
-parameter of the spec. It is a module-level function bound with ``functools.partial``, so
-the searcher (and with it the Optuna study) pickles into Tune's experiment state and
-comes back on ``dpstudy resume`` with every trial it has seen.
+The space is define-by-run (:func:`suggest`, a module-level function bound with
+``functools.partial``), so the searcher and its Optuna study pickle into Tune's experiment
+state and come back on ``dpstudy resume`` with every trial they have seen.
 
 Budget-exact search: at a fixed (epsilon, delta), a trial's noise multiplier must lie in
-:func:`trainables.accounting.noise_interval` at *that trial's* sample rate and epoch cap:
-below it, not even one epoch fits; above it, the epoch cap comes first and the trial
-leaves budget unspent, so its accuracy is not comparable with the others'. Batch size and
-``max_epochs`` are therefore suggested first, and the noise multiplier is then suggested
-from the spec's range cut to that interval (:class:`NoiseBudget`). A spec whose range
-misses the interval for some batch size it allows is rejected (:func:`check_space`).
+:func:`trainables.accounting.noise_interval` at *that trial's* sample rate and epoch cap
+(below it, not even one epoch fits; above it, the epoch cap leaves budget unspent and the
+accuracies are not comparable). So batch size and ``max_epochs`` are suggested first, then
+the noise multiplier from the spec's range cut to that interval (:class:`NoiseBudget`);
+:func:`check_space` rejects a range that misses it for some batch size the spec allows.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import math
 from dataclasses import dataclass
 
@@ -29,15 +26,16 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.search import persisted as optuna_storage
 from study.spec.model import Param, SpecError, StudySpec
-from trainables.accounting import noise_interval
+from trainables.accounting import noise_for_steps, noise_interval
 from trainables.compat import OptunaSearchState
-
-log = logging.getLogger(__name__)
 
 #: Optuna user attribute naming the Tune trial (the results' ``trial_id``) of a trial.
 TUNE_TRIAL_ID = "tune_trial_id"
 #: Parameters that the noise interval depends on: suggested before the noise multiplier.
 _FIRST = ("batch_size", "max_epochs")
+#: The spec's ``sampler`` -> its class in ``optuna.samplers``.
+SAMPLER_CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "nsgaii": "NSGAIISampler",
+                   "gp": "GPSampler"}
 
 
 def extremes(p: Param | None) -> list[float]:
@@ -51,11 +49,8 @@ def extremes(p: Param | None) -> list[float]:
     return [p.low, p.high]
 
 
-@functools.lru_cache(maxsize=512)
-def _interval(epsilon: float, delta: float, accountant: str, sample_rate: float,
-              max_epochs: float) -> tuple[float, float]:
-    return noise_interval(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate,
-                          max_epochs=max_epochs, accountant=accountant)
+#: ``noise_interval`` cached per process (every suggested trial asks for one)
+_interval = functools.lru_cache(maxsize=512)(noise_interval)
 
 
 @dataclass(frozen=True)
@@ -70,9 +65,10 @@ class NoiseBudget:
 
     def interval(self, batch_size: float, max_epochs: float) -> tuple[float, float]:
         """``(low, high)``: the noise multipliers that spend the budget in at most
-        ``max_epochs`` at batch size ``batch_size`` (cached per process)."""
+        ``max_epochs`` at batch size ``batch_size``."""
         q = min(1.0, float(batch_size) / self.n)
-        return _interval(self.epsilon, self.delta, self.accountant, q, float(max_epochs))
+        return _interval(target_epsilon=self.epsilon, delta=self.delta, sample_rate=q,
+                         max_epochs=float(max_epochs), accountant=self.accountant)
 
     def common_interval(self, batch_size: Param, max_epochs: Param) -> tuple[float, float]:
         """The noise multipliers that spend the budget at *every* batch size and epoch cap
@@ -96,36 +92,28 @@ def check_space(spec: StudySpec, budget: NoiseBudget | None, n: int | None = Non
     """Reject a budget no noise can meet, and a noise range that misses the
     budget-spending interval at some extreme batch size and epoch cap the spec allows (both
     ends of the interval grow with each). In ``epochs`` mode (``budget`` None) check that
-    the noise can be calibrated for every extreme batch size and number of epochs (``n``
-    private training examples)."""
-    p = spec.search.noise_multiplier
+    the noise can be calibrated at the extremes of ``n`` private training examples."""
+    p = spec.privacy
     try:
-        if budget is None:
-            if n is not None and spec.search.epochs is not None:
-                _check_epochs(spec, n)
-            return
-        _check_noise(spec, p, budget)
+        if budget is not None:
+            _check_noise(spec, budget)
+        elif n is not None and spec.search.epochs is not None:
+            for batch, epochs in itertools.product(extremes(spec.search.batch_size),
+                                                   extremes(spec.search.epochs)):
+                q = min(1.0, batch / n)
+                noise_for_steps(target_epsilon=p.epsilon, delta=p.delta, sample_rate=q,
+                                steps=max(1, round(epochs / q)), accountant=p.accountant)
+    except SpecError:
+        raise
     except ValueError as err:  # Opacus: "The privacy budget is too low."
-        if isinstance(err, SpecError):
-            raise
         raise SpecError([f"privacy.epsilon: no noise multiplier meets epsilon="
-                         f"{spec.privacy.epsilon:g} at delta={spec.privacy.delta:g} with the "
-                         f"{spec.privacy.accountant} accountant ({err}); raise epsilon or "
-                         f"delta, or use accountant: prv (got {spec.privacy.epsilon!r})"]) from None
+                         f"{p.epsilon:g} at delta={p.delta:g} with the {p.accountant} "
+                         f"accountant ({err}); raise epsilon or delta, or use accountant: prv "
+                         f"(got {p.epsilon!r})"]) from None
 
 
-def _check_epochs(spec: StudySpec, n: int) -> None:
-    from trainables.accounting import noise_for_steps
-
-    for batch, epochs in itertools.product(extremes(spec.search.batch_size),
-                                           extremes(spec.search.epochs)):
-        q = min(1.0, batch / n)
-        noise_for_steps(target_epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
-                        sample_rate=q, steps=max(1, round(epochs / q)),
-                        accountant=spec.privacy.accountant)
-
-
-def _check_noise(spec: StudySpec, p: Param, budget: NoiseBudget) -> None:
+def _check_noise(spec: StudySpec, budget: NoiseBudget) -> None:
+    p = spec.search.noise_multiplier
     problems = []
     if p.choices is not None:
         low, high = budget.common_interval(spec.search.batch_size, spec.search.max_epochs)
@@ -165,8 +153,7 @@ def suggest(trial: optuna.Trial, *, space: dict[str, Param | tuple[str, ...]],
     """Define-by-run space: ask ``trial`` for each searched parameter; the noise multiplier
     last but within the interval that spends the budget at the batch size and epoch cap
     just drawn."""
-    order = sorted(space, key=lambda k: (k not in _FIRST, k == "noise_multiplier"))
-    for name in order:
+    for name in sorted(space, key=lambda k: (k not in _FIRST, k == "noise_multiplier")):
         param = space[name]
         if isinstance(param, tuple):
             if len(param) > 1:
@@ -213,17 +200,6 @@ def _suggest_noise(trial: optuna.Trial, p: Param, low: float, high: float) -> No
     trial.suggest_float(name, lo, hi, log=p.log, step=p.step)
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The configured Optuna sampler, seeded by the spec."""
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
-        "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed),
-    }
-    return samplers[spec.sampler]()
-
-
 def baseline_point(spec: StudySpec) -> dict[str, float]:
     """The rates of plain DP-SGD (prune 0, drop 0) for those rates the spec searches and
     allows 0 for; empty when ``baseline_trial`` is off or no rate is searched, and in a
@@ -231,12 +207,9 @@ def baseline_point(spec: StudySpec) -> dict[str, float]:
     (a pinned first trial would void the selection bound)."""
     if not spec.baseline_trial or spec.selection.private:
         return {}
-    point = {}
-    for name in ("prune_rate", "drop_rate"):
-        p = getattr(spec.search, name)
-        if not p.is_fixed() and admissible(p, 0.0, 0.0):
-            point[name] = 0.0
-    return point
+    rates = {name: getattr(spec.search, name) for name in ("prune_rate", "drop_rate")}
+    return {name: 0.0 for name, p in rates.items()
+            if not p.is_fixed() and admissible(p, 0.0, 0.0)}
 
 
 def make_search(spec: StudySpec, budget: NoiseBudget | None,
@@ -245,35 +218,32 @@ def make_search(spec: StudySpec, budget: NoiseBudget | None,
     ``baseline_trial`` the first trial is plain DP-SGD (its other hyperparameters sampled),
     so every study has a baseline to compare with. ``storage`` persists the Optuna study
     (:mod:`study.search.persisted`); None keeps it in memory (and in Tune's pickled state)."""
-    metrics = list(spec.objective.metrics)
-    modes = list(spec.objective.modes)
+    goal = spec.objective
+    metric, mode = (list(goal.metrics), list(goal.modes)) if goal.multi else goal.primary
     point = baseline_point(spec)
     search = StudySearch(
         points_to_evaluate=[point] if point else None,
         space=functools.partial(suggest, space=spec.parameters(), budget=budget),
-        metric=metrics if spec.objective.multi else metrics[0],
-        mode=modes if spec.objective.multi else modes[0],
-        sampler=make_sampler(spec), study_name=spec.name, storage=storage)
+        metric=metric, mode=mode, study_name=spec.name, storage=storage,
+        sampler=getattr(optuna.samplers, SAMPLER_CLASSES[spec.sampler])(seed=spec.seed))
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
 
 
 class StudySearch(OptunaSearchState, OptunaSearch):
-    """``OptunaSearch`` that tells Optuna a trial stopped early (by ASHA) was PRUNED when
-    the objective is multi-objective, so an incomplete trial never enters the Pareto front
-    as if it were complete. (Single-objective samplers keep its partial value.)
+    """``OptunaSearch`` that tells Optuna a trial stopped early (by ASHA) of a
+    multi-objective study was PRUNED, so it never enters the Pareto front as if complete.
 
-    With a journal storage, :meth:`restore` reloads the Optuna study from the journal
-    (:func:`study.search.persisted.reattach`), and a trial told before a driver was killed is
-    not told again, nor sent its epochs again, when Tune re-runs its last epochs after the
-    resume (Optuna refuses to update a finished trial)."""
+    With a journal storage, :meth:`restore` reloads the Optuna study from the journal, and a
+    trial told before a driver was killed is neither told nor sent its epochs again when
+    Tune re-runs it after the resume (Optuna refuses to update a finished trial)."""
 
     #: Tune trial ids the searcher knew when it was restored (only those can have been told
     #: before a kill); empty for a study that was not resumed.
     restored_trials: frozenset[str] = frozenset()
 
     def restore(self, checkpoint_path: str) -> None:
-        """Tune's pickled state, then the Optuna study from its journal: the pickled path,
-        or the journal next to the state file (an experiment directory that was moved)."""
+        """Tune's pickled state, then the Optuna study from its journal
+        (:func:`~study.search.persisted.restored_journal`)."""
         super().restore(checkpoint_path)
         if self.optuna_storage is None or self.optuna_study is None:
             return
@@ -289,7 +259,8 @@ class StudySearch(OptunaSearchState, OptunaSearch):
         resumed (told before the driver was killed, run again by Tune)."""
         trial = self.optuna_trials.get(trial_id)
         return (trial is not None and trial_id in self.restored_trials
-                and optuna_storage.is_finished(self.optuna_study, trial))
+                and any(t.number == trial.number and t.state.is_finished()
+                        for t in self.optuna_study.get_trials(deepcopy=False)))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self.told_before_restore(trial_id):
