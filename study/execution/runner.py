@@ -15,11 +15,14 @@ interrupted confirmation is run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import posixpath
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -66,18 +69,12 @@ class StudyExistsError(InputError, RuntimeError):
 class StudyInterruptedError(KeyboardInterrupt):
     """The study was interrupted (Ctrl-C); ``directory`` is what ``dpstudy resume`` takes."""
 
-    def __init__(self, name: str, directory: str, unfinished: int) -> None:
-        super().__init__(f"[{name}] interrupted with {unfinished} trial(s) unfinished; "
+    def __init__(self, name: str, directory: str, unfinished: int, *,
+                 runs: str = "trial(s)", command: str | None = None) -> None:
+        super().__init__(f"[{name}] interrupted with {unfinished} {runs} unfinished; "
                          f"nothing was recorded for them. Continue with: "
-                         f"dpstudy resume {directory}")
+                         f"{command or f'dpstudy resume {directory}'}")
         self.directory = directory
-        self.name, self.unfinished = name, unfinished
-
-    def with_command(self, command: str) -> StudyInterruptedError:
-        """The same interruption, continued with ``command`` instead of ``resume``."""
-        self.args = (f"[{self.name}] interrupted with {self.unfinished} run(s) unfinished; "
-                     f"nothing was recorded for them. Continue with: {command}",)
-        return self
 
 
 @dataclass(frozen=True)
@@ -148,9 +145,8 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
     _refuse_existing(spec, directory)
     check_locations(spec)
     created = not exists(directory)
-    lock = StudyLock(directory)
-    lock.acquire()  # refused: another driver has the study (never remove its directory)
-    with _released(lock):
+    # refused: another driver has the study (never remove its directory)
+    with StudyLock(directory) as lock:
         _refuse_existing(spec, directory)  # another driver may have won the race
         try:
             # drawn (or a recorded count checked) before Ray starts: a count file not drawn
@@ -213,34 +209,18 @@ def restore_tuner(directory: str, trainable: Any) -> Any:
 
 
 def _refuse_existing(spec: StudySpec, directory: str) -> None:
-    if exists(posixpath.join(directory, SPEC_FILE)) or exists(
-            posixpath.join(directory, "tuner.pkl")):
+    if any(exists(posixpath.join(directory, name)) for name in (SPEC_FILE, "tuner.pkl")):
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
 
 
-class _released:
-    """Release ``lock`` on the way out (a context manager for an acquired lock)."""
-
-    def __init__(self, lock: StudyLock) -> None:
-        self.lock = lock
-
-    def __enter__(self) -> StudyLock:
-        return self.lock
-
-    def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
-
-
 def _remove_tree(directory: str) -> None:
     fs, where = filesystem(directory, "storage")
-    try:
+    with contextlib.suppress(OSError):  # not found included
         fs.delete_dir(where)
-    except (FileNotFoundError, OSError):
-        pass
 
 
-def _fit(tuner: Any, spec: StudySpec | None = None) -> tuple[Any, bool]:
+def _fit(tuner: Any, spec: StudySpec) -> tuple[Any, bool]:
     """``tuner.fit()``, telling an interrupted fit (Ctrl-C) from a finished one; prints
     :func:`time_line` for ``spec`` when the fit returns.
 
@@ -249,14 +229,13 @@ def _fit(tuner: Any, spec: StudySpec | None = None) -> tuple[Any, bool]:
     handler then puts back the handler that was installed before ``fit``; that is how we
     know. Interrupted fits raise :class:`StudyInterruptedError` and record nothing for
     trials that did not finish."""
-    sentinel = _Sentinel()
-    main = _in_main_thread()
+    sentinel = functools.partial(signal.default_int_handler)  # Python's, but ours to spot
+    main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, sentinel) if main else None
     started = time.perf_counter()
     try:
         grid = tuner.fit()
-        if spec is not None:
-            print(time_line(spec, grid, time.perf_counter() - started), flush=True)
+        print(time_line(spec, grid, time.perf_counter() - started), flush=True)
     finally:
         tune_handles_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
         interrupted = main and tune_handles_sigint and signal.getsignal(
@@ -276,30 +255,14 @@ def time_line(spec: StudySpec, grid: Any, wall_s: float) -> str:
             f"concurrency {spec.max_concurrent} = {ideal:.1f} s{ratio}")
 
 
-class _Sentinel:
-    """A SIGINT handler that behaves like Python's default one."""
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Summary:
     """Record any trial the callback missed, then summarise the study. After Ctrl-C:
     raise :class:`StudyInterruptedError` instead, recording nothing for unfinished trials."""
-    if interrupted:
-        recorded = StudyCallback(spec)
-        recorded.setup()
-        done = len(recorded.store.trial_ids())
-        raise StudyInterruptedError(spec.name, directory, max(spec.trials - done, 0))
     callback = StudyCallback(spec)
     callback.setup()
     known = callback.store.trial_ids()
+    if interrupted:
+        raise StudyInterruptedError(spec.name, directory, max(spec.trials - len(known), 0))
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id")
         # a trial that never reported has no id here; on_trial_error recorded it already
@@ -372,5 +335,6 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
                             result.metrics, error=error)
     if interrupted:
         left = len(confirmation.pending(plan, callback.store.trials().to_pylist()))
-        raise StudyInterruptedError(f"{spec.name} confirm", directory, left).with_command(
-            f"dpstudy confirm {spec.results_path} (the same --top/--seeds)")
+        raise StudyInterruptedError(
+            f"{spec.name} confirm", directory, left, runs="run(s)",
+            command=f"dpstudy confirm {spec.results_path} (the same --top/--seeds)")
