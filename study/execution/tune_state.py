@@ -69,19 +69,19 @@ def newest_session_files(names: list[str]) -> list[str]:
     return sorted(n for n in names if n in wanted)
 
 
-def ray_temp_root() -> str:
-    """The Ray temp folder of this machine (where driver staging folders live)."""
-    return ray_session_temp_dir() or os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
-
-
 def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None) -> list[str]:
     """Check the newest session's state files in ``directory`` (on ``fs``); if any is
     damaged, put back the whole set from :class:`StateBackup`, or else each damaged file
     from an intact staged copy. Returns the names repaired.
 
-    Raises :class:`DamagedStateError` for a damaged file with no intact copy."""
-    names = list_files(fs, directory)
-    current = newest_session_files(names)
+    ``temp_root`` is the Ray temp folder of this machine, where the driver's staging
+    folders live. Raises :class:`DamagedStateError` for a damaged file with no intact copy."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(directory))
+    except OSError:  # not found included
+        return []
+    current = newest_session_files([posixpath.basename(i.path) for i in infos
+                                    if i.type == pafs.FileType.File])
     damaged = [n for n in current if not loads(read(fs, posixpath.join(directory, n)))]
     if not damaged:
         return []
@@ -91,8 +91,10 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
         for name, data in saved.items():
             replace(fs, posixpath.join(directory, name), data)
         return current
+    temp_root = temp_root or ray_session_temp_dir() or os.path.join(
+        os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
     for name in damaged:
-        copy = intact_copy(temp_root or ray_temp_root(), posixpath.basename(directory), name)
+        copy = intact_copy(temp_root, posixpath.basename(directory), name)
         if copy is None:
             raise DamagedStateError(
                 f"resume: {posixpath.join(directory, name)} is damaged (the driver was "
@@ -101,15 +103,6 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
                 f"that ran the driver, or start the study again under another name")
         replace(fs, posixpath.join(directory, name), copy)
     return damaged
-
-
-def list_files(fs: pafs.FileSystem, directory: str) -> list[str]:
-    """Names of the files directly in ``directory`` (none if it does not exist)."""
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(directory))
-    except OSError:  # not found included
-        return []
-    return [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File]
 
 
 def read(fs: pafs.FileSystem, path: str) -> bytes:
