@@ -90,12 +90,6 @@ def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
     return row
 
 
-def epoch_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """``epochs.parquet`` rows from the ``epoch_history`` a trial reports."""
-    history = json.loads((result or {}).get("epoch_history") or "[]")
-    return [{k: epoch.get(k) for k in EPOCH_COLUMNS} for epoch in history]
-
-
 Finished = tuple[str, dict, "dict | None", "str | None"]  # trial id, config, result, error
 
 
@@ -136,7 +130,7 @@ class StudyCallback(Callback):
         # not pickled into Tune's experiment state (see __getstate__)
         self.store: ResultsStore | None = None
         self._finished: list[Finished] = []
-        self._writer = Writer(self._write_one)
+        self._writer = Writer(lambda finished: self.record(*finished))
         self.stream: TextIO = sys.stdout
         self._last_line, self._last_time = "", 0.0
         self.backup: StateBackup | None = None
@@ -154,29 +148,27 @@ class StudyCallback(Callback):
         self.store = ResultsStore(self.spec.results_path, self.spec.name)
 
     def record(self, trial_id: str, params: dict[str, Any], result: dict[str, Any] | None,
-               *, error: str | None = None) -> None:
-        """Upsert one trial (and its epochs) and flush atomically."""
+               error: str | None = None) -> None:
+        """Upsert one trial (and its epochs, from the ``epoch_history`` it reports) and flush
+        atomically."""
         if self.store is None:
             self.setup()
         # completed (ran its whole budget), stopped (early, by the scheduler) or failed
         status = ("failed" if error is not None
                   else "completed" if result and result.get("finished") else "stopped")
         row = trial_row(self.spec, trial_id, params, result, status=status, error=error)
-        self.store.add_trial(row, epoch_rows(result))
+        history = json.loads((result or {}).get("epoch_history") or "[]")
+        self.store.add_trial(row, [{k: epoch.get(k) for k in EPOCH_COLUMNS} for epoch in history])
         self.store.metadata.update(study_privacy_metadata(self.spec, self.store))
         self.store.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.events = True
-        if not self.interrupted(trial):
+        # a confirmation run that ended before finishing its budget was interrupted, not
+        # stopped by a scheduler (confirmation has none): it is not an outcome to record
+        if CONFIRM_KEY not in trial.config or (trial.last_result or {}).get("finished"):
             self._finished.append((trial.trial_id, dict(trial.config),
                                    dict(trial.last_result or {}), None))
-
-    @staticmethod
-    def interrupted(trial: Any) -> bool:
-        """A confirmation run that ended before finishing its budget was interrupted, not
-        stopped by a scheduler (confirmation has none): it is not an outcome to record."""
-        return CONFIRM_KEY in trial.config and not (trial.last_result or {}).get("finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.events = True
@@ -193,18 +185,10 @@ class StudyCallback(Callback):
         while self._finished:
             self._writer.submit(self._finished.pop(0))
 
-    def wait_written(self) -> None:
-        """Block until every trial handed to the writer is in Parquet."""
-        self._writer.wait()
-
-    def _write_one(self, item: Finished) -> None:
-        trial_id, params, result, error = item
-        self.record(trial_id, params, result, error=error)
-
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.write_finished()
         self.show_progress(trials, final=True)  # the last trial may end between two steps
-        self.wait_written()
+        self._writer.wait()  # every trial handed to the writer is in Parquet
 
     def get_state(self) -> None:
         """Called by Tune right after it wrote its experiment state to the driver's staging

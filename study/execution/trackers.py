@@ -24,10 +24,8 @@ TRIAL_ID_TAG = "dpstudy.trial_id"
 
 def tracking_uri(experiment: str) -> str:
     """``MLFLOW_TRACKING_URI``, else SQLite in the (local) experiment directory."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(experiment)),
-                                       MLFLOW_DB)
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(
+        os.path.abspath(os.path.expanduser(experiment)), MLFLOW_DB)
 
 
 class StudyMLflowCallback(MLflowLoggerCallback):
