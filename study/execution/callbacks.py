@@ -30,6 +30,7 @@ from study.privacy.private_selection import study_privacy_metadata
 from study.spec import hyperparameters
 from study.spec.model import StudySpec
 from study.spec.selection import selection_label
+from study.storage.schema import EPOCHS_SCHEMA
 from study.storage.store import ResultsStore
 
 RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
@@ -38,9 +39,7 @@ RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used
                   "test_loss", "wall_time_s", "samples_per_s", "device", "num_params",
                   "trainable_params", "noise_multiplier", "val_accuracy_dp", "val_noise",
                   "val_releases")
-EPOCH_COLUMNS = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss",
-                 "train_loss", "epsilon_spent", "budget_used", "steps", "wall_time_s",
-                 "samples_per_s")
+EPOCH_COLUMNS = tuple(n for n in EPOCHS_SCHEMA.names if n not in ("study", "trial_id"))
 
 
 def reported_config(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -172,7 +171,10 @@ class StudyCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.events = True
-        message = _error_text(trial)
+        message = str(getattr(trial, "error_msg", None) or "trial failed")
+        if getattr(trial, "error_file", None):  # the whole traceback, if it can be read
+            with contextlib.suppress(OSError):
+                message = Path(trial.error_file).read_text(encoding="utf-8")[-4000:]
         self._finished.append((trial.trial_id, dict(trial.config), dict(trial.last_result or {}),
                                message))
         print(f"[{self.spec.name}] trial {trial.trial_id} failed: "
@@ -245,11 +247,3 @@ class StudyCallback(Callback):
                 f" ({stopped} stopped early), {counts['RUNNING']} running, "
                 f"{counts['ERROR']} failed | best {metric} {best_text} | "
                 f"epsilon target {self.spec.privacy.epsilon:g}")
-
-
-def _error_text(trial: Any) -> str:
-    error_file = getattr(trial, "error_file", None)
-    if error_file:
-        with contextlib.suppress(OSError):
-            return Path(error_file).read_text(encoding="utf-8")[-4000:]
-    return str(getattr(trial, "error_msg", None) or "trial failed")

@@ -1,11 +1,8 @@
 """Run and resume studies: a spec becomes a Ray Tune experiment.
 
 ``run`` validates everything first (spec, data, the noise range that spends the budget)
-and writes nothing on a bad spec. It then builds a ``Tuner``: ``OptunaSearch``
-(define-by-run, seeded) behind a ``ConcurrencyLimiter``, an optional ``ASHAScheduler``,
-``tune.with_resources``, ``FailureConfig(max_failures)`` and ``CheckpointConfig``.
-Experiment state lives under ``storage/NAME``, next to the resolved spec
-(``dpstudy-spec.yaml``) that ``resume`` reads. Results go to Parquet through
+and writes nothing on a bad spec. Experiment state lives under ``storage/NAME``, next to
+the resolved spec (``dpstudy-spec.yaml``) that ``resume`` reads. Results go to Parquet through
 :class:`study.execution.callbacks.StudyCallback`, and once more from the final
 ``ResultGrid`` so that no trial is ever missing. ``confirm`` re-runs the chosen
 configurations over fresh seeds (:mod:`study.analysis.confirm`) as a second Tune
@@ -280,15 +277,12 @@ def finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Sum
 
 def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = None,
             address: str | None = None) -> tuple[confirmation.Plan, list[dict[str, Any]]]:
-    """Re-run the ``top`` configurations (and the baseline) with ``seeds`` fresh seeds.
-
-    ``spec.results`` is where rows are read and written (``dpstudy confirm DIR`` points it
-    at ``DIR``).
+    """Re-run the ``top`` configurations (and the baseline) with ``seeds`` fresh seeds;
+    rows are read from and written to ``spec.results`` (``dpstudy confirm DIR``: ``DIR``).
 
     Runs only what is not recorded yet; an interrupted confirmation of the same plan is
     restored from its Tune state (unfinished runs continue from their checkpoints).
-    Returns the plan and its summary rows (:func:`study.analysis.confirm.summarise`).
-    """
+    Returns the plan and its summary rows (:func:`study.analysis.confirm.summarise`)."""
     from study.storage.store import ResultsStore
 
     metric, mode = spec.objective.primary

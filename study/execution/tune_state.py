@@ -6,12 +6,8 @@ and ``search_gen_state-<session>.json`` into a staging folder on the driver
 the previous ones in the experiment directory; neither write is atomic. A driver killed
 during the copy leaves a truncated file, and ``Tuner.restore`` then logs "Failed to
 restore the run state" and *starts the study over*: finished trials not yet in Parquet are
-lost and ``resume`` exits 0 with fewer rows than trials (seen with ``kill -9``).
-
-:func:`repair` runs before every restore and puts back, for the newest session's damaged
-files, first the set saved by :class:`StateBackup`, else the newest intact staged copy (the
-staged write ends before the copy starts). With no intact copy it raises
-:class:`DamagedStateError` naming the file: refusing is better than a silent restart.
+lost and ``resume`` exits 0 with fewer rows than trials (seen with ``kill -9``). Hence
+:func:`repair`, run before every restore.
 
 The staged copy may be cut short too (Tune rewrites it at every snapshot while a background
 thread may still be copying the previous one). Hence :class:`StateBackup`: called from the
@@ -22,6 +18,7 @@ end of ``TuneController.save_to_dir``), it copies the three files, whole and tog
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import json
@@ -47,14 +44,10 @@ class DamagedStateError(FailureError, RuntimeError):
 def loads(data: bytes) -> bool:
     """Whether ``data`` is a complete state file: JSON, or a pickle (Tune pickles
     ``search_gen_state-*.json``)."""
-    if not data:
-        return False
-    for parse in (json.loads, pickle.loads):  # Tune pickles some ".json" files
-        try:
+    for parse in (json.loads, pickle.loads):  # both refuse empty data
+        with contextlib.suppress(Exception):  # any failure to load: "not this format"
             parse(data)  # the study's own file, written by its own driver
-        except Exception:  # noqa: BLE001 - any failure to load means "not this format"
-            continue
-        return True
+            return True
     return False
 
 
@@ -72,10 +65,11 @@ def newest_session_files(names: list[str]) -> list[str]:
 def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None) -> list[str]:
     """Check the newest session's state files in ``directory`` (on ``fs``); if any is
     damaged, put back the whole set from :class:`StateBackup`, or else each damaged file
-    from an intact staged copy. Returns the names repaired.
+    from the newest intact staged copy under ``temp_root`` (the Ray temp folder; the staged
+    write ends before the copy starts). Returns the names repaired.
 
-    ``temp_root`` is the Ray temp folder of this machine, where the driver's staging
-    folders live. Raises :class:`DamagedStateError` for a damaged file with no intact copy."""
+    Raises :class:`DamagedStateError` for a damaged file with no intact copy: refusing is
+    better than a silent restart."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(directory))
     except OSError:  # not found included
