@@ -156,8 +156,7 @@ class StudyLock:
         except (OSError, ValueError, KeyError, TypeError):
             # unreadable: treat as a holder whose heartbeat is the file's mtime
             mtime = info.mtime.timestamp() if info.mtime else time.time()
-            return Holder(token=token, host="?", pid=-1, since=mtime, heartbeat=mtime,
-                          state="held")
+            return Holder(token, host="?", pid=-1, since=mtime, heartbeat=mtime, state="held")
 
     def _write(self, state: str) -> None:
         data = {"host": socket.gethostname(), "pid": os.getpid(), "since": self._since,

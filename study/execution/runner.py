@@ -64,14 +64,14 @@ class StudyExistsError(InputError, RuntimeError):
 
 
 class StudyInterruptedError(KeyboardInterrupt):
-    """The study was interrupted (Ctrl-C); ``directory`` is what ``dpstudy resume`` takes."""
+    """The study was interrupted (Ctrl-C); the message says how to continue it (by default
+    ``dpstudy resume DIRECTORY``)."""
 
     def __init__(self, name: str, directory: str, unfinished: int, *,
                  runs: str = "trial(s)", command: str | None = None) -> None:
         super().__init__(f"[{name}] interrupted with {unfinished} {runs} unfinished; "
                          f"nothing was recorded for them. Continue with: "
                          f"{command or f'dpstudy resume {directory}'}")
-        self.directory = directory
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,7 @@ def _fit(tuner: Any, spec: StudySpec) -> tuple[Any, bool]:
     Tune catches the first SIGINT itself: it saves the experiment state with the running
     trials still RUNNING (so resume continues them), stops them and returns normally. Its
     handler then puts back the handler that was installed before ``fit``; that is how we
-    know. Interrupted fits raise :class:`StudyInterruptedError` and record nothing for
-    trials that did not finish."""
+    know."""
     sentinel = functools.partial(signal.default_int_handler)  # Python's, but ours to spot
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, sentinel) if main else None
