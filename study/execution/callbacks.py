@@ -120,10 +120,10 @@ class Writer:
 class StudyCallback(Callback):
     """Writes results as trials finish and prints one concise progress line."""
 
-    def __init__(self, spec: StudySpec, *, interval_s: float = 30.0,
-                 total: int | None = None, label: str = "") -> None:
+    interval_s = 30.0  # the progress line is printed again at least this often
+
+    def __init__(self, spec: StudySpec, *, total: int | None = None, label: str = "") -> None:
         self.spec = spec
-        self.interval_s = interval_s
         self.total = spec.trials if total is None else total
         self.label = label
         # not pickled into Tune's experiment state (see __getstate__)
@@ -136,11 +136,11 @@ class StudyCallback(Callback):
         self.events = True  # a trial started, reported, checkpointed or ended since a backup
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "interval_s": self.interval_s, "total": self.total,
-                "label": self.label}
+        return {"spec": self.spec, "total": self.total, "label": self.label}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)  # a pickle from before total and label: their defaults
+        # older pickles: no total or label (their defaults), an interval_s (now fixed)
+        self.__init__(state["spec"], total=state.get("total"), label=state.get("label", ""))
 
     def setup(self, **info: Any) -> None:
         """Open (and merge with) the study's results at experiment start or resume."""

@@ -54,6 +54,7 @@ from study.storage.locations import (
     resolve_location,
     resolve_paths,
 )
+from study.storage.store import ResultsStore
 from trainables.data import dataset_size
 from trainables.errors import InputError
 from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
@@ -282,8 +283,6 @@ def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = Non
     Runs only what is not recorded yet; an interrupted confirmation of the same plan is
     restored from its Tune state (unfinished runs continue from their checkpoints).
     Returns the plan and its summary rows (:func:`study.analysis.confirm.summarise`)."""
-    from study.storage.store import ResultsStore
-
     metric, mode = spec.objective.primary
     rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
     plan = confirmation.plan(rows, metric=metric, mode=mode, top=top, seeds=seeds,
