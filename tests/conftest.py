@@ -34,7 +34,8 @@ def shared_ray() -> Iterator[None]:
             ray.shutdown()
 
 
-_STATE = "import sys; from study.execution.jobs import job_status; print(job_status(*sys.argv[1:]))"
+_STATE = ("import sys; from study.execution.jobs import client; "
+          "print(client(sys.argv[1]).get_job_status(sys.argv[2]).value)")
 
 
 @pytest.fixture()

@@ -14,6 +14,7 @@ recorded noise multiplier and steps instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -49,8 +50,10 @@ def resolve(target: str, *, trial: str | None = None, best: bool = False,
     if location.endswith((".yaml", ".yml")):
         spec, results = load_spec(location), None
     else:
-        spec = find_spec(location, study)
-        results = location if _has_trials(location) else None
+        spec, results = find_spec(location, study), None
+        with contextlib.suppress(FileNotFoundError):  # a directory of results, or not
+            read_trials(location)
+            results = location
     results = results or spec.results_path
     if trial is None and not best:
         try:
@@ -60,14 +63,6 @@ def resolve(target: str, *, trial: str | None = None, best: bool = False,
                              f"of {results}") from None
     row = _pick_row(results, spec, trial)
     return Target(spec, results, row["trial_id"], trial_config_of(spec, row))
-
-
-def _has_trials(location: str) -> bool:
-    try:
-        read_trials(location)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _pick_row(results: str, spec: StudySpec, trial: str | None) -> dict[str, Any]:

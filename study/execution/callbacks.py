@@ -12,13 +12,14 @@ experiment state, so it holds only plain settings and opens the store in :meth:`
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import json
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
@@ -29,6 +30,7 @@ from study.privacy.private_selection import study_privacy_metadata
 from study.spec import hyperparameters
 from study.spec.model import StudySpec
 from study.spec.selection import selection_label
+from study.storage.schema import EPOCHS_SCHEMA
 from study.storage.store import ResultsStore
 
 RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used", "delta",
@@ -37,16 +39,7 @@ RESULT_COLUMNS = ("sample_rate", "epsilon_target", "epsilon_spent", "budget_used
                   "test_loss", "wall_time_s", "samples_per_s", "device", "num_params",
                   "trainable_params", "noise_multiplier", "val_accuracy_dp", "val_noise",
                   "val_releases")
-EPOCH_COLUMNS = ("epoch", "val_accuracy", "val_loss", "test_accuracy", "test_loss",
-                 "train_loss", "epsilon_spent", "budget_used", "steps", "wall_time_s",
-                 "samples_per_s")
-
-
-def trial_status(result: dict[str, Any] | None, error: bool) -> str:
-    """completed (ran its whole budget), stopped (early, by the scheduler) or failed."""
-    if error:
-        return "failed"
-    return "completed" if result and result.get("finished") else "stopped"
+EPOCH_COLUMNS = tuple(n for n in EPOCHS_SCHEMA.names if n not in ("study", "trial_id"))
 
 
 def reported_config(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -96,109 +89,92 @@ def trial_row(spec: StudySpec, trial_id: str, params: dict[str, Any],
     return row
 
 
-def epoch_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """``epochs.parquet`` rows from the ``epoch_history`` a trial reports."""
-    history = json.loads((result or {}).get("epoch_history") or "[]")
-    return [{k: epoch.get(k) for k in EPOCH_COLUMNS} for epoch in history]
-
-
 Finished = tuple[str, dict, "dict | None", "str | None"]  # trial id, config, result, error
 
 
 class Writer:
-    """One daemon thread that runs ``write(item)`` for each submitted item, in order.
+    """One background thread (started at the first item) that runs ``write(item)`` for each
+    submitted item, in order.
 
-    The first exception stops nothing: it is kept, later items are still written, and
-    :meth:`wait` raises it once everything submitted so far has been attempted."""
+    The first exception stops nothing: later items are still written, and :meth:`wait`
+    raises it once everything submitted so far has been attempted."""
 
     def __init__(self, write: Callable[[Finished], None]) -> None:
         self._write = write
-        self._queue: queue.Queue[Finished] = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="dpstudy-parquet-writer",
-                                        daemon=True)
-        self._thread.start()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dpstudy-parquet-writer")
+        self._pending: list[Future[None]] = []
 
     def submit(self, item: Finished) -> None:
         """Queue ``item`` for writing; returns at once."""
-        self._queue.put(item)
+        self._pending.append(self._pool.submit(self._write, item))
 
     def wait(self) -> None:
-        """Block until every submitted item was written; re-raise a write's exception."""
-        self._queue.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                self._write(item)
-            except BaseException as err:  # noqa: BLE001 (kept for wait() to raise)
-                self._error = self._error or err
-            finally:
-                self._queue.task_done()
+        """Block until every submitted item was written; re-raise the first write's
+        exception."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]  # each waits for its write
+        if any(errors):
+            raise next(e for e in errors if e is not None)
 
 
 class StudyCallback(Callback):
     """Writes results as trials finish and prints one concise progress line."""
 
-    def __init__(self, spec: StudySpec, *, interval_s: float = 30.0,
-                 total: int | None = None, label: str = "") -> None:
+    interval_s = 30.0  # the progress line is printed again at least this often
+
+    def __init__(self, spec: StudySpec, *, total: int | None = None, label: str = "") -> None:
         self.spec = spec
-        self.interval_s = interval_s
         self.total = spec.trials if total is None else total
         self.label = label
-        self._transient()
-
-    def _transient(self) -> None:
+        # not pickled into Tune's experiment state (see __getstate__)
         self.store: ResultsStore | None = None
         self._finished: list[Finished] = []
-        self._writer: Writer | None = None
+        self._writer = Writer(lambda finished: self.record(*finished))
         self.stream: TextIO = sys.stdout
         self._last_line, self._last_time = "", 0.0
         self.backup: StateBackup | None = None
         self.events = True  # a trial started, reported, checkpointed or ended since a backup
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "interval_s": self.interval_s, "total": self.total,
-                "label": self.label}
+        return {"spec": self.spec, "total": self.total, "label": self.label}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"total": state["spec"].trials, "label": "", **state})
-        self._transient()
+        # older pickles: no total or label (their defaults), an interval_s (now fixed)
+        self.__init__(state["spec"], total=state.get("total"), label=state.get("label", ""))
 
     def setup(self, **info: Any) -> None:
         """Open (and merge with) the study's results at experiment start or resume."""
         self.store = ResultsStore(self.spec.results_path, self.spec.name)
 
     def record(self, trial_id: str, params: dict[str, Any], result: dict[str, Any] | None,
-               *, error: str | None = None) -> None:
-        """Upsert one trial (and its epochs) and flush atomically."""
+               error: str | None = None) -> None:
+        """Upsert one trial (and its epochs, from the ``epoch_history`` it reports) and flush
+        atomically."""
         if self.store is None:
             self.setup()
-        status = trial_status(result, error is not None)
+        # completed (ran its whole budget), stopped (early, by the scheduler) or failed
+        status = ("failed" if error is not None
+                  else "completed" if result and result.get("finished") else "stopped")
         row = trial_row(self.spec, trial_id, params, result, status=status, error=error)
-        self.store.add_trial(row, epoch_rows(result))
+        history = json.loads((result or {}).get("epoch_history") or "[]")
+        self.store.add_trial(row, [{k: epoch.get(k) for k in EPOCH_COLUMNS} for epoch in history])
         self.store.metadata.update(study_privacy_metadata(self.spec, self.store))
         self.store.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.events = True
-        if not self.interrupted(trial):
+        # a confirmation run that ended before finishing its budget was interrupted, not
+        # stopped by a scheduler (confirmation has none): it is not an outcome to record
+        if CONFIRM_KEY not in trial.config or (trial.last_result or {}).get("finished"):
             self._finished.append((trial.trial_id, dict(trial.config),
                                    dict(trial.last_result or {}), None))
 
-    @staticmethod
-    def interrupted(trial: Any) -> bool:
-        """A confirmation run that ended before finishing its budget was interrupted, not
-        stopped by a scheduler (confirmation has none): it is not an outcome to record."""
-        return CONFIRM_KEY in trial.config and not (trial.last_result or {}).get("finished")
-
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.events = True
-        message = _error_text(trial)
+        message = str(getattr(trial, "error_msg", None) or "trial failed")
+        if getattr(trial, "error_file", None):  # the whole traceback, if it can be read
+            with contextlib.suppress(OSError):
+                message = Path(trial.error_file).read_text(encoding="utf-8")[-4000:]
         self._finished.append((trial.trial_id, dict(trial.config), dict(trial.last_result or {}),
                                message))
         print(f"[{self.spec.name}] trial {trial.trial_id} failed: "
@@ -208,24 +184,13 @@ class StudyCallback(Callback):
     def write_finished(self) -> None:
         """Hand the trials that ended in this step (after Tune's snapshot of it) to the
         writer thread; returns without waiting for the write."""
-        if self._finished and self._writer is None:
-            self._writer = Writer(self._write_one)
         while self._finished:
             self._writer.submit(self._finished.pop(0))
-
-    def wait_written(self) -> None:
-        """Block until every trial handed to the writer is in Parquet."""
-        if self._writer is not None:
-            self._writer.wait()
-
-    def _write_one(self, item: Finished) -> None:
-        trial_id, params, result, error = item
-        self.record(trial_id, params, result or None, error=error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.write_finished()
         self.show_progress(trials, final=True)  # the last trial may end between two steps
-        self.wait_written()
+        self._writer.wait()  # every trial handed to the writer is in Parquet
 
     def get_state(self) -> None:
         """Called by Tune right after it wrote its experiment state to the driver's staging
@@ -239,7 +204,6 @@ class StudyCallback(Callback):
             except OSError as err:
                 print(f"[{self.spec.name}] warning: could not back up Tune's state: {err}",
                       file=sys.stderr, flush=True)
-        return None
 
     def _trial_event(self, *args: Any, **info: Any) -> None:
         self.events = True
@@ -271,29 +235,15 @@ class StudyCallback(Callback):
         scores are private until the release)."""
         counts = collections.Counter(t.status for t in trials)
         metric, mode = self.spec.objective.primary
+        ended = [t.last_result or {} for t in trials if t.status == "TERMINATED"]
         # completed trials only (they spent the whole budget): what the study would select;
         # a running trial's latest epoch can go down again, a stopped one spent less
-        values = [t.last_result.get(metric) for t in trials
-                  if t.status == "TERMINATED" and (t.last_result or {}).get("finished")
-                  and t.last_result.get(metric) is not None]
-        best = (max(values) if mode == "max" else min(values)) if values else None
-        stopped = sum(1 for t in trials if t.status == "TERMINATED"
-                      and not (t.last_result or {}).get("finished"))
-        best_text = f"{best:.4f}" if best is not None else "-"
+        values = [r[metric] for r in ended if r.get("finished") and r.get(metric) is not None]
+        stopped = sum(not r.get("finished") for r in ended)
+        best_text = f"{(max if mode == 'max' else min)(values):.4f}" if values else "-"
         if self.spec.selection.private:  # counts only: scores seen mid-study invite a stop
             best_text = "withheld (private selection)"
-        return (f"[{self.spec.name}{self.label}] {counts.get('TERMINATED', 0)}/{self.total} done"
-                f" ({stopped} stopped early), {counts.get('RUNNING', 0)} running, "
-                f"{counts.get('ERROR', 0)} failed | best {metric} {best_text} | "
+        return (f"[{self.spec.name}{self.label}] {counts['TERMINATED']}/{self.total} done"
+                f" ({stopped} stopped early), {counts['RUNNING']} running, "
+                f"{counts['ERROR']} failed | best {metric} {best_text} | "
                 f"epsilon target {self.spec.privacy.epsilon:g}")
-
-
-def _error_text(trial: Any) -> str:
-    error_file = getattr(trial, "error_file", None)
-    if error_file:
-        try:
-            with open(error_file, encoding="utf-8") as f:
-                return f.read()[-4000:]
-        except OSError:
-            pass
-    return str(getattr(trial, "error_msg", None) or "trial failed")

@@ -72,12 +72,10 @@ def node_capacity(resource: str) -> tuple[list[float], dict[str, float]]:
 
     nodes = [float(n.get("Resources", {}).get(resource, 0)) for n in ray.nodes()
              if n.get("Alive")]
-    types: dict[str, float] = {}
-    config = autoscaler_cluster_config()  # the autoscaler's node types, if it runs
-    for group in getattr(config, "node_group_configs", []) or []:
-        if group.max_count != 0:
-            types[group.name] = float(group.resources.get(resource, 0))
-    return nodes, types
+    # the autoscaler's node types, if it runs
+    groups = getattr(autoscaler_cluster_config(), "node_group_configs", None) or []
+    return nodes, {g.name: float(g.resources.get(resource, 0)) for g in groups
+                   if g.max_count != 0}
 
 
 def check_capacity(spec: StudySpec) -> None:

@@ -95,20 +95,18 @@ def submit(spec_path: str, address: str, *, python: str = "python") -> tuple[str
     interpreter that has dpstudy's dependencies there (as in ``cluster.yaml``), or name it.
     """
     spec = cluster_spec(load_spec(spec_path))
-    entrypoint = f"{shlex.quote(python)} -m study.cli run {JOB_SPEC} --address auto"
-    return _submit(address, spec, spec.name, entrypoint), spec
+    return _submit(address, python, f"run {JOB_SPEC}", spec.name, spec), spec
 
 
 def submit_resume(experiment: str, address: str, *, python: str = "python") -> str:
     """Submit ``dpstudy resume EXPERIMENT`` as a Ray Job (the driver died on the head)."""
     name = experiment.rstrip("/").rsplit("/", 1)[-1]
-    entrypoint = (f"{shlex.quote(python)} -m study.cli resume {shlex.quote(experiment)} "
-                  f"--address auto")
-    return _submit(address, None, name, entrypoint, suffix="-resume")
+    return _submit(address, python, f"resume {shlex.quote(experiment)}", name, suffix="-resume")
 
 
-def _submit(address: str, spec: StudySpec | None, name: str, entrypoint: str, *,
-            suffix: str = "") -> str:
+def _submit(address: str, python: str, command: str, name: str, spec: StudySpec | None = None,
+            *, suffix: str = "") -> str:
+    entrypoint = f"{shlex.quote(python)} -m study.cli {command} --address auto"
     job_id = f"dpstudy-{name}{suffix}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
     jobs = client(address)
     with tempfile.TemporaryDirectory(prefix="dpstudy-job-") as work:
@@ -156,9 +154,3 @@ def logs(address: str, job_id: str) -> str:
 def stop(address: str, job_id: str) -> bool:
     """Ask Ray to stop a submitted study (``dpstudy resume`` can finish it later)."""
     return bool(_request(address, "stop_job", job_id))
-
-
-def job_status(address: str, job_id: str) -> str:
-    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    status = _request(address, "get_job_status", job_id)
-    return str(getattr(status, "value", status))

@@ -105,7 +105,9 @@ class StudyLock:
         """Take the lock or raise :class:`StudyLockedError` naming the holder."""
         self._fs.create_dir(self._root, recursive=True)
         for attempt in range(self.retries + 1):
-            self._remove_stale()
+            for holder in self.holders():
+                if holder.token != self.token and holder.stale(self.lease_s):
+                    self._delete(f"{self._root}/{holder.token}.lock")
             self._write("contending")
             others = [h for h in self.holders() if h.token != self.token]
             if not others:
@@ -146,22 +148,15 @@ class StudyLock:
         token = info.base_name[:-len(".lock")]
         try:
             with self._fs.open_input_stream(info.path) as f:
-                data = json.loads(f.read().decode())
-            return Holder(token=token, host=str(data["host"]),
-                          pid=int(data["pid"]), since=float(data["since"]),
-                          heartbeat=float(data["heartbeat"]), state=str(data["state"]))
+                data = json.loads(f.read())
+            return Holder(token, str(data["host"]), int(data["pid"]), float(data["since"]),
+                          float(data["heartbeat"]), str(data["state"]))
         except FileNotFoundError:
             return None  # released while we listed
         except (OSError, ValueError, KeyError, TypeError):
             # unreadable: treat as a holder whose heartbeat is the file's mtime
             mtime = info.mtime.timestamp() if info.mtime else time.time()
-            return Holder(token=token, host="?", pid=-1, since=mtime, heartbeat=mtime,
-                          state="held")
-
-    def _remove_stale(self) -> None:
-        for holder in self.holders():
-            if holder.token != self.token and holder.stale(self.lease_s):
-                self._delete(f"{self._root}/{holder.token}.lock")
+            return Holder(token, host="?", pid=-1, since=mtime, heartbeat=mtime, state="held")
 
     def _write(self, state: str) -> None:
         data = {"host": socket.gethostname(), "pid": os.getpid(), "since": self._since,

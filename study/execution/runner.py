@@ -1,11 +1,8 @@
 """Run and resume studies: a spec becomes a Ray Tune experiment.
 
 ``run`` validates everything first (spec, data, the noise range that spends the budget)
-and writes nothing on a bad spec. It then builds a ``Tuner``: ``OptunaSearch``
-(define-by-run, seeded) behind a ``ConcurrencyLimiter``, an optional ``ASHAScheduler``,
-``tune.with_resources``, ``FailureConfig(max_failures)`` and ``CheckpointConfig``.
-Experiment state lives under ``storage/NAME``, next to the resolved spec
-(``dpstudy-spec.yaml``) that ``resume`` reads. Results go to Parquet through
+and writes nothing on a bad spec. Experiment state lives under ``storage/NAME``, next to
+the resolved spec (``dpstudy-spec.yaml``) that ``resume`` reads. Results go to Parquet through
 :class:`study.execution.callbacks.StudyCallback`, and once more from the final
 ``ResultGrid`` so that no trial is ever missing. ``confirm`` re-runs the chosen
 configurations over fresh seeds (:mod:`study.analysis.confirm`) as a second Tune
@@ -15,11 +12,14 @@ interrupted confirmation is run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import posixpath
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +54,7 @@ from study.storage.locations import (
     resolve_location,
     resolve_paths,
 )
+from study.storage.store import ResultsStore
 from trainables.data import dataset_size
 from trainables.errors import InputError
 from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
@@ -64,20 +65,14 @@ class StudyExistsError(InputError, RuntimeError):
 
 
 class StudyInterruptedError(KeyboardInterrupt):
-    """The study was interrupted (Ctrl-C); ``directory`` is what ``dpstudy resume`` takes."""
+    """The study was interrupted (Ctrl-C); the message says how to continue it (by default
+    ``dpstudy resume DIRECTORY``)."""
 
-    def __init__(self, name: str, directory: str, unfinished: int) -> None:
-        super().__init__(f"[{name}] interrupted with {unfinished} trial(s) unfinished; "
+    def __init__(self, name: str, directory: str, unfinished: int, *,
+                 runs: str = "trial(s)", command: str | None = None) -> None:
+        super().__init__(f"[{name}] interrupted with {unfinished} {runs} unfinished; "
                          f"nothing was recorded for them. Continue with: "
-                         f"dpstudy resume {directory}")
-        self.directory = directory
-        self.name, self.unfinished = name, unfinished
-
-    def with_command(self, command: str) -> StudyInterruptedError:
-        """The same interruption, continued with ``command`` instead of ``resume``."""
-        self.args = (f"[{self.name}] interrupted with {self.unfinished} run(s) unfinished; "
-                     f"nothing was recorded for them. Continue with: {command}",)
-        return self
+                         f"{command or f'dpstudy resume {directory}'}")
 
 
 @dataclass(frozen=True)
@@ -148,9 +143,8 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
     _refuse_existing(spec, directory)
     check_locations(spec)
     created = not exists(directory)
-    lock = StudyLock(directory)
-    lock.acquire()  # refused: another driver has the study (never remove its directory)
-    with _released(lock):
+    # refused: another driver has the study (never remove its directory)
+    with StudyLock(directory) as lock:
         _refuse_existing(spec, directory)  # another driver may have won the race
         try:
             # drawn (or a recorded count checked) before Ray starts: a count file not drawn
@@ -213,50 +207,32 @@ def restore_tuner(directory: str, trainable: Any) -> Any:
 
 
 def _refuse_existing(spec: StudySpec, directory: str) -> None:
-    if exists(posixpath.join(directory, SPEC_FILE)) or exists(
-            posixpath.join(directory, "tuner.pkl")):
+    if any(exists(posixpath.join(directory, name)) for name in (SPEC_FILE, "tuner.pkl")):
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
 
 
-class _released:
-    """Release ``lock`` on the way out (a context manager for an acquired lock)."""
-
-    def __init__(self, lock: StudyLock) -> None:
-        self.lock = lock
-
-    def __enter__(self) -> StudyLock:
-        return self.lock
-
-    def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
-
-
 def _remove_tree(directory: str) -> None:
     fs, where = filesystem(directory, "storage")
-    try:
+    with contextlib.suppress(OSError):  # not found included
         fs.delete_dir(where)
-    except (FileNotFoundError, OSError):
-        pass
 
 
-def _fit(tuner: Any, spec: StudySpec | None = None) -> tuple[Any, bool]:
+def _fit(tuner: Any, spec: StudySpec) -> tuple[Any, bool]:
     """``tuner.fit()``, telling an interrupted fit (Ctrl-C) from a finished one; prints
     :func:`time_line` for ``spec`` when the fit returns.
 
     Tune catches the first SIGINT itself: it saves the experiment state with the running
     trials still RUNNING (so resume continues them), stops them and returns normally. Its
     handler then puts back the handler that was installed before ``fit``; that is how we
-    know. Interrupted fits raise :class:`StudyInterruptedError` and record nothing for
-    trials that did not finish."""
-    sentinel = _Sentinel()
-    main = _in_main_thread()
+    know."""
+    sentinel = functools.partial(signal.default_int_handler)  # Python's, but ours to spot
+    main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, sentinel) if main else None
     started = time.perf_counter()
     try:
         grid = tuner.fit()
-        if spec is not None:
-            print(time_line(spec, grid, time.perf_counter() - started), flush=True)
+        print(time_line(spec, grid, time.perf_counter() - started), flush=True)
     finally:
         tune_handles_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
         interrupted = main and tune_handles_sigint and signal.getsignal(
@@ -276,30 +252,14 @@ def time_line(spec: StudySpec, grid: Any, wall_s: float) -> str:
             f"concurrency {spec.max_concurrent} = {ideal:.1f} s{ratio}")
 
 
-class _Sentinel:
-    """A SIGINT handler that behaves like Python's default one."""
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Summary:
     """Record any trial the callback missed, then summarise the study. After Ctrl-C:
     raise :class:`StudyInterruptedError` instead, recording nothing for unfinished trials."""
-    if interrupted:
-        recorded = StudyCallback(spec)
-        recorded.setup()
-        done = len(recorded.store.trial_ids())
-        raise StudyInterruptedError(spec.name, directory, max(spec.trials - done, 0))
     callback = StudyCallback(spec)
     callback.setup()
     known = callback.store.trial_ids()
+    if interrupted:
+        raise StudyInterruptedError(spec.name, directory, max(spec.trials - len(known), 0))
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id")
         # a trial that never reported has no id here; on_trial_error recorded it already
@@ -317,17 +277,12 @@ def finish(spec: StudySpec, grid: Any, interrupted: bool, directory: str) -> Sum
 
 def confirm(spec: StudySpec, *, top: int, seeds: int, baseline: str | None = None,
             address: str | None = None) -> tuple[confirmation.Plan, list[dict[str, Any]]]:
-    """Re-run the ``top`` configurations (and the baseline) with ``seeds`` fresh seeds.
-
-    ``spec.results`` is where rows are read and written (``dpstudy confirm DIR`` points it
-    at ``DIR``).
+    """Re-run the ``top`` configurations (and the baseline) with ``seeds`` fresh seeds;
+    rows are read from and written to ``spec.results`` (``dpstudy confirm DIR``: ``DIR``).
 
     Runs only what is not recorded yet; an interrupted confirmation of the same plan is
     restored from its Tune state (unfinished runs continue from their checkpoints).
-    Returns the plan and its summary rows (:func:`study.analysis.confirm.summarise`).
-    """
-    from study.storage.store import ResultsStore
-
+    Returns the plan and its summary rows (:func:`study.analysis.confirm.summarise`)."""
     metric, mode = spec.objective.primary
     rows = ResultsStore(spec.results_path, spec.name).trials().to_pylist()
     plan = confirmation.plan(rows, metric=metric, mode=mode, top=top, seeds=seeds,
@@ -372,5 +327,6 @@ def _run_confirmation(spec: StudySpec, plan: confirmation.Plan, todo: list[dict[
                             result.metrics, error=error)
     if interrupted:
         left = len(confirmation.pending(plan, callback.store.trials().to_pylist()))
-        raise StudyInterruptedError(f"{spec.name} confirm", directory, left).with_command(
-            f"dpstudy confirm {spec.results_path} (the same --top/--seeds)")
+        raise StudyInterruptedError(
+            f"{spec.name} confirm", directory, left, runs="run(s)",
+            command=f"dpstudy confirm {spec.results_path} (the same --top/--seeds)")

@@ -24,10 +24,8 @@ TRIAL_ID_TAG = "dpstudy.trial_id"
 
 def tracking_uri(experiment: str) -> str:
     """``MLFLOW_TRACKING_URI``, else SQLite in the (local) experiment directory."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(experiment)),
-                                       MLFLOW_DB)
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(
+        os.path.abspath(os.path.expanduser(experiment)), MLFLOW_DB)
 
 
 class StudyMLflowCallback(MLflowLoggerCallback):
@@ -48,10 +46,14 @@ class StudyMLflowCallback(MLflowLoggerCallback):
         self.tracking_uri = state["tracking_uri"]
 
     def log_trial_start(self, trial: Any) -> None:
-        if trial not in self._trial_runs:
-            earlier = self._earlier_run(trial.trial_id)
-            if earlier is not None:
-                self._trial_runs[trial] = earlier
+        if trial not in self._trial_runs:  # its run logged before a resume, if any
+            from mlflow.tracking import MlflowClient
+
+            runs = MlflowClient(tracking_uri=self.tracking_uri).search_runs(
+                experiment_ids=[self.mlflow_util.experiment_id],
+                filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'")
+            if runs:
+                self._trial_runs[trial] = runs[0].info.run_id
         self.tags = {**self.tags, TRIAL_ID_TAG: trial.trial_id}
         super().log_trial_start(trial)
 
@@ -61,15 +63,6 @@ class StudyMLflowCallback(MLflowLoggerCallback):
             self.configured.add(trial)  # the same config with every report, and on resume
             self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=config)
         super().log_trial_result(iteration, trial, result)
-
-    def _earlier_run(self, trial_id: str) -> str | None:
-        """The run of this trial logged before a resume, if any."""
-        from mlflow.tracking import MlflowClient
-
-        runs = MlflowClient(tracking_uri=self.tracking_uri).search_runs(
-            experiment_ids=[self.mlflow_util.experiment_id],
-            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'")
-        return runs[0].info.run_id if runs else None
 
 
 def tracker_callbacks(spec: StudySpec, experiment: str) -> list[Any]:

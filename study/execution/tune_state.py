@@ -6,12 +6,8 @@ and ``search_gen_state-<session>.json`` into a staging folder on the driver
 the previous ones in the experiment directory; neither write is atomic. A driver killed
 during the copy leaves a truncated file, and ``Tuner.restore`` then logs "Failed to
 restore the run state" and *starts the study over*: finished trials not yet in Parquet are
-lost and ``resume`` exits 0 with fewer rows than trials (seen with ``kill -9``).
-
-:func:`repair` runs before every restore and puts back, for the newest session's damaged
-files, first the set saved by :class:`StateBackup`, else the newest intact staged copy (the
-staged write ends before the copy starts). With no intact copy it raises
-:class:`DamagedStateError` naming the file: refusing is better than a silent restart.
+lost and ``resume`` exits 0 with fewer rows than trials (seen with ``kill -9``). Hence
+:func:`repair`, run before every restore.
 
 The staged copy may be cut short too (Tune rewrites it at every snapshot while a background
 thread may still be copying the previous one). Hence :class:`StateBackup`: called from the
@@ -22,6 +18,7 @@ end of ``TuneController.save_to_dir``), it copies the three files, whole and tog
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import json
@@ -47,14 +44,10 @@ class DamagedStateError(FailureError, RuntimeError):
 def loads(data: bytes) -> bool:
     """Whether ``data`` is a complete state file: JSON, or a pickle (Tune pickles
     ``search_gen_state-*.json``)."""
-    if not data:
-        return False
-    for parse in (json.loads, pickle.loads):  # Tune pickles some ".json" files
-        try:
+    for parse in (json.loads, pickle.loads):  # both refuse empty data
+        with contextlib.suppress(Exception):  # any failure to load: "not this format"
             parse(data)  # the study's own file, written by its own driver
-        except Exception:  # noqa: BLE001 - any failure to load means "not this format"
-            continue
-        return True
+            return True
     return False
 
 
@@ -69,19 +62,20 @@ def newest_session_files(names: list[str]) -> list[str]:
     return sorted(n for n in names if n in wanted)
 
 
-def ray_temp_root() -> str:
-    """The Ray temp folder of this machine (where driver staging folders live)."""
-    return ray_session_temp_dir() or os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
-
-
 def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None) -> list[str]:
     """Check the newest session's state files in ``directory`` (on ``fs``); if any is
     damaged, put back the whole set from :class:`StateBackup`, or else each damaged file
-    from an intact staged copy. Returns the names repaired.
+    from the newest intact staged copy under ``temp_root`` (the Ray temp folder; the staged
+    write ends before the copy starts). Returns the names repaired.
 
-    Raises :class:`DamagedStateError` for a damaged file with no intact copy."""
-    names = list_files(fs, directory)
-    current = newest_session_files(names)
+    Raises :class:`DamagedStateError` for a damaged file with no intact copy: refusing is
+    better than a silent restart."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(directory))
+    except OSError:  # not found included
+        return []
+    current = newest_session_files([posixpath.basename(i.path) for i in infos
+                                    if i.type == pafs.FileType.File])
     damaged = [n for n in current if not loads(read(fs, posixpath.join(directory, n)))]
     if not damaged:
         return []
@@ -91,8 +85,10 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
         for name, data in saved.items():
             replace(fs, posixpath.join(directory, name), data)
         return current
+    temp_root = temp_root or ray_session_temp_dir() or os.path.join(
+        os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
     for name in damaged:
-        copy = intact_copy(temp_root or ray_temp_root(), posixpath.basename(directory), name)
+        copy = intact_copy(temp_root, posixpath.basename(directory), name)
         if copy is None:
             raise DamagedStateError(
                 f"resume: {posixpath.join(directory, name)} is damaged (the driver was "
@@ -101,15 +97,6 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
                 f"that ran the driver, or start the study again under another name")
         replace(fs, posixpath.join(directory, name), copy)
     return damaged
-
-
-def list_files(fs: pafs.FileSystem, directory: str) -> list[str]:
-    """Names of the files directly in ``directory`` (none if it does not exist)."""
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(directory))
-    except OSError:  # not found included
-        return []
-    return [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File]
 
 
 def read(fs: pafs.FileSystem, path: str) -> bytes:
