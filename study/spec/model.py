@@ -281,7 +281,8 @@ def check_against_data(spec: StudySpec, *, cluster: bool = False) -> None:
     n private training examples, data files present, and the CPUs and GPUs a trial asks for
     present (unless ``cluster``, whose nodes may have what this machine lacks). Raises
     :class:`SpecError` with all problems."""
-    from trainables.data import DataUnavailableError, dataset_size
+    from trainables.data import dataset_size
+    from trainables.errors import DataUnavailableError
 
     problems: list[str] = []
     n = None
