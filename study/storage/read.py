@@ -128,13 +128,9 @@ def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
     a single-file table): e.g. the study's privacy statement. Every part carries the
     statement as it stood when the part was written, so the newest is the current one."""
     fs, path, kind = locate(uri, TRIALS_FILE)
-    if kind == pafs.FileType.File:
-        candidates = [path]
-    elif kind == pafs.FileType.Directory:
-        candidates = part_files(fs, path)[::-1]
-    else:
+    if kind not in (pafs.FileType.File, pafs.FileType.Directory):
         raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
-    for candidate in candidates:
+    for candidate in [path] if kind == pafs.FileType.File else part_files(fs, path)[::-1]:
         meta = {k.decode(): v.decode() for k, v in
                 (pq.read_schema(candidate, filesystem=fs).metadata or {}).items()}
         if study is None or meta.get(STUDY_METADATA_KEY, study) == study:
