@@ -13,6 +13,7 @@ disk or on an object store without atomic rename.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import posixpath
 import uuid
 from typing import Any
@@ -119,34 +120,26 @@ class ResultsStore:
 
     def flush(self) -> None:
         """Write each trial added since the last flush as a new part (its epochs part first,
-        then its trial part, each published whole), then delete its superseded parts."""
-        for table in (TRIALS_FILE, EPOCHS_FILE):
-            self._fs.create_dir(self._path(table), recursive=True)
+        then its trial part, each published whole by :func:`publish`, staged locally in this
+        study's staging folder), then delete its superseded parts."""
+        for table in (TRIALS_FILE, EPOCHS_FILE):  # a local staging folder is inside the table
+            self._fs.create_dir(self._staging(table) if self._local else self._path(table),
+                                recursive=True)
         while self._pending:
             key = self._pending[0]
             name = new_part_name()
             epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
-            self._publish(EPOCHS_FILE, name, epochs)
-            self._publish(TRIALS_FILE, name, pa.Table.from_pylist([self._trials[key]],
-                                                                  schema=self._part_schema()))
+            trial = pa.Table.from_pylist([self._trials[key]], schema=self._part_schema())
+            for table, data in ((EPOCHS_FILE, epochs), (TRIALS_FILE, trial)):
+                publish(self._fs, self._path(f"{table}/{name}"), f"{self._staging(table)}/{name}",
+                        data)
             self._pending.pop(0)
             older, self._files[key] = self._files.get(key, []), [self._path(
                 f"{TRIALS_FILE}/{name}")]
-            for path in older:
-                self._delete(path)
-                self._delete(self._path(f"{EPOCHS_FILE}/{posixpath.basename(path)}"))
-
-    def _publish(self, table: str, name: str, data: pa.Table) -> None:
-        """Make ``table/name`` appear whole (:func:`publish`), staged locally in this
-        study's staging folder."""
-        staging = self._staging(table)
-        if self._local:
-            self._fs.create_dir(staging, recursive=True)
-        publish(self._fs, self._path(f"{table}/{name}"), f"{staging}/{name}", data)
-
-    def _delete(self, path: str) -> None:
-        if self._fs.get_file_info(path).type == pafs.FileType.File:
-            self._fs.delete_file(path)
+            for part, table in itertools.product(older, (TRIALS_FILE, EPOCHS_FILE)):
+                stale = self._path(f"{table}/{posixpath.basename(part)}")
+                if self._fs.get_file_info(stale).type == pafs.FileType.File:
+                    self._fs.delete_file(stale)
 
     def trials(self) -> pa.Table:
         """This study's trial rows (``TRIALS_SCHEMA``)."""
