@@ -111,23 +111,18 @@ def _operand(series: pd.Series, f: Filter, column: str) -> Any:
     return f.value
 
 
-def _mask(df: pd.DataFrame, f: Filter) -> pd.Series:
-    column = resolve_column(df, f.column, context=f"filter {str(f)!r}")
-    series = df[column]
-    value = _operand(series, f, column)
-    try:
-        mask = OPS[f.op](series, value)
-    except TypeError as err:
-        raise ValueError(f"filter {str(f)!r}: cannot compare column {column!r}: {err}") from None
-    return mask.fillna(f.op == "!=").astype(bool)
-
-
 def apply_filters(df: pd.DataFrame | pa.Table, filters: list[Filter]) -> pd.DataFrame:
     """Rows matching every filter (null values match ``!=`` only)."""
     df = to_frame(df)
     keep = pd.Series(True, index=df.index)
     for f in filters:
-        keep &= _mask(df, f)
+        column = resolve_column(df, f.column, context=f"filter {str(f)!r}")
+        try:
+            mask = OPS[f.op](df[column], _operand(df[column], f, column))
+        except TypeError as err:
+            raise ValueError(f"filter {str(f)!r}: cannot compare column {column!r}: "
+                             f"{err}") from None
+        keep &= mask.fillna(f.op == "!=").astype(bool)
     return df[keep]
 
 

@@ -112,12 +112,6 @@ class ResultsStore:
             raise ValueError(f"{what}: study/trial_id do not match the trial row")
         return coerce_row(EPOCHS_SCHEMA, full, what)
 
-    def _part_schema(self) -> pa.Schema:
-        """``TRIALS_SCHEMA`` with this study's name and ``metadata`` (a part's metadata)."""
-        extra = {STUDY_METADATA_KEY: self.study, **self.metadata}
-        return TRIALS_SCHEMA.with_metadata({**TRIALS_SCHEMA.metadata, **{
-            k.encode(): v.encode() for k, v in extra.items()}})
-
     def flush(self) -> None:
         """Write each trial added since the last flush as a new part (its epochs part first,
         then its trial part, each published whole by :func:`publish`, staged locally in this
@@ -125,11 +119,13 @@ class ResultsStore:
         for table in (TRIALS_FILE, EPOCHS_FILE):  # a local staging folder is inside the table
             self._fs.create_dir(self._staging(table) if self._local else self._path(table),
                                 recursive=True)
+        part_schema = TRIALS_SCHEMA.with_metadata({  # with this study's name and ``metadata``
+            **TRIALS_SCHEMA.metadata, STUDY_METADATA_KEY: self.study, **self.metadata})
         while self._pending:
             key = self._pending[0]
             name = new_part_name()
             epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
-            trial = pa.Table.from_pylist([self._trials[key]], schema=self._part_schema())
+            trial = pa.Table.from_pylist([self._trials[key]], schema=part_schema)
             for table, data in ((EPOCHS_FILE, epochs), (TRIALS_FILE, trial)):
                 publish(self._fs, self._path(f"{table}/{name}"), f"{self._staging(table)}/{name}",
                         data)
