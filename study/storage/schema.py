@@ -165,7 +165,9 @@ AUDITS_SCHEMA = _schema("audits", [
     *_same("version"),
     _field("finished_at", _TS, "when the audit finished", "UTC timestamp"),
 ])
+
 SCHEMAS = {TRIALS_FILE: TRIALS_SCHEMA, EPOCHS_FILE: EPOCHS_SCHEMA, AUDITS_FILE: AUDITS_SCHEMA}
+
 
 @functools.cache
 def package_version() -> str:

@@ -51,7 +51,7 @@ class ResultsStore:
         self._trials: dict[tuple[str, str], dict[str, Any]] = {}
         self._epochs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
-        self._pending: list[tuple[str, str]] = []
+        self._pending: dict[tuple[str, str], None] = {}  # an ordered set
         self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
         self._load()
 
@@ -102,8 +102,7 @@ class ResultsStore:
             raise ValueError(f"trial {trial['trial_id']!r}: duplicate epoch numbers {numbers}")
         key = (self.study, trial["trial_id"])
         self._trials[key], self._epochs[key] = trial, sorted(rows, key=lambda r: r["epoch"])
-        if key not in self._pending:
-            self._pending.append(key)
+        self._pending[key] = None
 
     def _epoch_row(self, trial_id: str, epoch: dict) -> dict[str, Any]:
         what = f"epoch row of trial {trial_id!r}"
@@ -122,14 +121,14 @@ class ResultsStore:
         part_schema = TRIALS_SCHEMA.with_metadata({  # with this study's name and ``metadata``
             **TRIALS_SCHEMA.metadata, STUDY_METADATA_KEY: self.study, **self.metadata})
         while self._pending:
-            key = self._pending[0]
+            key = next(iter(self._pending))
             name = new_part_name()
             epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
             trial = pa.Table.from_pylist([self._trials[key]], schema=part_schema)
             for table, data in ((EPOCHS_FILE, epochs), (TRIALS_FILE, trial)):
                 publish(self._fs, self._path(f"{table}/{name}"), f"{self._staging(table)}/{name}",
                         data)
-            self._pending.pop(0)
+            del self._pending[key]
             older, self._files[key] = self._files.get(key, []), [self._path(
                 f"{TRIALS_FILE}/{name}")]
             for part, table in itertools.product(older, (TRIALS_FILE, EPOCHS_FILE)):
