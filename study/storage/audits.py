@@ -34,10 +34,8 @@ def read_audits(uri: str) -> pa.Table:
 
 
 def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
-    """Add one audit row to ``audits.parquet`` in ``uri`` as a new immutable part (so
-    concurrent audits sharing a results root never overwrite each other); returns it typed.
-
-    The row is checked against :data:`AUDITS_SCHEMA` before anything is written; an
+    """Add one audit row to ``audits.parquet`` in ``uri`` as a new immutable part; returns it
+    typed. The row is checked against :data:`AUDITS_SCHEMA` before anything is written; an
     ``audit_id`` already present for the study is refused rather than duplicated."""
     row = {"version": package_version(), "finished_at": dt.datetime.now(dt.timezone.utc), **row}
     typed = coerce_row(AUDITS_SCHEMA, row, "audit row")

@@ -44,7 +44,7 @@ class ResultsStore:
     per study (the study lock, :mod:`study.execution.lock`, ensures it)."""
 
     def __init__(self, uri: str, study: str) -> None:
-        self.uri, self.study = uri, study
+        self.study = study
         fs, path = filesystem(uri, "results")
         self._fs, self._dir = fs, path.rstrip("/")
         self._local = isinstance(fs, pafs.LocalFileSystem)
