@@ -112,14 +112,8 @@ TRIALS_SCHEMA = _schema("trials", [
            "validation | test (explicitly allowed by the spec) | none"),
 ])
 
-
-def _same(*names: str) -> list[pa.Field]:
-    """The ``TRIALS_SCHEMA`` fields ``names``, for tables that share their meaning."""
-    return [TRIALS_SCHEMA.field(name) for name in names]
-
-
 EPOCHS_SCHEMA = _schema("epochs", [
-    *_same("study", "trial_id"),
+    *map(TRIALS_SCHEMA.field, ("study", "trial_id")),  # the same fields as in trials
     _field("epoch", _I, "epoch number, starting at 1", key=True),
     _field("val_accuracy", _F, "validation accuracy after this epoch", "fraction"),
     _field("val_loss", _F, "validation loss after this epoch", "nats"),
@@ -134,7 +128,7 @@ EPOCHS_SCHEMA = _schema("epochs", [
 ])
 
 AUDITS_SCHEMA = _schema("audits", [
-    *_same("study"),
+    TRIALS_SCHEMA.field("study"),
     _field("audit_id", _S, "audit id, unique within the study", key=True),
     _field("trial_id", _S, "audited trial; null when the spec's fixed configuration was "
            "audited"),
@@ -153,16 +147,16 @@ AUDITS_SCHEMA = _schema("audits", [
            "epsilon"),
     _field("violation", _I, "1 if epsilon_audited > epsilon_claimed (mechanism broken)",
            "flag"),
-    *_same("noise_multiplier", "clip_norm", "sample_rate"),
+    *map(TRIALS_SCHEMA.field, ("noise_multiplier", "clip_norm", "sample_rate")),
     _field("steps", _I, "optimizer steps of the audited run", "steps"),
-    *_same("prune_rate", "drop_rate"),
+    *map(TRIALS_SCHEMA.field, ("prune_rate", "drop_rate")),
     _field("test_accuracy", _F, "test accuracy of the model trained with canaries",
            "fraction"),
     _field("wall_time_s", _F, "wall-clock time of the audit (build, train, score)",
            "seconds"),
     _field("node", _S, "host name of the Ray node that ran the audit"),
     _field("seed", _I, "audit seed (canary draw and inclusion)"),
-    *_same("version"),
+    TRIALS_SCHEMA.field("version"),
     _field("finished_at", _TS, "when the audit finished", "UTC timestamp"),
 ])
 
