@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import operator
 import re
 from dataclasses import dataclass
@@ -80,10 +79,9 @@ def to_frame(data: pd.DataFrame | pa.Table) -> pd.DataFrame:
     return data
 
 
-def resolve_column(df: pd.DataFrame, name: str, aliases: dict[str, str] | None = None,
+def resolve_column(df: pd.DataFrame, name: str, aliases: dict[str, str] = FILTER_ALIASES,
                    context: str = "") -> str:
     """The column ``name`` refers to (itself or its alias), else a did-you-mean ValueError."""
-    aliases = FILTER_ALIASES if aliases is None else aliases
     if name in df.columns:
         return name
     if name in aliases and aliases[name] in df.columns:
@@ -113,23 +111,18 @@ def _operand(series: pd.Series, f: Filter, column: str) -> Any:
     return f.value
 
 
-def _mask(df: pd.DataFrame, f: Filter) -> pd.Series:
-    column = resolve_column(df, f.column, context=f"filter {str(f)!r}")
-    series = df[column]
-    value = _operand(series, f, column)
-    try:
-        mask = OPS[f.op](series, value)
-    except TypeError as err:
-        raise ValueError(f"filter {str(f)!r}: cannot compare column {column!r}: {err}") from None
-    return mask.fillna(f.op == "!=").astype(bool)
-
-
 def apply_filters(df: pd.DataFrame | pa.Table, filters: list[Filter]) -> pd.DataFrame:
     """Rows matching every filter (null values match ``!=`` only)."""
     df = to_frame(df)
     keep = pd.Series(True, index=df.index)
     for f in filters:
-        keep &= _mask(df, f)
+        column = resolve_column(df, f.column, context=f"filter {str(f)!r}")
+        try:
+            mask = OPS[f.op](df[column], _operand(df[column], f, column))
+        except TypeError as err:
+            raise ValueError(f"filter {str(f)!r}: cannot compare column {column!r}: "
+                             f"{err}") from None
+        keep &= mask.fillna(f.op == "!=").astype(bool)
     return df[keep]
 
 
@@ -228,7 +221,7 @@ def pareto_front(df: pd.DataFrame | pa.Table, objectives: list[tuple[str, str]]
 
 
 def _cell(value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if pd.isna(value):  # None, NaN, pd.NA, NaT
         return "-"
     if isinstance(value, float):
         text = f"{value:.4g}"
@@ -239,7 +232,7 @@ def _cell(value: Any) -> str:
 
 
 def _json_value(value: Any) -> Any:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if pd.isna(value):
         return None
     if isinstance(value, pd.Timestamp):
         return value.isoformat()

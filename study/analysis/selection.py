@@ -30,17 +30,13 @@ def _value(row: Row, metric: str) -> float | None:
     return float(value)
 
 
-def candidates(rows: list[Row], metric: str) -> list[Row]:
-    """Completed search trials that have a value for ``metric``."""
-    return [r for r in rows if is_search(r) and r.get("status") == "completed"
-            and _value(r, metric) is not None]
-
-
 def ranked(rows: list[Row], metric: str, mode: str) -> list[Row]:
-    """:func:`candidates`, best first by ``metric`` (``mode`` max or min)."""
+    """Completed search trials that have a value for ``metric``, best first (``mode`` max
+    or min)."""
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(candidates(rows, metric),
-                  key=lambda r: (sign * _value(r, metric), str(r["trial_id"])))
+    found = [r for r in rows if is_search(r) and r.get("status") == "completed"
+             and _value(r, metric) is not None]
+    return sorted(found, key=lambda r: (sign * _value(r, metric), str(r["trial_id"])))
 
 
 def best(rows: list[Row], metric: str, mode: str) -> Row | None:

@@ -9,8 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from study.storage.locations import filesystem
-from study.storage.read import part_files, read_file
+from study.storage.read import locate, part_files, read_file
 from study.storage.schema import (
     AUDIT_MODES,
     AUDITS_FILE,
@@ -25,11 +24,7 @@ from study.storage.store import new_part_name, publish
 def read_audits(uri: str) -> pa.Table:
     """Every audit of a results directory/URI (``audits.parquet``: one immutable part per
     audit, or a single file written by older versions), or of one ``.parquet`` path."""
-    fs, path = filesystem(uri, "results")
-    path = path.rstrip("/")
-    if not path.endswith(".parquet"):
-        path = f"{path}/{AUDITS_FILE}"
-    kind = fs.get_file_info(path).type
+    fs, path, kind = locate(uri, AUDITS_FILE)
     if kind == pafs.FileType.File:
         return read_file(fs, path, AUDITS_SCHEMA)
     if kind != pafs.FileType.Directory:
@@ -39,25 +34,19 @@ def read_audits(uri: str) -> pa.Table:
 
 
 def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
-    """Add one audit row to ``audits.parquet`` in ``uri`` as a new immutable part (so
-    concurrent audits sharing a results root never overwrite each other); returns it typed.
-
-    The row is checked against :data:`AUDITS_SCHEMA` before anything is written; an
+    """Add one audit row to ``audits.parquet`` in ``uri`` as a new immutable part; returns it
+    typed. The row is checked against :data:`AUDITS_SCHEMA` before anything is written; an
     ``audit_id`` already present for the study is refused rather than duplicated."""
     row = {"version": package_version(), "finished_at": dt.datetime.now(dt.timezone.utc), **row}
     typed = coerce_row(AUDITS_SCHEMA, row, "audit row")
     if typed["mode"] not in AUDIT_MODES:
         raise ValueError(f"audit row: mode must be one of {AUDIT_MODES}, got {typed['mode']!r}")
-    fs, path = filesystem(uri, "results")
-    directory = f"{path.rstrip('/')}/{AUDITS_FILE}"
-    try:
-        known = read_audits(uri).to_pylist()
-    except FileNotFoundError:
-        known = []
+    fs, directory, kind = locate(uri, AUDITS_FILE)
+    known = [] if kind == pafs.FileType.NotFound else read_audits(uri).to_pylist()
     if any((r["study"], r["audit_id"]) == (typed["study"], typed["audit_id"]) for r in known):
         raise ValueError(f"audit row: audit_id {typed['audit_id']!r} already recorded for "
                          f"study {typed['study']!r} in {directory}")
-    if fs.get_file_info(directory).type == pafs.FileType.File:
+    if kind == pafs.FileType.File:
         raise ValueError(f"{directory}: a single-file audits table from an older dpstudy; "
                          f"move it into {directory}/{PART_PREFIX}legacy.parquet to append")
     fs.create_dir(directory, recursive=True)

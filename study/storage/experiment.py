@@ -21,6 +21,7 @@ def experiment_dir(spec: StudySpec) -> str:
 
 
 def exists(path: str) -> bool:
+    """Whether ``path`` (a local path or a URI) exists, as a file or a directory."""
     fs, where = filesystem(path, "storage")
     return fs.get_file_info(where).type != pafs.FileType.NotFound
 

@@ -13,6 +13,9 @@ import posixpath
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
@@ -70,8 +73,9 @@ def filesystem(location: str, field: str = "location") -> tuple[pafs.FileSystem,
     ``field`` when the scheme is unknown or its driver (e.g. Hadoop for hdfs://) is missing."""
     if not is_uri(location):
         return pafs.LocalFileSystem(), resolve_location(location)
+    hdfs = location.startswith(("hdfs://", "viewfs://"))
     try:
-        with _native_stderr_silenced(location.startswith(("hdfs://", "viewfs://"))):
+        with _native_stderr_silenced() if hdfs else contextlib.nullcontext():
             return pafs.FileSystem.from_uri(location)
     except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -79,12 +83,9 @@ def filesystem(location: str, field: str = "location") -> tuple[pafs.FileSystem,
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced(silence: bool) -> Iterator[None]:
+def _native_stderr_silenced() -> Iterator[None]:
     """libhdfs prints dozens of dlopen lines to fd 2 when Java is missing; the error we raise
     says it in one."""
-    if not silence:
-        yield
-        return
     saved = os.dup(2)
     try:
         with open(os.devnull, "wb") as null:
@@ -99,23 +100,20 @@ def check_writable(location: str, field: str, *, timeout_s: float = CHECK_TIMEOU
     """Write and delete a probe file under ``location``; raise :class:`LocationError`
     naming ``field`` if that fails or takes longer than ``timeout_s`` (an object store that
     does not answer). Directories created for the probe are removed again."""
-    outcome: list[BaseException | None] = []
+    outcome: Future[None] = Future()
 
     def probe() -> None:
         try:
-            _probe(location, field)
-            outcome.append(None)
+            outcome.set_result(_probe(location, field))
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-            outcome.append(err)
+            outcome.set_exception(err)
 
-    worker = threading.Thread(target=probe, daemon=True, name=f"check-{field}")
-    worker.start()
-    worker.join(timeout_s)
-    if not outcome:
+    threading.Thread(target=probe, daemon=True, name=f"check-{field}").start()
+    try:
+        outcome.result(timeout_s)
+    except FutureTimeout:
         raise LocationError(f"{field}: no answer from {location!r} within {timeout_s:g} s "
-                            f"(is the storage endpoint reachable?)")
-    if outcome[0] is not None:
-        raise outcome[0]
+                            f"(is the storage endpoint reachable?)") from None
 
 
 def _probe(location: str, field: str) -> None:
@@ -132,26 +130,22 @@ def _probe(location: str, field: str) -> None:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LocationError(f"{field}: cannot write to {location!r}: {reason}") from None
     finally:
-        for directory in created:  # deepest first; only those this check made
-            remove_if_empty(fs, directory)
-
-
-def remove_if_empty(fs: pafs.FileSystem, directory: str) -> None:
-    """Remove ``directory`` if nothing is in it. Never recursive: another study sharing the
-    root may have created the same directory meanwhile and written into it (pyarrow's
-    ``delete_dir`` would delete its files). On object stores a directory is only a prefix
-    (or an empty marker), so it is left alone; it vanishes with its last object."""
-    if fs.type_name == "local":
-        with contextlib.suppress(OSError):  # not empty, or already gone
-            os.rmdir(directory)
+        # Only the directories this check made, deepest first, and only if still empty:
+        # another study sharing the root may have written into one meanwhile (pyarrow's
+        # delete_dir would delete its files). On object stores a directory is only a prefix
+        # (or an empty marker), so it is left alone; it vanishes with its last object.
+        for directory in created if fs.type_name == "local" else []:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(directory)
 
 
 def _missing_ancestors(fs: pafs.FileSystem, path: str, field: str) -> list[str]:
     """``path`` and its ancestors that do not exist yet, deepest first. A regular file on
     the way is an error."""
-    missing = []
-    current = path
-    while current and current not in ("/", "."):
+    missing: list[str] = []
+    for current in (path, *map(str, PurePosixPath(path).parents)):
+        if current in ("/", "."):
+            break
         try:
             kind = fs.get_file_info(current).type
         except (OSError, ValueError) as err:
@@ -163,8 +157,4 @@ def _missing_ancestors(fs: pafs.FileSystem, path: str, field: str) -> list[str]:
         if kind == pafs.FileType.Directory:
             break
         missing.append(current)
-        parent = posixpath.dirname(current)
-        if parent == current:
-            break
-        current = parent
     return missing

@@ -15,20 +15,23 @@ import pyarrow.parquet as pq
 from study.storage.locations import filesystem
 from study.storage.schema import (
     EPOCHS_FILE,
-    EPOCHS_SCHEMA,
     PART_PREFIX,
+    SCHEMAS,
     STUDY_METADATA_KEY,
     TRIALS_FILE,
     TRIALS_SCHEMA,
+    check_keys,
     conform_table,
 )
 
 
-def read_file(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
-    """One Parquet file, conformed to ``schema`` (a ``ValueError`` naming it if it does
-    not fit)."""
+def read_file(fs: pafs.FileSystem, path: str, schema: pa.Schema, *,
+              footer: bool = False) -> pa.Table:
+    """One Parquet file (only its footer's schema, as an empty table, if ``footer``),
+    conformed to ``schema`` (a ``ValueError`` naming it if it does not fit)."""
     try:
-        table = pq.read_table(path, filesystem=fs)
+        table = (pq.read_schema(path, filesystem=fs).empty_table() if footer
+                 else pq.read_table(path, filesystem=fs))
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
     return conform_table(table, schema, path)
@@ -41,22 +44,12 @@ def part_files(fs: pafs.FileSystem, directory: str) -> list[str]:
                   and i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(".parquet"))
 
 
-def _check_part(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> None:
-    """A part's own schema (its footer) fits ``schema``: see
-    :func:`~study.storage.schema.conform_table`."""
-    try:
-        physical = pq.read_schema(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
-    conform_table(physical.empty_table(), schema, path)
-
-
 def scan_parts(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
                columns: list[str]) -> pa.Table:
     """``columns`` (plus ``__filename``) of the part ``files`` read as one
     ``pyarrow.dataset`` of ``schema``: columns a part lacks read as null."""
-    for path in files:
-        _check_part(fs, path, schema)
+    for path in files:  # each footer fits (newer version, unknown or missing key columns)
+        read_file(fs, path, schema, footer=True)
     dataset = ds.dataset(files, schema=schema, filesystem=fs, format="parquet")
     try:
         table = dataset.to_table(columns=[*columns, "__filename"])
@@ -64,9 +57,7 @@ def scan_parts(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
         for path in files:  # name the file and column that does not fit
             read_file(fs, path, schema)
         raise
-    if any(table[f.name].null_count for f in schema if not f.nullable and f.name in columns):
-        raise ValueError(f"{files[0]}: key columns {[f.name for f in schema if not f.nullable]}"
-                         f" must not be null")
+    check_keys(table, schema, files[0])
     return table
 
 
@@ -75,12 +66,11 @@ def trial_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], list[st
     (all but the newest are superseded, see :mod:`study.storage.store`). Reads only the key
     columns."""
     files = part_files(fs, f"{base}/{TRIALS_FILE}")
+    if not files:
+        return {}
     parts: dict[tuple[str, str], list[str]] = {}
-    if files:
-        keys = scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"])
-        for study, trial, path in zip(keys["study"].to_pylist(), keys["trial_id"].to_pylist(),
-                                      keys["__filename"].to_pylist(), strict=True):
-            parts.setdefault((study, trial), []).append(path)
+    for row in scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"]).to_pylist():
+        parts.setdefault((row["study"], row["trial_id"]), []).append(row["__filename"])
     return {key: sorted(paths, key=posixpath.basename) for key, paths in parts.items()}
 
 
@@ -88,7 +78,7 @@ def read_newest(fs: pafs.FileSystem, base: str, which: str,
                 newest: dict[tuple[str, str], str]) -> pa.Table:
     """The ``which`` rows (trials or epochs) of each trial's ``newest`` part (a trial part,
     or the epochs part of the same name: a trial recorded without epochs has none)."""
-    schema = TRIALS_SCHEMA if which == TRIALS_FILE else EPOCHS_SCHEMA
+    schema = SCHEMAS[which]
     files = sorted({f"{base}/{which}/{posixpath.basename(p)}" for p in newest.values()})
     if which == EPOCHS_FILE:
         files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
@@ -105,41 +95,42 @@ def read_newest(fs: pafs.FileSystem, base: str, which: str,
     return table.drop_columns(["__filename"]).cast(schema)
 
 
+def locate(uri: str, which: str) -> tuple[pafs.FileSystem, str, pafs.FileType]:
+    """The filesystem, path and file type of the table ``which`` (e.g. ``trials.parquet``)
+    of a results directory; a ``.parquet`` path given as ``uri`` is that file itself, or,
+    when a directory, a table of the results directory holding it."""
+    fs, path = filesystem(uri, "results")
+    path = path.rstrip("/")
+    kind = fs.get_file_info(path).type
+    if path.endswith(".parquet") and kind != pafs.FileType.Directory:
+        return fs, path, kind
+    if path.endswith(".parquet"):
+        path = posixpath.dirname(path)  # RESULTS/trials.parquet given for RESULTS
+    path = f"{path}/{which}"
+    return fs, path, fs.get_file_info(path).type
+
+
 def _read_layout(uri: str, which: str) -> pa.Table:
     """Trials or epochs of a results directory (part files, newest per trial) or of one
     ``.parquet`` file."""
-    schema = TRIALS_SCHEMA if which == TRIALS_FILE else EPOCHS_SCHEMA
-    fs, path = filesystem(uri, "results")
-    path = path.rstrip("/")
-    info = fs.get_file_info(path)
-    if path.endswith(".parquet") and info.type == pafs.FileType.File:
-        return read_file(fs, path, schema)
-    if path.endswith(".parquet") and info.type == pafs.FileType.Directory:
-        path = posixpath.dirname(path)  # RESULTS/trials.parquet given for RESULTS
-    table_path = f"{path}/{which}"
-    kind = fs.get_file_info(table_path).type
-    if kind == pafs.FileType.File:  # a single-file table (dpstudy < 0.2 wrote these)
-        return read_file(fs, table_path, schema)
+    fs, path, kind = locate(uri, which)
+    if kind == pafs.FileType.File:  # one file, or a single-file table (dpstudy < 0.2)
+        return read_file(fs, path, SCHEMAS[which])
     if kind != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no results table at {uri!r} (looked for {table_path})")
-    newest = {key: parts[-1] for key, parts in trial_parts(fs, path).items()}
-    return read_newest(fs, path, which, newest)
+        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
+    base = posixpath.dirname(path)
+    newest = {key: parts[-1] for key, parts in trial_parts(fs, base).items()}
+    return read_newest(fs, base, which, newest)
 
 
 def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
     """The file-level metadata of ``study``'s newest trial part in ``trials.parquet`` (or of
     a single-file table): e.g. the study's privacy statement. Every part carries the
     statement as it stood when the part was written, so the newest is the current one."""
-    fs, path = filesystem(uri, "results")
-    path = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{TRIALS_FILE}"
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        candidates = [path]
-    elif info.type == pafs.FileType.Directory:
-        candidates = part_files(fs, path)[::-1]
-    else:
+    fs, path, kind = locate(uri, TRIALS_FILE)
+    if kind not in (pafs.FileType.File, pafs.FileType.Directory):
         raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
-    for candidate in candidates:
+    for candidate in [path] if kind == pafs.FileType.File else part_files(fs, path)[::-1]:
         meta = {k.decode(): v.decode() for k, v in
                 (pq.read_schema(candidate, filesystem=fs).metadata or {}).items()}
         if study is None or meta.get(STUDY_METADATA_KEY, study) == study:

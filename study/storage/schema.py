@@ -113,8 +113,7 @@ TRIALS_SCHEMA = _schema("trials", [
 ])
 
 EPOCHS_SCHEMA = _schema("epochs", [
-    _field("study", _S, "study name", key=True),
-    _field("trial_id", _S, "trial id, unique within the study", key=True),
+    *map(TRIALS_SCHEMA.field, ("study", "trial_id")),  # the same fields as in trials
     _field("epoch", _I, "epoch number, starting at 1", key=True),
     _field("val_accuracy", _F, "validation accuracy after this epoch", "fraction"),
     _field("val_loss", _F, "validation loss after this epoch", "nats"),
@@ -129,7 +128,7 @@ EPOCHS_SCHEMA = _schema("epochs", [
 ])
 
 AUDITS_SCHEMA = _schema("audits", [
-    _field("study", _S, "study name", key=True),
+    TRIALS_SCHEMA.field("study"),
     _field("audit_id", _S, "audit id, unique within the study", key=True),
     _field("trial_id", _S, "audited trial; null when the spec's fixed configuration was "
            "audited"),
@@ -148,21 +147,21 @@ AUDITS_SCHEMA = _schema("audits", [
            "epsilon"),
     _field("violation", _I, "1 if epsilon_audited > epsilon_claimed (mechanism broken)",
            "flag"),
-    _field("noise_multiplier", _F, "Gaussian noise std divided by clip_norm", "ratio"),
-    _field("clip_norm", _F, "per-sample gradient clipping bound C", "L2 norm"),
-    _field("sample_rate", _F, "Poisson sampling probability q", "probability"),
+    *map(TRIALS_SCHEMA.field, ("noise_multiplier", "clip_norm", "sample_rate")),
     _field("steps", _I, "optimizer steps of the audited run", "steps"),
-    _field("prune_rate", _F, "fraction of weights removed before training", "fraction"),
-    _field("drop_rate", _F, "fraction of gradient coordinates dropped per step", "fraction"),
+    *map(TRIALS_SCHEMA.field, ("prune_rate", "drop_rate")),
     _field("test_accuracy", _F, "test accuracy of the model trained with canaries",
            "fraction"),
     _field("wall_time_s", _F, "wall-clock time of the audit (build, train, score)",
            "seconds"),
     _field("node", _S, "host name of the Ray node that ran the audit"),
     _field("seed", _I, "audit seed (canary draw and inclusion)"),
-    _field("version", _S, "dpstudy package version that produced the row"),
+    TRIALS_SCHEMA.field("version"),
     _field("finished_at", _TS, "when the audit finished", "UTC timestamp"),
 ])
+
+SCHEMAS = {TRIALS_FILE: TRIALS_SCHEMA, EPOCHS_FILE: EPOCHS_SCHEMA, AUDITS_FILE: AUDITS_SCHEMA}
+
 
 @functools.cache
 def package_version() -> str:
@@ -238,18 +237,20 @@ def conform_table(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
                          f"not a dpstudy {schema.metadata[b'dpstudy.table'].decode()} table")
     columns = []
     for f in schema:
-        if f.name not in table.column_names:
-            columns.append(pa.nulls(len(table), f.type))
-            continue
         try:
-            columns.append(table[f.name].cast(f.type))
+            columns.append(table[f.name].cast(f.type) if f.name in table.column_names
+                           else pa.nulls(len(table), f.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             raise ValueError(f"{where}: column {f.name!r} must be {f.type}, found "
                              f"{table.schema.field(f.name).type} ({err})") from None
-    if any(table[f.name].null_count for f in schema
-           if not f.nullable and f.name in table.column_names):
-        raise ValueError(f"{where}: key columns {[f.name for f in schema if not f.nullable]} "
-                         f"must not be null")
+    check_keys(table, schema, where)
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def check_keys(table: pa.Table, schema: pa.Schema, where: str) -> None:
+    """Refuse nulls in the key (non-nullable) columns of ``schema`` that ``table`` has."""
+    keys = [f.name for f in schema if not f.nullable]
+    if any(table[name].null_count for name in keys if name in table.column_names):
+        raise ValueError(f"{where}: key columns {keys} must not be null")
 
 

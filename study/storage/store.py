@@ -13,6 +13,7 @@ disk or on an object store without atomic rename.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import posixpath
 import uuid
 from typing import Any
@@ -43,14 +44,14 @@ class ResultsStore:
     per study (the study lock, :mod:`study.execution.lock`, ensures it)."""
 
     def __init__(self, uri: str, study: str) -> None:
-        self.uri, self.study = uri, study
+        self.study = study
         fs, path = filesystem(uri, "results")
         self._fs, self._dir = fs, path.rstrip("/")
         self._local = isinstance(fs, pafs.LocalFileSystem)
         self._trials: dict[tuple[str, str], dict[str, Any]] = {}
         self._epochs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._files: dict[tuple[str, str], list[str]] = {}  # written parts, per trial
-        self._pending: list[tuple[str, str]] = []
+        self._pending: dict[tuple[str, str], None] = {}  # an ordered set
         self.metadata: dict[str, str] = {}  # extra file metadata of trials.parquet
         self._load()
 
@@ -101,8 +102,7 @@ class ResultsStore:
             raise ValueError(f"trial {trial['trial_id']!r}: duplicate epoch numbers {numbers}")
         key = (self.study, trial["trial_id"])
         self._trials[key], self._epochs[key] = trial, sorted(rows, key=lambda r: r["epoch"])
-        if key not in self._pending:
-            self._pending.append(key)
+        self._pending[key] = None
 
     def _epoch_row(self, trial_id: str, epoch: dict) -> dict[str, Any]:
         what = f"epoch row of trial {trial_id!r}"
@@ -111,42 +111,30 @@ class ResultsStore:
             raise ValueError(f"{what}: study/trial_id do not match the trial row")
         return coerce_row(EPOCHS_SCHEMA, full, what)
 
-    def _part_schema(self) -> pa.Schema:
-        """``TRIALS_SCHEMA`` with this study's name and ``metadata`` (a part's metadata)."""
-        extra = {STUDY_METADATA_KEY: self.study, **self.metadata}
-        return TRIALS_SCHEMA.with_metadata({**TRIALS_SCHEMA.metadata, **{
-            k.encode(): v.encode() for k, v in extra.items()}})
-
     def flush(self) -> None:
         """Write each trial added since the last flush as a new part (its epochs part first,
-        then its trial part, each published whole), then delete its superseded parts."""
-        for table in (TRIALS_FILE, EPOCHS_FILE):
-            self._fs.create_dir(self._path(table), recursive=True)
+        then its trial part, each published whole by :func:`publish`, staged locally in this
+        study's staging folder), then delete its superseded parts."""
+        for table in (TRIALS_FILE, EPOCHS_FILE):  # a local staging folder is inside the table
+            self._fs.create_dir(self._staging(table) if self._local else self._path(table),
+                                recursive=True)
+        part_schema = TRIALS_SCHEMA.with_metadata({  # with this study's name and ``metadata``
+            **TRIALS_SCHEMA.metadata, STUDY_METADATA_KEY: self.study, **self.metadata})
         while self._pending:
-            key = self._pending[0]
+            key = next(iter(self._pending))
             name = new_part_name()
             epochs = pa.Table.from_pylist(self._epochs[key], schema=EPOCHS_SCHEMA)
-            self._publish(EPOCHS_FILE, name, epochs)
-            self._publish(TRIALS_FILE, name, pa.Table.from_pylist([self._trials[key]],
-                                                                  schema=self._part_schema()))
-            self._pending.pop(0)
+            trial = pa.Table.from_pylist([self._trials[key]], schema=part_schema)
+            for table, data in ((EPOCHS_FILE, epochs), (TRIALS_FILE, trial)):
+                publish(self._fs, self._path(f"{table}/{name}"), f"{self._staging(table)}/{name}",
+                        data)
+            del self._pending[key]
             older, self._files[key] = self._files.get(key, []), [self._path(
                 f"{TRIALS_FILE}/{name}")]
-            for path in older:
-                self._delete(path)
-                self._delete(self._path(f"{EPOCHS_FILE}/{posixpath.basename(path)}"))
-
-    def _publish(self, table: str, name: str, data: pa.Table) -> None:
-        """Make ``table/name`` appear whole (:func:`publish`), staged locally in this
-        study's staging folder."""
-        staging = self._staging(table)
-        if self._local:
-            self._fs.create_dir(staging, recursive=True)
-        publish(self._fs, self._path(f"{table}/{name}"), f"{staging}/{name}", data)
-
-    def _delete(self, path: str) -> None:
-        if self._fs.get_file_info(path).type == pafs.FileType.File:
-            self._fs.delete_file(path)
+            for part, table in itertools.product(older, (TRIALS_FILE, EPOCHS_FILE)):
+                stale = self._path(f"{table}/{posixpath.basename(part)}")
+                if self._fs.get_file_info(stale).type == pafs.FileType.File:
+                    self._fs.delete_file(stale)
 
     def trials(self) -> pa.Table:
         """This study's trial rows (``TRIALS_SCHEMA``)."""

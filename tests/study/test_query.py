@@ -236,3 +236,10 @@ def test_default_columns_follow_the_study() -> None:
     assert default_columns(table, ["-wall_time_s", "accuracy"])[-1] == "wall_time_s"
     epochs = pa.table({"trial_id": ["t0"], "epoch": [1]})
     assert default_columns(epochs) == ["trial_id", "epoch"]
+
+
+def test_null_timestamp_is_null_in_json_and_a_dash_in_the_table(table: pa.Table) -> None:
+    df = select_columns(table, ["trial_id", "finished_at"])
+    df.loc[df.trial_id == "t07", "finished_at"] = pd.NaT  # a failed trial without a time
+    assert json.loads(format_table(df, "json"))[6]["finished_at"] is None
+    assert format_table(df, "table").splitlines()[8].split() == ["t07", "-"]
