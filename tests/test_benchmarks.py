@@ -23,7 +23,7 @@ SMOKED = {
     "study_overhead.py": "tests/test_benchmarks.py::test_study_overhead_smoke",
     "audit.py": "tests/test_benchmarks.py::test_audit_smoke",
     "kill_resume.py":
-        "tests/study/test_concurrency.py::test_kill_while_trials_finish_reruns_nothing",
+        "tests/study/execution/test_concurrency.py::test_kill_while_trials_finish_reruns_nothing",
     "tradeoff/run.py": "tests/test_benchmarks.py::test_tradeoff_report_smoke",
     "batch_memory.py": "tests/trainables/test_recipe_benchmarks.py::test_batch_memory_smoke",
     "recipe.py": "tests/trainables/test_recipe_benchmarks.py::test_recipe_smoke_runs_and_resumes",

@@ -44,6 +44,18 @@ def test_every_module_of_study_sits_in_a_concept_package() -> None:
         assert ast.get_docstring(ast.parse(init.read_text())), f"{init} has no docstring"
 
 
+def test_the_tests_mirror_the_packages() -> None:
+    """A test of one package sits in ``tests/study/<package>/``; at the top only the tests
+    that span packages (this one, whole studies end to end)."""
+    tests = ROOT / "tests" / "study"
+    folders = sorted(p.name for p in tests.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert folders == sorted(LAYERS)
+    assert sorted(p.name for p in tests.glob("test_*.py")) == [
+        "test_honest_studies.py", "test_layout.py"]
+    for package in LAYERS:
+        assert list((tests / package).glob("test_*.py")), f"no tests for study/{package}"
+
+
 def test_imports_go_one_way_between_the_packages() -> None:
     upward = []
     for path in study_files():

@@ -32,7 +32,7 @@ from study.storage.store import ResultsStore
 from trainables.accounting import epsilon_after, plan_budget
 from trainables.config import PrivacyConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PRIVATE: dict[str, Any] = {
     "name": "ps", "dataset": {"name": "mnist-5k"},
     "privacy": {"scope": "study", "epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"},

@@ -32,7 +32,7 @@ TRIALS = [
     ("t11", "failed", 0.85, 0.05, 3.0, 0.6, 0.01, 1024, 8.0, None),
 ]
 BEST = "t06"
-OPTUNA_FIGURES = {"optuna_parallel_coordinate", "optuna_contour"}  # tests/study/test_trackers
+OPTUNA_FIGURES = {"optuna_parallel_coordinate", "optuna_contour"}  # see execution/test_trackers
 
 
 def _row(tid: str, status: str, prune: float, drop: float, clip: float, noise: float,

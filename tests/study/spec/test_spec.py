@@ -21,7 +21,7 @@ from study.spec.model import (
 )
 from trainables.config import ConfigError, TrialConfig
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart.yaml"
 #: A spec that searches every kind of parameter (ranges, log, fixed), the base of the tests.
 BASE = """
 name: quickstart
@@ -400,17 +400,15 @@ def test_trial_config_rejects_missing_and_unknown() -> None:
 @pytest.fixture
 def fake_data(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     """A stand-in ``trainables.data`` with 4000 training examples and no GPU."""
-    module = types.ModuleType("trainables.data")
+    from trainables.errors import DataUnavailableError
 
-    class DataUnavailableError(FileNotFoundError):
-        pass
+    module = types.ModuleType("trainables.data")
 
     def dataset_size(config: Any, *, seed: int = 0) -> int:
         if config.name == "idx":
             raise DataUnavailableError("missing /data/train-images.idx")
         return 4000
 
-    module.DataUnavailableError = DataUnavailableError
     module.dataset_size = dataset_size
     monkeypatch.setitem(sys.modules, "trainables.data", module)
     import torch

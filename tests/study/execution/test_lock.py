@@ -32,7 +32,7 @@ sys.stdin.read()  # held until the test closes our stdin (or kills us)
 lock.release()
 """
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def contenders(directory: str, n: int = 1) -> list[subprocess.Popen]:

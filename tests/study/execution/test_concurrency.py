@@ -23,7 +23,7 @@ from study.storage.read import read_epochs, read_trials
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 SEARCH: dict[str, Any] = {"prune_rate": {"low": 0.0, "high": 0.8}, "drop_rate": 0.0,

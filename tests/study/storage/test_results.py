@@ -14,7 +14,7 @@ from study.storage.read import read_epochs, read_trials
 from study.storage.schema import EPOCHS_SCHEMA, SCHEMA_VERSION, TRIALS_SCHEMA, package_version
 from study.storage.store import ResultsStore
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "results-schema.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "results-schema.md"
 
 
 def trial(trial_id: str, **extra: object) -> dict:
@@ -294,7 +294,7 @@ def test_concurrent_studies_sharing_a_results_root_lose_nothing(where: str, tmp_
 
     from study.storage.locations import join_location
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")
     uri = join_location(base, "shared")
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, name, "25"], cwd=root,

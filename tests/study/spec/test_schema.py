@@ -15,7 +15,7 @@ from study.spec.params import SEARCH_PARAMS
 from study.spec.schema import spec_schema
 from trainables.config import DATASETS, PRUNING_CRITERIA
 
-EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).parents[3] / "examples").glob("*.yaml"))
 GOOD = {"name": "s", "trials": 2, "privacy": {"epsilon": 3},
         "search": {"clip_norm": 1.0, "noise_multiplier": {"low": 0.8, "high": 2},
                    "learning_rate": 2.0, "batch_size": [128, 256]},

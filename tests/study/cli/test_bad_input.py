@@ -18,7 +18,7 @@ from study.cli import main
 from study.storage.locations import LocationError, check_writable, join_location
 from study.storage.store import ResultsStore
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 GOOD: dict[str, Any] = {
     "name": "hostile", "dataset": {"name": "mnist-5k"}, "model": {"name": "cnn-mnist"},

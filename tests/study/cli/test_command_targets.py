@@ -15,7 +15,7 @@ from study import cli
 from study.cli import main
 from study.cli.targets import experiment_target
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:
