@@ -285,3 +285,41 @@ def test_input_layer_convolutions_equal_opacus(channels: int) -> None:
         nn.functional.cross_entropy(m(x), y).backward()
     for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize(("channels", "size", "path"), [
+    (64, 7, "unfold"),  # 7x7 outputs, 64x3x3 patches
+    (64, 12, "group"),  # 12x12 outputs: too many positions
+    (8, 7, "group"),  # 8x3x3 patches: too narrow
+])
+def test_inner_convolutions_equal_opacus_on_both_paths(channels: int, size: int, path: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inner convolution (more than FEW_CHANNELS inputs) takes the unfolded matrix product
+    for few output positions and wide patches, else the grouped convolution: both equal
+    Opacus, with strides, padding, dilation and bias."""
+    import trainables.grad_sample as grad_sample
+
+    used: list[str] = []
+
+    def spy(name: str, method):
+        def call(*args):
+            used.append(name)
+            return method(*args)
+        return call
+
+    for name in ("conv_weight_by_unfold", "conv_weight_by_group"):
+        monkeypatch.setattr(grad_sample, name, spy(name, getattr(grad_sample, name)))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(channels, 4, 3, stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+        nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x, y = torch.randn(4, channels, size, 2 * size), torch.randint(0, 3, (4,))
+    assert model[0](x).shape[2:] == (size, size)
+    model(x)  # materialise the lazy layer
+    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    fast = FastGradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    for m in (ref, fast):
+        nn.functional.cross_entropy(m(x), y).backward()
+    for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL)
+    assert used == [f"conv_weight_by_{path}"]
