@@ -51,6 +51,7 @@ from trainables.randomness import derived_seed
 from trainables.train import Run, build_run, poisson_batch, seed_everything, train_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conv_paths import conv_path_rows, print_conv_paths  # noqa: E402
 from step_phases import SnapshotStep, phase_times, print_phases, use_opacus_module  # noqa: E402
 
 #: The shared benchmark data sits next to the repository: <repo>/../shared/data/mnist.
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare cnn-mnist width 4 and ResNet-18-GN")
     parser.add_argument("--resnet-batch", type=int, default=32,
                         help="expected batch size of ResNet-18-GN under --models")
+    parser.add_argument("--conv-paths", action="store_true",
+                        help="also time the two forms of inner convolutions' per-sample "
+                             "gradients per layer (grouped conv, unfolded matmul)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 is steadier "
                              "on a machine other jobs share")
@@ -327,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         measure([b for group in groups for b in group], args.steps, args.repeats, args.warmup)
         batches = [batch or args.resnet_batch for _, batch in MODELS.values()]
         ok = report_models(groups, batches) and ok
+    if args.conv_paths:
+        print_conv_paths(conv_path_rows(args.repeats * args.steps))
     return 1 if args.check and not ok else 0
 
 

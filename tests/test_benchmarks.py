@@ -50,13 +50,14 @@ def test_every_benchmark_script_has_a_smoke_run() -> None:
 
 @pytest.mark.slow
 def test_step_cost_smoke() -> None:
-    """All configurations, the phase breakdown and --models (width-4 CNN, ResNet-18-GN at
-    batch 1), one step each."""
+    """All configurations, the phase breakdown, --models (width-4 CNN, ResNet-18-GN at
+    batch 1) and --conv-paths, one step each."""
     out = run_script("step_cost.py", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                     "--phase-steps", "1", "--models", "--resnet-batch", "1")
+                     "--phase-steps", "1", "--models", "--resnet-batch", "1", "--conv-paths")
     for line in ("non-private SGD", "DP-SGD before", "DP structured prune 0.75",
                  "(c) DP-SGD >= 0.85x", "where a DP step's time goes", "per-sample gradients",
-                 "mask handling", "cnn-mnist width 4", "resnet18-gn"):
+                 "mask handling", "cnn-mnist width 4", "resnet18-gn", "inner convolutions",
+                 "resnet18-gn stage 4 (4x4)"):
         assert line in out, f"{line!r} missing from:\n{out}"
 
 
