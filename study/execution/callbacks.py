@@ -15,10 +15,11 @@ import collections
 import contextlib
 import datetime as dt
 import json
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -93,28 +94,45 @@ Finished = tuple[str, dict, "dict | None", "str | None"]  # trial id, config, re
 
 
 class Writer:
-    """One background thread (started at the first item) that runs ``write(item)`` for each
-    submitted item, in order.
+    """One daemon thread (started at the first item) that runs ``write(item)`` for each
+    submitted item, in order. A daemon: a write that hangs (an object store that stopped
+    answering) never keeps the interpreter from exiting; a row it did not write is
+    recorded by the next ``finish`` or resume.
 
     The first exception stops nothing: later items are still written, and :meth:`wait`
     raises it once everything submitted so far has been attempted."""
 
     def __init__(self, write: Callable[[Finished], None]) -> None:
         self._write = write
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dpstudy-parquet-writer")
-        self._pending: list[Future[None]] = []
+        self._queue: queue.Queue[Finished] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     def submit(self, item: Finished) -> None:
         """Queue ``item`` for writing; returns at once."""
-        self._pending.append(self._pool.submit(self._write, item))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="dpstudy-parquet-writer")
+            self._thread.start()
+        self._queue.put(item)
 
     def wait(self) -> None:
         """Block until every submitted item was written; re-raise the first write's
         exception."""
-        pending, self._pending = self._pending, []
-        errors = [f.exception() for f in pending]  # each waits for its write
-        if any(errors):
-            raise next(e for e in errors if e is not None)
+        self._queue.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                self._write(item)
+            except BaseException as err:  # noqa: BLE001 - kept for wait() to raise
+                self._error = self._error or err
+            finally:
+                self._queue.task_done()
 
 
 class StudyCallback(Callback):

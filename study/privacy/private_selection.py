@@ -334,8 +334,9 @@ def read_study_privacy(results: str, study: str | None = None) -> StudyPrivacy |
     raw = meta.get(PRIVACY_METADATA_KEY)
     if raw is None:
         return None
+    fields = {f.name for f in dataclasses.fields(StudyPrivacy)}  # a newer dpstudy's: ignored
     recorded = StudyPrivacy(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in json.loads(raw).items()})
+                               for k, v in json.loads(raw).items() if k in fields})
     name = study or meta.get("dpstudy.study")
     audits = [a for a in study_audits(results, name) if mechanism_of(a)] if name else []
     if not audits:

@@ -46,10 +46,14 @@ _KEYWORDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum",
 
 
 def _standard(node: Any) -> Any:
-    """Bounds under their JSON Schema names (pydantic writes ``ge`` for a validated int)."""
+    """Bounds under their JSON Schema names (pydantic writes ``ge`` for a validated int);
+    an object's ``required`` right after its ``type``, where the schema has always had it."""
     if isinstance(node, list):
         return [_standard(n) for n in node]
     if not isinstance(node, dict):
         return node
     typed = "type" in node
-    return {(_KEYWORDS.get(k, k) if typed else k): _standard(v) for k, v in node.items()}
+    items = [(k, v) for k, v in node.items() if not (typed and k == "required")]
+    if typed and "required" in node:
+        items.insert([k for k, _ in items].index("type") + 1, ("required", node["required"]))
+    return {(_KEYWORDS.get(k, k) if typed else k): _standard(v) for k, v in items}

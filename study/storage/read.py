@@ -102,9 +102,9 @@ def locate(uri: str, which: str) -> tuple[pafs.FileSystem, str, pafs.FileType]:
     fs, path = filesystem(uri, "results")
     path = path.rstrip("/")
     kind = fs.get_file_info(path).type
-    if path.endswith(".parquet") and kind != pafs.FileType.Directory:
+    if path.endswith(".parquet") and kind == pafs.FileType.File:
         return fs, path, kind
-    if path.endswith(".parquet"):
+    if path.endswith(".parquet") and kind == pafs.FileType.Directory:
         path = posixpath.dirname(path)  # RESULTS/trials.parquet given for RESULTS
     path = f"{path}/{which}"
     return fs, path, fs.get_file_info(path).type

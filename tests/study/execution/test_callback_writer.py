@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +17,8 @@ from study.execution.callbacks import StudyCallback, Writer
 from study.spec.model import StudySpec
 from study.storage.read import read_trials
 from study.storage.store import ResultsStore
+
+ROOT = Path(__file__).resolve().parents[3]
 
 DEADLINE_S = 60.0
 
@@ -96,6 +101,22 @@ def test_writer_keeps_order_and_wait_blocks_until_written() -> None:
         writer.submit(item)
     writer.wait()
     assert written == items
+
+
+def test_a_hung_write_does_not_keep_the_driver_from_exiting() -> None:
+    """The writer is a daemon: a write to a store that stopped answering is abandoned at
+    exit (the next finish or resume records that row), not waited for."""
+    code = ("import threading\n"
+            "from study.execution.callbacks import Writer\n"
+            "started = threading.Event()\n"
+            "def hang(item):\n"
+            "    started.set()\n"
+            "    threading.Event().wait()\n"
+            "Writer(hang).submit(('t', None))\n"
+            "assert started.wait(60)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_time_line_puts_wall_next_to_training_over_concurrency(tmp_path: Path) -> None:

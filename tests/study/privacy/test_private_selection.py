@@ -471,3 +471,20 @@ def test_progress_and_status_of_a_private_selection_study_show_counts_not_scores
     refused = study_status(str(experiment))
     assert "trial count refused" in refused
     assert "only the selected result released: bound does not apply: trial count" in refused
+
+
+def test_a_statement_from_a_newer_version_is_read_without_its_new_fields(
+        tmp_path: Path) -> None:
+    """A results root shared with a newer dpstudy, whose statement has a field this version
+    does not know: status and release read the fields they know."""
+    store = ResultsStore(str(tmp_path), "s1")
+    store.metadata[ps.PRIVACY_METADATA_KEY] = json.dumps({
+        "delta": 1e-5, "trials": 1, "epsilon_all": 2.0, "epsilon_selected": None,
+        "failed_assumptions": ["x"], "not_covered": [], "composition_failed": [],
+        "audits": 0, "accountant_version": "newer"})
+    store.add_trial({"trial_id": "a", "status": "completed"}, [])
+    store.flush()
+    recorded = ps.read_study_privacy(str(tmp_path))
+    assert (recorded.epsilon_all, recorded.failed_assumptions) == (2.0, ("x",))
+    assert study_privacy_lines(str(tmp_path))[0].startswith(
+        "study privacy, everything released: epsilon 2.000")
