@@ -102,6 +102,10 @@ def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str |
           f"{spec.objective.primary[0]} with {seeds} fresh seeds each", flush=True)
     plan, summary = runner.confirm(spec, top=top, seeds=seeds, baseline=baseline,
                                    address=address)
+    if len(plan.top_ids) < top:  # trials stopped early spent less than the target epsilon
+        print(f"[{spec.name}] only {len(plan.top_ids)} search trial(s) completed (the others "
+              f"stopped early or failed), so {len(plan.top_ids)} configuration(s) confirmed",
+              flush=True)
     print(f"[{spec.name}] test accuracy over seeds {list(plan.seeds)} (95% t-intervals"
           + (f"; differences paired with baseline {plan.baseline['trial_id']})"
              if plan.baseline is not None else "; no baseline with prune 0, drop 0)"))

@@ -145,6 +145,23 @@ def test_resume_runs_the_confirm_section(monkeypatch: pytest.MonkeyPatch,
 class _Plan:
     seeds = (1, 2)
     baseline = None
+    top_ids = ("t1",)
+
+
+def test_confirm_says_when_fewer_trials_completed_than_asked(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--top 2 with one completed search trial (the others stopped early at a smaller
+    epsilon): the output says one configuration was confirmed, not silently one of two."""
+    from study.cli import running
+    from study.execution import runner
+
+    monkeypatch.setattr(runner, "confirm", lambda *a, **k: (_Plan(), []))
+    running._confirm(runner, make_spec(), 2, 2, None, None)
+    out = capsys.readouterr().out
+    assert "confirming the top 2 configuration(s)" in out
+    assert "only 1 search trial(s) completed" in out and "1 configuration(s) confirmed" in out
+    running._confirm(runner, make_spec(), 1, 2, None, None)
+    assert "only" not in capsys.readouterr().out
 
 
 # --- docs ------------------------------------------------------------------------------
