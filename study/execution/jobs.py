@@ -49,18 +49,18 @@ def client(address: str) -> Any:
 def cluster_error(address: str, err: Exception) -> ClusterError:
     """Turn Ray's connection and authentication failures into one clear message."""
     text = str(err)
+    first = text.splitlines()[0] if text else type(err).__name__
     if "Authentication" in text or "401" in text or "403" in text or "token" in text.lower():
         return ClusterError(
             f"address: the Ray cluster at {address} rejected our authentication token "
-            f"({text.splitlines()[0]}). Set RAY_AUTH_MODE=token and put the cluster's token "
+            f"({first}). Set RAY_AUTH_MODE=token and put the cluster's token "
             f"in ~/.ray/auth_token (or RAY_AUTH_TOKEN); copy it from the head node's "
             f"~/.ray/auth_token.")
     if "status code" in text:
         return ClusterError(f"address: the Ray Jobs API at {address} refused the request "
-                            f"({text.splitlines()[0]})")
-    return ClusterError(f"address: cannot reach the Ray Jobs API at {address} "
-                        f"({text.splitlines()[0] if text else type(err).__name__}); is the "
-                        f"cluster up and the dashboard port (8265) forwarded?")
+                            f"({first})")
+    return ClusterError(f"address: cannot reach the Ray Jobs API at {address} ({first}); "
+                        f"is the cluster up and the dashboard port (8265) forwarded?")
 
 
 def cluster_spec(spec: StudySpec) -> StudySpec:

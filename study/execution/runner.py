@@ -161,7 +161,9 @@ def run(spec: StudySpec, budget: NoiseBudget | None, *,
         except BaseException:
             if created:  # nothing ran: leave nothing behind
                 lock.release()
-                _remove_tree(directory)
+                fs, where = filesystem(directory, "storage")
+                with contextlib.suppress(OSError):  # not found included
+                    fs.delete_dir(where)
             raise
         if count == 0:  # a Poisson draw of 0: the study runs and releases nothing
             print(f"[{spec.name}] the drawn number of trials is 0: nothing to run", flush=True)
@@ -210,12 +212,6 @@ def _refuse_existing(spec: StudySpec, directory: str) -> None:
     if any(exists(posixpath.join(directory, name)) for name in (SPEC_FILE, "tuner.pkl")):
         raise StudyExistsError(f"study {spec.name!r} already exists at {directory}; use "
                                f"'dpstudy resume {directory}' or choose another name")
-
-
-def _remove_tree(directory: str) -> None:
-    fs, where = filesystem(directory, "storage")
-    with contextlib.suppress(OSError):  # not found included
-        fs.delete_dir(where)
 
 
 def _fit(tuner: Any, spec: StudySpec) -> tuple[Any, bool]:

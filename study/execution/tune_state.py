@@ -109,10 +109,8 @@ def read(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 class StateBackup:
-    """Copies Tune's freshly staged state files, whole and together, beside the study.
-
-    ``save`` must be called when Tune has just finished writing them (from a callback's
-    ``get_state``); it writes only when the experiment state changed."""
+    """Copies Tune's freshly staged state files beside the study (see the module doc);
+    :meth:`save` writes only when the experiment state changed."""
 
     def __init__(self, staging: str, fs: pafs.FileSystem, experiment: str) -> None:
         self.staging, self.fs, self.experiment = staging, fs, experiment
