@@ -55,7 +55,6 @@ from study.storage.locations import (
     resolve_paths,
 )
 from study.storage.store import ResultsStore
-from trainables.data import dataset_size
 from trainables.errors import InputError
 from trainables.randomness import REPRODUCIBLE_NOISE_WARNING
 
@@ -96,7 +95,7 @@ def prepare(spec_path: str, *, cluster: bool = False) -> tuple[StudySpec, NoiseB
     spend the privacy budget."""
     spec = resolve_paths(load_spec(spec_path))
     check_against_data(spec, cluster=cluster)
-    n = dataset_size(spec.dataset, seed=spec.seed)
+    n = private_selection.train_size(spec)
     budget = noise_budget(spec, n)
     check_space(spec, budget, n)
     return spec, budget
