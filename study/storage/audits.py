@@ -24,11 +24,9 @@ from study.storage.store import new_part_name, publish
 def read_audits(uri: str) -> pa.Table:
     """Every audit of a results directory/URI (``audits.parquet``: one immutable part per
     audit, or a single file written by older versions), or of one ``.parquet`` path."""
-    fs, path, kind = locate(uri, AUDITS_FILE)
+    fs, path, kind = locate(uri, AUDITS_FILE, table="audits")
     if kind == pafs.FileType.File:
         return read_file(fs, path, AUDITS_SCHEMA)
-    if kind != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no audits table at {uri!r} (looked for {path})")
     tables = [read_file(fs, part, AUDITS_SCHEMA) for part in part_files(fs, path)]
     return pa.concat_tables(tables) if tables else AUDITS_SCHEMA.empty_table()
 
