@@ -11,7 +11,6 @@ import pyarrow.fs as pafs
 
 from study.storage.read import locate, part_files, read_file
 from study.storage.schema import (
-    AUDIT_MODES,
     AUDITS_FILE,
     AUDITS_SCHEMA,
     PART_PREFIX,
@@ -37,8 +36,6 @@ def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
     ``audit_id`` already present for the study is refused rather than duplicated."""
     row = {"version": package_version(), "finished_at": dt.datetime.now(dt.timezone.utc), **row}
     typed = coerce_row(AUDITS_SCHEMA, row, "audit row")
-    if typed["mode"] not in AUDIT_MODES:
-        raise ValueError(f"audit row: mode must be one of {AUDIT_MODES}, got {typed['mode']!r}")
     fs, directory, kind = locate(uri, AUDITS_FILE)
     known = [] if kind == pafs.FileType.NotFound else read_audits(uri).to_pylist()
     if any((r["study"], r["audit_id"]) == (typed["study"], typed["audit_id"]) for r in known):

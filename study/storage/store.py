@@ -28,7 +28,6 @@ from study.storage.schema import (
     EPOCHS_FILE,
     EPOCHS_SCHEMA,
     PART_PREFIX,
-    STATUSES,
     STUDY_METADATA_KEY,
     TRIALS_FILE,
     TRIALS_SCHEMA,
@@ -91,9 +90,6 @@ class ResultsStore:
         if row["study"] != self.study:
             raise ValueError(f"trial row is for study {row['study']!r}, store is {self.study!r}")
         trial = coerce_row(TRIALS_SCHEMA, row, "trial row")
-        if trial["status"] not in STATUSES:
-            raise ValueError(f"trial row: status must be one of {STATUSES}, "
-                             f"got {trial['status']!r}")
         rows = [self._epoch_row(trial["trial_id"], e) for e in epochs]
         numbers = [r["epoch"] for r in rows]
         if len(set(numbers)) != len(numbers):
