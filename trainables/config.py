@@ -144,7 +144,6 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """Architecture, width multiplier (CNNs) and optional local weights to start from."""
 
-    section: ClassVar[str] = "model"
     name: Literal[MODELS] = "cnn-mnist"
     width: Annotated[Number, Gt(0.0), Le(64)] = 1.0
     weights: Text | None = None
@@ -153,7 +152,6 @@ class ModelConfig(Section):
 class PruningConfig(Section):
     """Pre-pruning: the fraction of weights removed before DP training, and how."""
 
-    section: ClassVar[str] = "pruning"
     rate: Rate = 0.0
     criterion: Literal[PRUNING_CRITERIA] = "random"
     scope: Literal[PRUNING_SCOPES] = "global"
@@ -163,7 +161,6 @@ class PruningConfig(Section):
 class DroppingConfig(Section):
     """Gradient dropping: the fraction of trainable coordinates not updated per step."""
 
-    section: ClassVar[str] = "dropping"
     rate: Rate = 0.0
     criterion: Literal[DROPPING_CRITERIA] = "random"
 
@@ -175,7 +172,6 @@ class PrivacyConfig(Section):
     (capped by ``OptimConfig.max_epochs``); with ``epochs`` it decides the noise.
     """
 
-    section: ClassVar[str] = "privacy"
     epsilon: Epsilon = 3.0
     delta: Fraction = 1e-5
     accountant: Literal[ACCOUNTANTS] = "prv"
@@ -201,7 +197,6 @@ class OptimConfig(Section):
     ``ema_decay`` (None = off) keeps an exponential moving average of the parameters
     that evaluation, selection, the audit and release use."""
 
-    section: ClassVar[str] = "optim"
     name: Literal[OPTIMIZERS] = "sgd"
     learning_rate: Positive = 1.0
     momentum: Rate = 0.0

@@ -28,11 +28,6 @@ class Hyperparameter:
     summarised: bool = False
     recorded: bool = True
 
-    @property
-    def path(self) -> str:
-        """The place in the trial config, ``section.key``."""
-        return f"{self.section}.{self.key}"
-
 
 _SHOWN = {"searched": True, "reported": True, "summarised": True}
 

@@ -33,7 +33,7 @@ from study.spec.sections import (
     Resources,
     Scheduler,
 )
-from study.spec.selection import SelectionSpec, ValidationSpec, selection_problems
+from study.spec.selection import SelectionSpec, ValidationSpec, selection_problems, validation_noise
 from trainables.config import (
     DEVICES,
     MAX_SEED,
@@ -160,10 +160,9 @@ class StudySpec(Spec):
 
     def problems(self) -> Iterator[Problem]:
         """Required fields and sections, and the rules that tie sections together."""
-        if self.privacy is None:
-            yield from problems_of(PrivacySpec, {}, "privacy")
-        if self.search is None:
-            yield from problems_of(SearchSpec, {}, "search")
+        for key, section in (("privacy", PrivacySpec), ("search", SearchSpec)):
+            if getattr(self, key) is None:
+                yield from problems_of(section, {}, key)
         if self.name is None:
             yield "name", "is required", None
         if self.trials is None and not self.selection.private:
@@ -252,8 +251,7 @@ class StudySpec(Spec):
             "pruning": {}, "dropping": {},
             "privacy": {"epsilon": self.privacy.epsilon, "delta": self.privacy.delta,
                         "accountant": self.privacy.accountant,
-                        "validation_noise": self.validation.noise_for(
-                            self.privacy.epsilon, self.privacy.delta)},
+                        "validation_noise": validation_noise(self)},
             "optim": self.optimizer.to_dict(),
         }
         for h in HYPERPARAMETERS:  # a parameter not given is off: None, or 1 view per example

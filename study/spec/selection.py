@@ -91,12 +91,6 @@ class ValidationSpec(Spec):
         """Whether trials release a DP validation score."""
         return self.noise is not None or self.share is not None
 
-    def noise_for(self, epsilon: float, delta: float) -> float | None:
-        """The noise std on the count: ``noise``, or calibrated from ``share``."""
-        if self.share is None:
-            return self.noise
-        return share_noise(self.share * epsilon, delta)
-
 
 @functools.lru_cache(maxsize=32)
 def share_noise(epsilon: float, delta: float) -> float:
@@ -111,8 +105,12 @@ def share_noise(epsilon: float, delta: float) -> float:
 
 
 def validation_noise(spec: Any) -> float | None:
-    """The std of a trial's DP score noise (None: no DP score)."""
-    return spec.validation.noise_for(spec.privacy.epsilon, spec.privacy.delta)
+    """The std of a trial's DP score noise on the count (None: no DP score):
+    ``validation.noise``, or calibrated from ``validation.share``."""
+    validation, privacy = spec.validation, spec.privacy
+    if validation.share is None:
+        return validation.noise
+    return share_noise(validation.share * privacy.epsilon, privacy.delta)
 
 
 def selection_problems(spec: Any) -> Iterator[Problem]:

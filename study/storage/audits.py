@@ -11,7 +11,6 @@ import pyarrow.fs as pafs
 
 from study.storage.read import locate, part_files, read_file
 from study.storage.schema import (
-    AUDIT_MODES,
     AUDITS_FILE,
     AUDITS_SCHEMA,
     PART_PREFIX,
@@ -24,11 +23,9 @@ from study.storage.store import new_part_name, publish
 def read_audits(uri: str) -> pa.Table:
     """Every audit of a results directory/URI (``audits.parquet``: one immutable part per
     audit, or a single file written by older versions), or of one ``.parquet`` path."""
-    fs, path, kind = locate(uri, AUDITS_FILE)
+    fs, path, kind = locate(uri, AUDITS_FILE, table="audits")
     if kind == pafs.FileType.File:
         return read_file(fs, path, AUDITS_SCHEMA)
-    if kind != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no audits table at {uri!r} (looked for {path})")
     tables = [read_file(fs, part, AUDITS_SCHEMA) for part in part_files(fs, path)]
     return pa.concat_tables(tables) if tables else AUDITS_SCHEMA.empty_table()
 
@@ -39,8 +36,6 @@ def append_audit(uri: str, row: dict[str, Any]) -> dict[str, Any]:
     ``audit_id`` already present for the study is refused rather than duplicated."""
     row = {"version": package_version(), "finished_at": dt.datetime.now(dt.timezone.utc), **row}
     typed = coerce_row(AUDITS_SCHEMA, row, "audit row")
-    if typed["mode"] not in AUDIT_MODES:
-        raise ValueError(f"audit row: mode must be one of {AUDIT_MODES}, got {typed['mode']!r}")
     fs, directory, kind = locate(uri, AUDITS_FILE)
     known = [] if kind == pafs.FileType.NotFound else read_audits(uri).to_pylist()
     if any((r["study"], r["audit_id"]) == (typed["study"], typed["audit_id"]) for r in known):

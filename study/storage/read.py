@@ -61,24 +61,28 @@ def scan_parts(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
     return table
 
 
-def trial_parts(fs: pafs.FileSystem, base: str) -> dict[tuple[str, str], list[str]]:
-    """For a results directory: ``(study, trial_id) ->`` its trial parts, oldest name first
-    (all but the newest are superseded, see :mod:`study.storage.store`). Reads only the key
-    columns."""
+def trial_parts(fs: pafs.FileSystem, base: str,
+                study: str | None = None) -> dict[tuple[str, str], list[str]]:
+    """For a results directory: ``(study, trial_id) ->`` its trial parts (``study``'s only,
+    if given), oldest name first (all but the newest are superseded, see
+    :mod:`study.storage.store`). Reads only the key columns."""
     files = part_files(fs, f"{base}/{TRIALS_FILE}")
     if not files:
         return {}
     parts: dict[tuple[str, str], list[str]] = {}
     for row in scan_parts(fs, files, TRIALS_SCHEMA, ["study", "trial_id"]).to_pylist():
-        parts.setdefault((row["study"], row["trial_id"]), []).append(row["__filename"])
+        if study in (None, row["study"]):
+            parts.setdefault((row["study"], row["trial_id"]), []).append(row["__filename"])
     return {key: sorted(paths, key=posixpath.basename) for key, paths in parts.items()}
 
 
 def read_newest(fs: pafs.FileSystem, base: str, which: str,
-                newest: dict[tuple[str, str], str]) -> pa.Table:
-    """The ``which`` rows (trials or epochs) of each trial's ``newest`` part (a trial part,
-    or the epochs part of the same name: a trial recorded without epochs has none)."""
+                parts: dict[tuple[str, str], list[str]]) -> pa.Table:
+    """The ``which`` rows (trials or epochs) of each trial's newest part in ``parts`` (see
+    :func:`trial_parts`; a trial part, or the epochs part of the same name: a trial recorded
+    without epochs has none)."""
     schema = SCHEMAS[which]
+    newest = {key: paths[-1] for key, paths in parts.items()}
     files = sorted({f"{base}/{which}/{posixpath.basename(p)}" for p in newest.values()})
     if which == EPOCHS_FILE:
         files = [f for f in files if fs.get_file_info(f).type == pafs.FileType.File]
@@ -95,41 +99,40 @@ def read_newest(fs: pafs.FileSystem, base: str, which: str,
     return table.drop_columns(["__filename"]).cast(schema)
 
 
-def locate(uri: str, which: str) -> tuple[pafs.FileSystem, str, pafs.FileType]:
+def locate(uri: str, which: str, *,
+           table: str = "") -> tuple[pafs.FileSystem, str, pafs.FileType]:
     """The filesystem, path and file type of the table ``which`` (e.g. ``trials.parquet``)
     of a results directory; a ``.parquet`` path given as ``uri`` is that file itself, or,
-    when a directory, a table of the results directory holding it."""
+    when a directory, a table of the results directory holding it. With ``table``, a
+    missing table is a ``FileNotFoundError`` naming it."""
     fs, path = filesystem(uri, "results")
     path = path.rstrip("/")
     kind = fs.get_file_info(path).type
-    if path.endswith(".parquet") and kind == pafs.FileType.File:
-        return fs, path, kind
-    if path.endswith(".parquet") and kind == pafs.FileType.Directory:
-        path = posixpath.dirname(path)  # RESULTS/trials.parquet given for RESULTS
-    path = f"{path}/{which}"
-    return fs, path, fs.get_file_info(path).type
+    if not (path.endswith(".parquet") and kind == pafs.FileType.File):
+        if path.endswith(".parquet") and kind == pafs.FileType.Directory:
+            path = posixpath.dirname(path)  # RESULTS/trials.parquet given for RESULTS
+        path = f"{path}/{which}"
+        kind = fs.get_file_info(path).type
+    if table and kind not in (pafs.FileType.File, pafs.FileType.Directory):
+        raise FileNotFoundError(f"no {table} table at {uri!r} (looked for {path})")
+    return fs, path, kind
 
 
 def _read_layout(uri: str, which: str) -> pa.Table:
     """Trials or epochs of a results directory (part files, newest per trial) or of one
     ``.parquet`` file."""
-    fs, path, kind = locate(uri, which)
+    fs, path, kind = locate(uri, which, table="results")
     if kind == pafs.FileType.File:  # one file, or a single-file table (dpstudy < 0.2)
         return read_file(fs, path, SCHEMAS[which])
-    if kind != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
     base = posixpath.dirname(path)
-    newest = {key: parts[-1] for key, parts in trial_parts(fs, base).items()}
-    return read_newest(fs, base, which, newest)
+    return read_newest(fs, base, which, trial_parts(fs, base))
 
 
 def read_metadata(uri: str, study: str | None = None) -> dict[str, str]:
     """The file-level metadata of ``study``'s newest trial part in ``trials.parquet`` (or of
     a single-file table): e.g. the study's privacy statement. Every part carries the
     statement as it stood when the part was written, so the newest is the current one."""
-    fs, path, kind = locate(uri, TRIALS_FILE)
-    if kind not in (pafs.FileType.File, pafs.FileType.Directory):
-        raise FileNotFoundError(f"no results table at {uri!r} (looked for {path})")
+    fs, path, kind = locate(uri, TRIALS_FILE, table="results")
     for candidate in [path] if kind == pafs.FileType.File else part_files(fs, path)[::-1]:
         meta = {k.decode(): v.decode() for k, v in
                 (pq.read_schema(candidate, filesystem=fs).metadata or {}).items()}

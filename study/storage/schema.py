@@ -26,6 +26,7 @@ PART_PREFIX = "part-"
 STATUSES = ("completed", "stopped", "failed")
 AUDITS_FILE = "audits.parquet"
 AUDIT_MODES = ("white-box", "black-box")
+_ALLOWED = {"status": STATUSES, "mode": AUDIT_MODES}  # values a row's column must take
 
 _F, _I, _S, _TS = pa.float64(), pa.int64(), pa.string(), pa.timestamp("us", tz="UTC")
 _B = pa.bool_()
@@ -200,7 +201,8 @@ _COERCERS: dict[pa.DataType, Callable] = {_F: float, _I: _to_int, _S: str, _TS: 
 
 
 def coerce_row(schema: pa.Schema, row: dict[str, Any], what: str) -> dict[str, Any]:
-    """Check ``row`` against ``schema`` and return a full, typed row (missing -> None)."""
+    """Check ``row`` against ``schema`` (a ``status`` or ``mode`` among the allowed) and return
+    a full, typed row (missing -> None)."""
     unknown = sorted(set(row) - set(schema.names))
     if unknown:
         raise ValueError(f"{what}: unknown column(s) {unknown}; known: {schema.names}")
@@ -218,6 +220,9 @@ def coerce_row(schema: pa.Schema, row: dict[str, Any], what: str) -> dict[str, A
         if value is None and not f.nullable:
             raise ValueError(f"{what}: column {f.name!r} is required")
         out[f.name] = value
+    for name, allowed in _ALLOWED.items():
+        if name in out and out[name] not in allowed:
+            raise ValueError(f"{what}: {name} must be one of {allowed}, got {out[name]!r}")
     return out
 
 

@@ -28,7 +28,6 @@ from study.storage.schema import (
     EPOCHS_FILE,
     EPOCHS_SCHEMA,
     PART_PREFIX,
-    STATUSES,
     STUDY_METADATA_KEY,
     TRIALS_FILE,
     TRIALS_SCHEMA,
@@ -73,13 +72,11 @@ class ResultsStore:
                                  f"dpstudy < 0.2); dpstudy now writes a directory of part files "
                                  f"there: move the file away or choose another results "
                                  f"directory")
-        self._files = {key: parts for key, parts in trial_parts(self._fs, self._dir).items()
-                       if key[0] == self.study}
-        newest = {key: parts[-1] for key, parts in self._files.items()}
-        for row in read_newest(self._fs, self._dir, TRIALS_FILE, newest).to_pylist():
+        self._files = trial_parts(self._fs, self._dir, self.study)
+        for row in read_newest(self._fs, self._dir, TRIALS_FILE, self._files).to_pylist():
             key = (row["study"], row["trial_id"])
             self._trials[key], self._epochs[key] = row, []
-        for row in read_newest(self._fs, self._dir, EPOCHS_FILE, newest).to_pylist():
+        for row in read_newest(self._fs, self._dir, EPOCHS_FILE, self._files).to_pylist():
             self._epochs[(row["study"], row["trial_id"])].append(row)
 
     def add_trial(self, row: dict, epochs: list[dict]) -> None:
@@ -93,9 +90,6 @@ class ResultsStore:
         if row["study"] != self.study:
             raise ValueError(f"trial row is for study {row['study']!r}, store is {self.study!r}")
         trial = coerce_row(TRIALS_SCHEMA, row, "trial row")
-        if trial["status"] not in STATUSES:
-            raise ValueError(f"trial row: status must be one of {STATUSES}, "
-                             f"got {trial['status']!r}")
         rows = [self._epoch_row(trial["trial_id"], e) for e in epochs]
         numbers = [r["epoch"] for r in rows]
         if len(set(numbers)) != len(numbers):

@@ -15,7 +15,7 @@ from trainables.config import TrialConfig
 def test_every_hyperparameter_lives_in_the_trial_config() -> None:
     config = TrialConfig().to_dict()
     for h in HYPERPARAMETERS:
-        assert h.key in config.get(h.section, {}), h.path
+        assert h.key in config.get(h.section, {}), f"{h.section}.{h.key}"
 
 
 def test_recorded_hyperparameters_are_trial_columns_read_from_the_config() -> None:
