@@ -156,8 +156,6 @@ def default_columns(df: pd.DataFrame | pa.Table, also: list[str] | None = None) 
 def sort(df: pd.DataFrame | pa.Table, by: list[str], descending: bool = False) -> pd.DataFrame:
     """Stable sort by ``by``; a ``-col`` item sorts that column descending. Nulls last."""
     df = to_frame(df)
-    if not by:
-        return df
     names = [resolve_column(df, item.lstrip("-"), context="sort keys") for item in by]
     ascending = [not (descending or item.startswith("-")) for item in by]
     return df.sort_values(names, ascending=ascending, kind="mergesort", na_position="last")
