@@ -162,7 +162,7 @@ def sort(df: pd.DataFrame | pa.Table, by: list[str], descending: bool = False) -
 
 
 def parse_pareto(spec: str) -> list[tuple[str, str]]:
-    """``"accuracy,density"`` -> ``[("test_accuracy", "max"), ("density", "min")]``.
+    """``"accuracy,density"`` -> ``[("val_accuracy", "max"), ("density", "min")]``.
 
     Items are aliases (see ``PARETO_ALIASES``), ``col:max`` / ``col:min``, or a column with
     a known direction (``test_accuracy``, ``wall_time_s``, ...).
