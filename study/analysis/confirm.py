@@ -149,11 +149,3 @@ def summarise(p: Plan, rows: list[Row], *, value: str = "test_accuracy") -> list
         out.append(row)
     return out
 
-
-def format_summary(summary: list[Row]) -> str:
-    """The summary as a fixed-width text table (what ``dpstudy confirm`` prints)."""
-    import pandas as pd
-
-    from study.analysis.query import format_table
-
-    return format_table(pd.DataFrame(summary), "table")

@@ -79,9 +79,10 @@ def to_frame(data: pd.DataFrame | pa.Table) -> pd.DataFrame:
     return data
 
 
-def resolve_column(df: pd.DataFrame, name: str, aliases: dict[str, str] = FILTER_ALIASES,
-                   context: str = "") -> str:
-    """The column ``name`` refers to (itself or its alias), else a did-you-mean ValueError."""
+def resolve_column(df: pd.DataFrame, name: str, aliases: dict[str, str] = FILTER_ALIASES, *,
+                   context: str) -> str:
+    """The column ``name`` refers to (itself or its alias), else a did-you-mean ValueError
+    naming where it was given (``context``)."""
     if name in df.columns:
         return name
     if name in aliases and aliases[name] in df.columns:
@@ -89,8 +90,7 @@ def resolve_column(df: pd.DataFrame, name: str, aliases: dict[str, str] = FILTER
     known = [str(c) for c in df.columns]
     hint = difflib.get_close_matches(name, known + list(aliases), n=1)
     mean = f"; did you mean {hint[0]!r}?" if hint else ""
-    where = f" in {context}" if context else ""
-    raise ValueError(f"unknown column {name!r}{where}{mean} available columns: "
+    raise ValueError(f"unknown column {name!r} in {context}{mean} available columns: "
                      f"{', '.join(known)}")
 
 
@@ -156,15 +156,13 @@ def default_columns(df: pd.DataFrame | pa.Table, also: list[str] | None = None) 
 def sort(df: pd.DataFrame | pa.Table, by: list[str], descending: bool = False) -> pd.DataFrame:
     """Stable sort by ``by``; a ``-col`` item sorts that column descending. Nulls last."""
     df = to_frame(df)
-    if not by:
-        return df
     names = [resolve_column(df, item.lstrip("-"), context="sort keys") for item in by]
     ascending = [not (descending or item.startswith("-")) for item in by]
     return df.sort_values(names, ascending=ascending, kind="mergesort", na_position="last")
 
 
 def parse_pareto(spec: str) -> list[tuple[str, str]]:
-    """``"accuracy,density"`` -> ``[("test_accuracy", "max"), ("density", "min")]``.
+    """``"accuracy,density"`` -> ``[("val_accuracy", "max"), ("density", "min")]``.
 
     Items are aliases (see ``PARETO_ALIASES``), ``col:max`` / ``col:min``, or a column with
     a known direction (``test_accuracy``, ``wall_time_s``, ...).
@@ -190,15 +188,13 @@ def parse_pareto(spec: str) -> list[tuple[str, str]]:
 
 def pareto_front(df: pd.DataFrame | pa.Table, objectives: list[tuple[str, str]]
                  ) -> pd.DataFrame:
-    """Non-dominated completed rows for ``objectives`` ([(column, "max"|"min"), ...]).
+    """Non-dominated completed rows for ``objectives`` (one or more (column, "max"|"min")).
 
     Rows whose ``status`` is not ``completed`` (stopped early by the scheduler, failed) or
     that have a null objective never enter the front; exact ties are all kept. The result
     is sorted best-first by the first objective, then by the next ones.
     """
     df = to_frame(df)
-    if not objectives:
-        raise ValueError("pareto_front needs at least one objective")
     columns = [resolve_column(df, c, aliases={}, context="Pareto objectives")
                for c, _ in objectives]
     for (name, direction), column in zip(objectives, columns, strict=True):

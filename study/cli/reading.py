@@ -35,15 +35,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     uri = results_uri(args.results)
     table = read_epochs(uri) if args.epochs else read_trials(uri)
     df = query.apply_filters(table, [query.parse_filter(w) for w in args.where])
-    if args.pareto:
-        df = query.pareto_front(df, query.parse_pareto(args.pareto))
+    objectives = query.parse_pareto(args.pareto) if args.pareto else []
+    if objectives:
+        df = query.pareto_front(df, objectives)
     if args.sort:
         df = query.sort(df, args.sort.split(","), descending=args.desc)
     if args.limit is not None:
         df = df.head(args.limit)
     if args.columns is None:  # the study's searched parameters, objectives, epsilon spent
-        also = (args.sort.split(",") if args.sort else []) + (
-            [c for c, _ in query.parse_pareto(args.pareto)] if args.pareto else [])
+        also = (args.sort.split(",") if args.sort else []) + [c for c, _ in objectives]
         df = query.select_columns(df, query.default_columns(df, also))
     elif args.columns != "all":
         df = query.select_columns(df, args.columns.split(","))

@@ -96,7 +96,9 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str | None,
              address: str | None) -> int:
-    from study.analysis.confirm import format_summary
+    import pandas as pd
+
+    from study.analysis.query import format_table
 
     print(f"[{spec.name}] confirming the top {top} configuration(s) by "
           f"{spec.objective.primary[0]} with {seeds} fresh seeds each", flush=True)
@@ -109,7 +111,7 @@ def _confirm(runner: object, spec: object, top: int, seeds: int, baseline: str |
     print(f"[{spec.name}] test accuracy over seeds {list(plan.seeds)} (95% t-intervals"
           + (f"; differences paired with baseline {plan.baseline['trial_id']})"
              if plan.baseline is not None else "; no baseline with prune 0, drop 0)"))
-    print(format_summary(summary))
+    print(format_table(pd.DataFrame(summary), "table"))
     missing = sum(row["seeds"] < len(plan.seeds) for row in summary)
     return EXIT_OK if not missing else EXIT_FAILED
 

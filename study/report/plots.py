@@ -206,6 +206,10 @@ def param_importances(trials: pd.DataFrame,
                          f"such params: {', '.join(params) or 'none'})")
     dists = {p: optuna.distributions.FloatDistribution(float(done[p].min()), float(done[p].max()))
              for p in params}
+    evaluators = {"fANOVA": lambda: optuna.importance.FanovaImportanceEvaluator(seed=0),
+                  "PED-ANOVA": optuna.importance.PedAnovaImportanceEvaluator,
+                  "Optuna default": lambda: None}
+    error: Exception | None = None
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -214,25 +218,16 @@ def param_importances(trials: pd.DataFrame,
             study.add_trial(optuna.trial.create_trial(
                 params={p: float(row[p]) for p in params}, distributions=dists,
                 value=float(row[metric])))
-        found, method = _evaluate(optuna, study)
-        return found, f"{method}, {metric}"
+        for method, make in evaluators.items():
+            try:
+                found = optuna.importance.get_param_importances(study, evaluator=make())
+            except Exception as err:  # noqa: BLE001 - try the next evaluator
+                error = err
+                continue
+            if found and all(math.isfinite(float(v)) for v in found.values()):
+                return {k: float(v) for k, v in found.items()}, f"{method}, {metric}"
     finally:
         optuna.logging.set_verbosity(verbosity)
-
-
-def _evaluate(optuna: Any, study: Any) -> tuple[dict[str, float], str]:
-    evaluators = {"fANOVA": lambda: optuna.importance.FanovaImportanceEvaluator(seed=0),
-                  "PED-ANOVA": optuna.importance.PedAnovaImportanceEvaluator,
-                  "Optuna default": lambda: None}
-    error: Exception | None = None
-    for method, make in evaluators.items():
-        try:
-            found = optuna.importance.get_param_importances(study, evaluator=make())
-        except Exception as err:  # noqa: BLE001 - try the next evaluator
-            error = err
-            continue
-        if found and all(math.isfinite(float(v)) for v in found.values()):
-            return {k: float(v) for k, v in found.items()}, method
     raise SkipFigure(f"Optuna could not compute importances ({error or 'no finite values'})")
 
 

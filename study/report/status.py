@@ -67,7 +67,7 @@ def study_privacy_lines(results: str, study: str | None = None,
 
     try:
         recorded = read_study_privacy(results, study)
-    except (FileNotFoundError, OSError, ValueError):
+    except (OSError, ValueError):
         return []
     if recorded is None:
         return ["study privacy: not recorded (results written before study-level accounting)"]
@@ -83,7 +83,7 @@ def results_counts(results: str | None) -> str:
         return "results unknown"
     try:
         statuses = read_trials(os.path.expanduser(results)).column("status").to_pylist()
-    except (FileNotFoundError, OSError, ValueError):
+    except (OSError, ValueError):
         return "no results yet"
     return ", ".join(f"{statuses.count(s)} {s}" for s in ("completed", "stopped", "failed"))
 

@@ -7,10 +7,12 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
 from study.analysis import confirm
+from study.analysis.query import format_table
 
 
 def search_row(tid: str, val: float, prune: float, drop: float = 0.0,
@@ -87,4 +89,4 @@ def test_summary_intervals_and_paired_difference_to_baseline() -> None:
     assert a["diff_vs_baseline"] == pytest.approx(diffs.mean())
     assert (a["diff_ci95_low"], a["diff_ci95_high"]) == pytest.approx((dlo, dhi))
     assert "diff_vs_baseline" not in c and a["epsilon_spent"] == 2.99
-    assert "top-1" in confirm.format_summary(confirm.summarise(p, rows))
+    assert "top-1" in format_table(pd.DataFrame(confirm.summarise(p, rows)), "table")
