@@ -269,6 +269,16 @@ def test_grad_samples_materialise_and_used_gradients_are_refused() -> None:
                for p in opt.params)
 
 
+def assert_equal_to_opacus(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Per-sample gradients of ``model`` on (x, y): this module's equal Opacus' own."""
+    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    fast = FastGradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    for m in (ref, fast):
+        nn.functional.cross_entropy(m(x), y).backward()
+    for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_input_layer_convolutions_equal_opacus(channels: int) -> None:
     """Few input channels (the channel-as-batch path): strides, padding, dilation, bias,
@@ -279,12 +289,7 @@ def test_input_layer_convolutions_equal_opacus(channels: int) -> None:
         nn.Tanh(), nn.Conv2d(4, 3, 2, bias=False), nn.Flatten(), nn.LazyLinear(5))
     x, y = torch.randn(6, channels, 11, 10), torch.randint(0, 5, (6,))
     model(x)  # materialise the lazy layer
-    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
-    fast = FastGradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
-    for m in (ref, fast):
-        nn.functional.cross_entropy(m(x), y).backward()
-    for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
-        torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL)
+    assert_equal_to_opacus(model, x, y)
 
 
 @pytest.mark.parametrize(("channels", "size", "path"), [
@@ -316,10 +321,5 @@ def test_inner_convolutions_equal_opacus_on_both_paths(channels: int, size: int,
     x, y = torch.randn(4, channels, size, 2 * size), torch.randint(0, 3, (4,))
     assert model[0](x).shape[2:] == (size, size)
     model(x)  # materialise the lazy layer
-    ref = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
-    fast = FastGradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
-    for m in (ref, fast):
-        nn.functional.cross_entropy(m(x), y).backward()
-    for pr, pf in zip(ref.parameters(), fast.parameters(), strict=True):
-        torch.testing.assert_close(pf.grad_sample, pr.grad_sample, atol=TOL, rtol=TOL)
+    assert_equal_to_opacus(model, x, y)
     assert used == [f"conv_weight_by_{path}"]
