@@ -20,7 +20,7 @@ USER_ERRORS = {  # module, class, exit code, the standard base it keeps
     ("study.spec.model", "SpecError", EXIT_USAGE, ValueError),
     ("trainables.accounting", "BudgetError", EXIT_USAGE, ValueError),
     ("trainables.config", "ConfigError", EXIT_USAGE, ValueError),
-    ("trainables.data", "DataUnavailableError", EXIT_USAGE, FileNotFoundError),
+    ("trainables.errors", "DataUnavailableError", EXIT_USAGE, FileNotFoundError),
     ("trainables.checkpoint", "CheckpointError", EXIT_USAGE, ValueError),
     ("trainables.audit", "AuditUnavailableError", EXIT_FAILED, ImportError),
 }
