@@ -5,7 +5,8 @@ epochs) run through the service's machinery (make_search: OptunaSearch + Concurr
 with_resources; runner.run_config: FailureConfig, CheckpointConfig, StudyCallback to Parquet)
 with reuse_actors True and False. The work in a plain loop gives ideal = N*W/2 on 2 slots, and
 overhead/trial = (wall_tune - ideal) * 2 / N, the time a trial holds a slot beyond its work
-(target < 0.3 s; ray.init is timed apart, excluded). CPU busy % during fit() (target > 85 %),
+(target < 0.3 s; ray.init is timed apart, excluded), and the driver's CPU time (Tune's
+controller, its snapshots, the callbacks). CPU busy % during fit() (target > 85 %),
 system-wide and of this process tree, for reuse_actors=True and, with --real, for --real-trials
 real 1-epoch DP trials (runner.make_trainable; cnn-mnist, mnist-5k, batch 256, epsilon 8).
 --check exits 1 if a target fails (targets in parentheses, reuse_actors=False, do not count).
@@ -166,15 +167,17 @@ def run_study(label: str, spec: StudySpec, trainable: Any, *, reuse: bool,
         search_alg=make_search(spec, budget), scheduler=runner.make_scheduler(spec),
         num_samples=spec.trials, reuse_actors=reuse))
     with monitor:  # CPU use from fit() start to end
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         grid = tuner.fit()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     done = runner.finish(spec, grid, False, experiment.experiment_dir(spec)).completed
     rows = info(label, {f"tune wall ({done}/{spec.trials} completed)": wall,
                         **monitor.phases(start, wall, spec.max_concurrent)})
     longest = max((max(h.values(), default=(0.0, "-")) for h in hooks), default=(0.0, "-"))
     rows.append((f"{label}: longest StudyCallback hook ({longest[1]})", f"{longest[0]:.3f} s",
                  "< 0.1 s", longest[0] < 0.1))
+    rows.append((f"{label}: driver CPU during fit() (% of one core)",
+                 f"{cpu:.2f} s ({100 * cpu / wall:.0f} %)", "", None))
     if reuse:  # the service's setting
         rows += [(f"{label}: {what} CPU busy", f"{v:.1f} %", "> 85 %", v > 85)
                  for what, v in (("system", monitor.system), ("own process tree", monitor.tree))]

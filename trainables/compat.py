@@ -7,7 +7,9 @@ module costs nothing to import and ``trainables`` still imports no Optuna.
 
 - Ray 2.60: the running node's temp folder (``ray._private.worker._global_node``), the
   autoscaler's node types (``ray._private.state.state.get_cluster_config``), and a trial's
-  storage (``TuneContext.get_storage``, a ``DeveloperAPI``).
+  storage (``TuneContext.get_storage``, a ``DeveloperAPI``); the controller's experiment
+  snapshot (``TuneController.checkpoint``, a trial's ``run_metadata``), by
+  :func:`snapshot_on_change`.
 - Ray 2.60's ``OptunaSearch``: its Optuna study, asked trials, storage and completed set
   (``_ot_study``, ``_ot_trials``, ``_storage``, ``_completed_trials``), by
   :class:`OptunaSearchState`.
@@ -62,6 +64,45 @@ def trial_storage() -> tuple[Any, str] | None:
         return storage.storage_filesystem, storage.trial_fs_path
     except (ImportError, AttributeError, RuntimeError):
         return None
+
+
+def snapshot_on_change() -> None:
+    """Make Tune's controller skip an experiment snapshot when no trial changed since its
+    last one (idempotent; this process's ``TuneController``, checked against Ray 2.60).
+
+    With ``TUNE_GLOBAL_CHECKPOINT_S=0`` (see :func:`study.execution.cluster.init_ray`) Tune
+    snapshots at every controller step, about ten a second while trials train: every trial's
+    JSON, the pickled searcher (its whole Optuna study) and the callbacks' state, each time,
+    on the driver's CPU. What a resume needs changes only when a trial is added, changes
+    status, fails, reports a result or saves a checkpoint: a step with none of these is not
+    snapshotted. A forced snapshot (``force`` or ``wait``: the end of the experiment, an
+    interrupt) always is."""
+    import weakref
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    if getattr(TuneController.checkpoint, "dpstudy_on_change", False):
+        return
+    original = TuneController.checkpoint
+    seen: weakref.WeakKeyDictionary[Any, list[tuple]] = weakref.WeakKeyDictionary()
+
+    def checkpoint(self: Any, force: bool = False, wait: bool = False) -> None:
+        # the result dicts and checkpoint results are compared by identity (held here, so
+        # an id is never reused while compared); Tune replaces them on every report
+        now = [(t.trial_id, t.status, t.run_metadata.num_failures,
+                t.run_metadata.last_result, t.latest_checkpoint_result)
+               for t in self.get_trials()]
+        before = seen.get(self)
+        if not (force or wait) and before is not None and len(before) == len(now) and all(
+                a[:3] == b[:3] and a[3] is b[3] and a[4] is b[4]
+                for a, b in zip(before, now, strict=True)):
+            return None
+        seen[self] = now
+        return original(self, force=force, wait=wait)
+
+    checkpoint.dpstudy_on_change = True  # type: ignore[attr-defined]
+    checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
+    TuneController.checkpoint = checkpoint
 
 
 class OptunaSearchState:

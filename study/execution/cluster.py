@@ -8,7 +8,7 @@ import contextlib
 import os
 
 from study.spec.model import SpecError, StudySpec
-from trainables.compat import autoscaler_cluster_config
+from trainables.compat import autoscaler_cluster_config, snapshot_on_change
 from trainables.placement import ALLOC_CONF
 
 
@@ -23,7 +23,9 @@ def init_ray(address: str | None = None) -> None:
     # 10 s or more). After a kill -9 a resume then knows every trial that started, finished
     # or checkpointed before the kill, so it neither re-runs finished trials nor restarts
     # running ones from scratch. Read when the Tuner is built, so setting it here suffices.
+    # A step in which no trial changed is not snapshotted (nothing a resume needs changed).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    snapshot_on_change()
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF  # inherited by local workers
     if ray.is_initialized():

@@ -120,3 +120,69 @@ def test_rdp_memo_returns_opacus_own_curves() -> None:
             rdp.compute_rdp(q=0.07, noise_multiplier=1.1, steps=7, orders=o),
             original(q=0.07, noise_multiplier=1.1, steps=7, orders=o))
     assert rdp.compute_rdp.dpstudy_memo
+
+
+def test_tune_snapshots_only_when_a_trial_changed() -> None:
+    """The wrapped ``TuneController.checkpoint`` (the controller's experiment snapshot) runs
+    Tune's own after a trial is added, changes status, fails, reports or checkpoints, and
+    whenever forced; a step with no change is skipped. Real ``Trial`` objects, so a moved
+    attribute fails here."""
+    import inspect
+
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    compat.snapshot_on_change()
+    compat.snapshot_on_change()  # idempotent: wrapped once
+    original = TuneController.checkpoint.__wrapped__
+    assert not getattr(original, "dpstudy_on_change", False)
+    assert list(inspect.signature(original).parameters) == ["self", "force", "wait"]
+    assert callable(TuneController.get_trials)
+
+    class Manager:
+        def __init__(self) -> None:
+            self.calls: list[tuple[bool, bool]] = []
+
+        def sync_up_experiment_state(self, save_fn, force: bool, wait: bool) -> None:
+            self.calls.append((force, wait))
+
+    class Controller:  # what Tune's own checkpoint() and the wrapper use of a controller
+        def __init__(self) -> None:
+            self.trials: list[Trial] = []
+            self._checkpoint_manager = Manager()
+
+        def get_trials(self) -> list[Trial]:
+            return self.trials
+
+        def save_to_dir(self) -> None:
+            pass
+
+    controller = Controller()
+    calls = controller._checkpoint_manager.calls
+
+    def step(**kwargs: bool) -> int:
+        before = len(calls)
+        TuneController.checkpoint(controller, **kwargs)
+        return len(calls) - before
+
+    assert step() == 1  # the first snapshot
+    assert step() == 0  # nothing changed
+    first = Trial("__fake", stub=True)
+    controller.trials.append(first)
+    assert (step(), step()) == (1, 0)  # a trial added
+    first.set_status(Trial.RUNNING)
+    assert (step(), step()) == (1, 0)  # a status changed
+    first.update_last_result({"training_iteration": 1})
+    assert (step(), step()) == (1, 0)  # a result
+    first.update_last_result({"training_iteration": 1})  # the same values, a new report
+    assert step() == 1
+    first.run_metadata.num_failures += 1
+    assert (step(), step()) == (1, 0)  # a failure
+    first.run_metadata.checkpoint_manager._latest_checkpoint_result = object()
+    assert first.latest_checkpoint_result is not None
+    assert (step(), step()) == (1, 0)  # a checkpoint
+    assert step(force=True) == 1 and step(wait=True) == 1  # forced: always
+    assert calls[-2:] == [(True, False), (False, True)]
+    other = Controller()  # each controller remembers its own last snapshot
+    TuneController.checkpoint(other)
+    assert len(other._checkpoint_manager.calls) == 1
