@@ -213,8 +213,9 @@ class StudyCallback(Callback):
     def get_state(self) -> None:
         """Called by Tune right after it wrote its experiment state to the driver's staging
         folder: back that state up whole (see :mod:`study.execution.tune_state`). Returns
-        None: this callback has no state of its own to save. Tune snapshots at every controller step
-        (its state holds timestamps); only steps with trial events are backed up."""
+        None: this callback has no state of its own to save. Tune snapshots every controller
+        step in which a trial changed (:func:`trainables.compat.snapshot_on_change`), and at
+        the end; only steps with trial events are backed up (its state holds timestamps)."""
         if self.backup is not None and self.events:
             self.events = False
             try:
