@@ -8,8 +8,8 @@ module costs nothing to import and ``trainables`` still imports no Optuna.
 - Ray 2.60: the running node's temp folder (``ray._private.worker._global_node``), the
   autoscaler's node types (``ray._private.state.state.get_cluster_config``), and a trial's
   storage (``TuneContext.get_storage``, a ``DeveloperAPI``); the controller's experiment
-  snapshot (``TuneController.checkpoint``, a trial's ``run_metadata``), by
-  :func:`snapshot_on_change`.
+  snapshot (``TuneController.checkpoint``, a trial's ``run_metadata``, the checkpoint
+  manager's ``_last_sync_time``), by :func:`snapshot_on_change`.
 - Ray 2.60's ``OptunaSearch``: its Optuna study, asked trials, storage and completed set
   (``_ot_study``, ``_ot_trials``, ``_storage``, ``_completed_trials``), by
   :class:`OptunaSearchState`.
@@ -76,7 +76,10 @@ def snapshot_on_change() -> None:
     on the driver's CPU. What a resume needs changes only when a trial is added, changes
     status, fails, reports a result or saves a checkpoint: a step with none of these is not
     snapshotted. A forced snapshot (``force`` or ``wait``: the end of the experiment, an
-    interrupt) always is."""
+    interrupt) always is. A snapshot reaches the experiment directory only by a background
+    sync, which Tune does not start while the previous one still runs: until one starts
+    after it, each step snapshots again, as Tune's own did (else a resume after ``kill -9``
+    reads an older state until another trial changes, e.g. re-runs a finished trial)."""
     import weakref
 
     from ray.tune.execution.tune_controller import TuneController
@@ -97,8 +100,14 @@ def snapshot_on_change() -> None:
                 a[:3] == b[:3] and a[3] is b[3] and a[4] is b[4]
                 for a, b in zip(before, now, strict=True)):
             return None
-        seen[self] = now
-        return original(self, force=force, wait=wait)
+        manager = self._checkpoint_manager  # its _last_sync_time: when it last started a sync
+        started = manager._last_sync_time
+        original(self, force=force, wait=wait)
+        if manager._last_sync_time != started:
+            seen[self] = now
+        else:  # not synced yet: this state is only in the staging folder
+            seen.pop(self, None)
+        return None
 
     checkpoint.dpstudy_on_change = True  # type: ignore[attr-defined]
     checkpoint.__wrapped__ = original  # type: ignore[attr-defined]

@@ -139,12 +139,14 @@ def test_tune_snapshots_only_when_a_trial_changed() -> None:
     assert list(inspect.signature(original).parameters) == ["self", "force", "wait"]
     assert callable(TuneController.get_trials)
 
-    class Manager:
+    class Manager:  # starts a sync at every snapshot
         def __init__(self) -> None:
             self.calls: list[tuple[bool, bool]] = []
+            self._last_sync_time: float | None = None
 
         def sync_up_experiment_state(self, save_fn, force: bool, wait: bool) -> None:
             self.calls.append((force, wait))
+            self._last_sync_time = float(len(self.calls))
 
     class Controller:  # what Tune's own checkpoint() and the wrapper use of a controller
         def __init__(self) -> None:
@@ -186,3 +188,67 @@ def test_tune_snapshots_only_when_a_trial_changed() -> None:
     other = Controller()  # each controller remembers its own last snapshot
     TuneController.checkpoint(other)
     assert len(other._checkpoint_manager.calls) == 1
+
+
+def test_tune_snapshots_again_until_a_sync_carries_it() -> None:
+    """A snapshot whose sync Tune did not start (the previous sync still running, or the
+    snapshot period not over) is taken again at the next step, changed or not: else the
+    experiment directory keeps an older state (a finished trial still running) until another
+    trial changes, and a resume after ``kill -9`` re-runs that trial. Tune's own checkpoint
+    manager, so a renamed attribute fails here."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    compat.snapshot_on_change()
+
+    class Syncer:
+        def __init__(self) -> None:
+            self.busy, self.synced = True, 0
+
+        def sync_up(self, local_dir: str, remote_dir: str) -> bool:
+            self.synced += not self.busy
+            return not self.busy
+
+        def wait(self) -> None:
+            self.busy = False
+
+    class Storage:
+        experiment_driver_staging_path = "/staging"
+        experiment_fs_path = "/experiment"
+
+        def __init__(self) -> None:
+            self.syncer = Syncer()
+
+    class Controller:
+        def __init__(self, period: float) -> None:
+            self.saves, self.trials = 0, []
+            self._checkpoint_manager = _ExperimentCheckpointManager(
+                storage=Storage(), checkpoint_period=period, sync_every_n_trial_checkpoints=2)
+
+        def get_trials(self) -> list:
+            return self.trials
+
+        def save_to_dir(self) -> None:
+            self.saves += 1
+
+    controller = Controller(period=0)
+    syncer = controller._checkpoint_manager._storage.syncer
+    TuneController.checkpoint(controller)  # saved, not synced: the syncer is busy
+    TuneController.checkpoint(controller)  # nothing changed, but not synced yet: again
+    assert (controller.saves, syncer.synced) == (2, 0)
+    syncer.busy = False
+    TuneController.checkpoint(controller)
+    assert (controller.saves, syncer.synced) == (3, 1)
+    TuneController.checkpoint(controller)  # synced and unchanged: skipped
+    assert (controller.saves, syncer.synced) == (3, 1)
+
+    throttled = Controller(period=3600)  # TUNE_GLOBAL_CHECKPOINT_S set by the user
+    throttled._checkpoint_manager._storage.syncer.busy = False
+    TuneController.checkpoint(throttled)  # the first snapshot
+    throttled.trials.append(Trial("__fake", stub=True))
+    TuneController.checkpoint(throttled)  # a trial added, within the period: not saved
+    assert throttled.saves == 1
+    throttled._checkpoint_manager._last_save_time = float("-inf")  # the period is over
+    TuneController.checkpoint(throttled)  # nothing changed since, but the trial is unsaved
+    assert throttled.saves == 2
