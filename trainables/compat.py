@@ -9,7 +9,8 @@ module costs nothing to import and ``trainables`` still imports no Optuna.
   autoscaler's node types (``ray._private.state.state.get_cluster_config``), and a trial's
   storage (``TuneContext.get_storage``, a ``DeveloperAPI``); the controller's experiment
   snapshot (``TuneController.checkpoint``, a trial's ``run_metadata``, the checkpoint
-  manager's ``_last_sync_time``), by :func:`snapshot_on_change`.
+  manager's ``_last_sync_time``), by :func:`snapshot_on_change`; the step an experiment
+  state was written at (``runner_data._iteration``), by :func:`experiment_state_step`.
 - Ray 2.60's ``OptunaSearch``: its Optuna study, asked trials, storage and completed set
   (``_ot_study``, ``_ot_trials``, ``_storage``, ``_completed_trials``), by
   :class:`OptunaSearchState`.
@@ -112,6 +113,17 @@ def snapshot_on_change() -> None:
     checkpoint.dpstudy_on_change = True  # type: ignore[attr-defined]
     checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
     TuneController.checkpoint = checkpoint
+
+
+def experiment_state_step(data: bytes) -> int:
+    """The controller step at which Tune wrote an ``experiment_state-*.json`` (the
+    controller's ``_iteration``, saved in ``runner_data``); -1 if it cannot be read."""
+    import json
+
+    try:
+        return int(json.loads(data)["runner_data"]["_iteration"])
+    except (ValueError, TypeError, KeyError):
+        return -1
 
 
 class OptunaSearchState:

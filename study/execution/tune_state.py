@@ -13,7 +13,9 @@ The staged copy may be cut short too (Tune rewrites it at every snapshot while a
 thread may still be copying the previous one). Hence :class:`StateBackup`: called from the
 study's callback right after Tune wrote the staged files (``Callback.get_state`` runs at the
 end of ``TuneController.save_to_dir``), it copies the three files, whole and together, into
-``<experiment>/.dpstudy-state/``.
+``<experiment>/.dpstudy-state/``. A driver killed after a snapshot but before the background
+copy carried it leaves an intact but older state (a trial finished in Parquet still running
+for Tune): :func:`repair` puts the backup back when it is from a later controller step.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from trainables.compat import ray_session_temp_dir
+from trainables.compat import experiment_state_step, ray_session_temp_dir
 from trainables.errors import FailureError
 
 EXPERIMENT_STATE = "experiment_state-*.json"
@@ -64,9 +66,11 @@ def newest_session_files(names: list[str]) -> list[str]:
 
 def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None) -> list[str]:
     """Check the newest session's state files in ``directory`` (on ``fs``); if any is
-    damaged, put back the whole set from :class:`StateBackup`, or else each damaged file
-    from the newest intact staged copy under ``temp_root`` (the Ray temp folder; the staged
-    write ends before the copy starts). Returns the names repaired.
+    damaged, or the :class:`StateBackup` is intact and newer (a later controller step: the
+    driver was killed before Tune's background copy carried its last snapshot), put back
+    the whole set from the backup, or else each damaged file from the newest intact staged
+    copy under ``temp_root`` (the Ray temp folder; the staged write ends before the copy
+    starts). Returns the names repaired.
 
     Raises :class:`DamagedStateError` for a damaged file with no intact copy: refusing is
     better than a silent restart."""
@@ -76,12 +80,14 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
         return []
     current = newest_session_files([posixpath.basename(i.path) for i in infos
                                     if i.type == pafs.FileType.File])
-    damaged = [n for n in current if not loads(read(fs, posixpath.join(directory, n)))]
-    if not damaged:
-        return []
+    found = {n: read(fs, posixpath.join(directory, n)) for n in current}
+    damaged = [n for n, data in found.items() if not loads(data)]
     backup = posixpath.join(directory, BACKUP_DIR)
     saved = {n: read(fs, posixpath.join(backup, n)) for n in current}  # b"" when missing
-    if all(loads(data) for data in saved.values()):
+    intact = bool(saved) and all(loads(data) for data in saved.values())
+    if not damaged and not (intact and step(saved) > step(found)):
+        return []
+    if intact:
         for name, data in saved.items():
             replace(fs, posixpath.join(directory, name), data)
         return current
@@ -97,6 +103,13 @@ def repair(fs: pafs.FileSystem, directory: str, *, temp_root: str | None = None)
                 f"that ran the driver, or start the study again under another name")
         replace(fs, posixpath.join(directory, name), copy)
     return damaged
+
+
+def step(files: dict[str, bytes]) -> int:
+    """The controller step at which Tune wrote the experiment state among ``files`` (-1 if
+    none can be read)."""
+    states = [d for n, d in files.items() if n.startswith("experiment_state-")]
+    return experiment_state_step(states[0]) if states else -1
 
 
 def read(fs: pafs.FileSystem, path: str) -> bytes:

@@ -252,3 +252,18 @@ def test_tune_snapshots_again_until_a_sync_carries_it() -> None:
     throttled._checkpoint_manager._last_save_time = float("-inf")  # the period is over
     TuneController.checkpoint(throttled)  # nothing changed since, but the trial is unsaved
     assert throttled.saves == 2
+
+
+def test_experiment_state_step_reads_the_controller_iteration() -> None:
+    """Tune's controller counts its steps in ``_iteration`` and saves it with its state
+    (``runner_data`` is its ``__getstate__``); anything unreadable is step -1."""
+    import inspect
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    assert "self._iteration += 1" in inspect.getsource(TuneController.step)
+    assert '"_iteration"' not in inspect.getsource(TuneController.__getstate__)  # kept
+    assert compat.experiment_state_step(b'{"runner_data": {"_iteration": 42}}') == 42
+    for bad in (b"", b'{"runner_data": {"_iteration": 4', b"[]", b'{"runner_data": {}}',
+                b'{"runner_data": {"_iteration": null}}', b"\xff\xfe"):
+        assert compat.experiment_state_step(bad) == -1

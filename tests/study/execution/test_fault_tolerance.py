@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from study.spec.model import StudySpec
+from trainables import compat
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +106,9 @@ def test_worker_loss_resumes_trial_without_extra_privacy(tmp_path: Path) -> None
     assert len(rows) == 1 and rows[0]["status"] == "completed"
     epochs = pq.read_table(tmp_path / "results" / "epochs.parquet").to_pylist()
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    # the step a real experiment state was written at, as tune_state.repair compares it
+    states = sorted((tmp_path / "runs" / "nodeloss").glob("experiment_state-*.json"))
+    assert states and compat.experiment_state_step(states[-1].read_bytes()) > 0
 
     uninterrupted = train(spec.trial_config({}))
     assert rows[0]["steps"] == uninterrupted["steps"]

@@ -120,3 +120,36 @@ def test_a_pickled_json_state_file_counts_as_intact() -> None:
     assert loads(b'{"trial_data": []}')
     assert not loads(pickle.dumps({"counter": 3})[:-3])
     assert not loads(b"")
+
+
+def test_an_intact_but_older_state_gives_way_to_a_newer_backup(tmp_path: Path) -> None:
+    """Killed after a snapshot was backed up but before Tune's background copy carried it
+    (the copy before it still running): the experiment directory holds an older state,
+    intact, in which a finished trial still runs. The newer backup is put back, as a set;
+    an older backup never replaces a newer state."""
+    from study.execution.tune_state import BACKUP_DIR, StateBackup
+
+    def snapshot(folder: Path, iteration: int, status: str) -> dict[str, bytes]:
+        files = {STATE: json.dumps({"trial_data": [["t1", status]],
+                                    "runner_data": {"_iteration": iteration}}).encode(),
+                 SEARCHER: pickle.dumps({"told": iteration}),
+                 GEN: json.dumps({"counter": 1}).encode()}
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return files
+
+    directory = experiment(tmp_path)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    fs = pafs.LocalFileSystem()
+    snapshot(directory, 41, "RUNNING")  # the last copy that reached the directory
+    newer = snapshot(staging, 42, "TERMINATED")  # the next snapshot, backed up, not copied
+    assert StateBackup(str(staging), fs, str(directory)).save() is True
+    assert sorted(repair(fs, str(directory))) == sorted(newer)
+    assert {n: (directory / n).read_bytes() for n in newer} == newer
+
+    later = snapshot(directory, 50, "TERMINATED")  # copies went on after the last backup
+    assert repair(fs, str(directory)) == []
+    assert {n: (directory / n).read_bytes() for n in later} == later
+    (directory / BACKUP_DIR / STATE).write_bytes(b'{"runner_data": {"_iteration": 99')
+    assert repair(fs, str(directory)) == []  # a cut-short backup is not newer: ignored
