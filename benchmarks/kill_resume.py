@@ -14,6 +14,8 @@ exact:
   abandoned and restarted from scratch under a new id);
 - ``finished re-run``: trials already ``completed`` in Parquet at the kill that trained
   again after it;
+- ``finished restored``: such trials that Tune restored from a checkpoint after the kill
+  (one restored from its last checkpoint trains no epoch, so ``finished re-run`` misses it);
 - ``re-trained``: epochs trained in all minus epochs in the final results;
 - ``rows``: trial rows in the final results (must equal ``trials``, with no duplicate);
 - ``all_completed``: every row is ``completed`` (none recorded as stopped early by mistake).
@@ -47,6 +49,13 @@ import importlib.abc, importlib.util, os, sys, time
 _LOG = os.environ.get("DPSTUDY_EPOCH_LOG")
 _PAUSE = os.environ.get("DPSTUDY_PAUSE_AFTER_SAVE")
 
+def _trial():
+    try:
+        from ray import tune
+        return tune.get_context().get_trial_id()
+    except Exception:
+        return None
+
 class _Hook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name != "trainables.train" or not _LOG:
@@ -58,23 +67,24 @@ class _Hook(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             original_exec(module)
-            save = module.save_checkpoint
+            save, restore = module.save_checkpoint, module.restore
 
             def logged(run, progress, ckpt_dir):
                 save(run, progress, ckpt_dir)
-                try:
-                    from ray import tune
-                    trial = tune.get_context().get_trial_id()
-                except Exception:
-                    trial = None
                 with open(_LOG, "a") as f:
-                    f.write(f"{trial} {progress.epoch} {time.time()}\\n")
+                    f.write(f"{_trial()} {progress.epoch} {time.time()}\\n")
                 if _PAUSE and not os.path.exists(_PAUSE):  # written, not yet reported
                     with open(_PAUSE + ".tmp", "w") as f:
                         f.write(str(os.getpid()))
                     os.replace(_PAUSE + ".tmp", _PAUSE)
                     time.sleep(3600)
             module.save_checkpoint = logged
+
+            def logged_restore(*args, **kwargs):  # a trial resumed from its checkpoint
+                with open(_LOG + ".restores", "a") as f:
+                    f.write(f"{_trial()} {time.time()}\\n")
+                return restore(*args, **kwargs)
+            module.restore = logged_restore
         loader.exec_module = exec_module
         return spec
 
@@ -107,6 +117,13 @@ def epoch_log(path: Path) -> list[tuple[str, int]]:
         return []
     return [(line.split()[0], int(line.split()[1])) for line in path.read_text().splitlines()
             if line.strip()]
+
+
+def restored_after(log: Path, since: float) -> set[str]:
+    """Trials that restored a checkpoint after ``since`` (the hook's ``.restores`` log)."""
+    path = Path(f"{log}.restores")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {line.split()[0] for line in lines if line.strip() and float(line.split()[1]) >= since}
 
 
 def read_rows(results: Path) -> list[dict[str, Any]]:
@@ -169,6 +186,7 @@ def one_moment(moment: str, code: Path, trials: int, epochs: int) -> dict[str, A
             if moment == "unreported":  # and the paused trial's process (Ray's, not ours)
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int((root / "paused").read_text()), signal.SIGKILL)
+        killed_at = time.time()
         time.sleep(2)
     finally:
         try:
@@ -194,6 +212,7 @@ def one_moment(moment: str, code: Path, trials: int, epochs: int) -> dict[str, A
         "rows": len(rows), "duplicates": len(rows) - len({r["trial_id"] for r in rows}),
         "extra_ids": max(0, len({t for t, _ in trained}) - trials),
         "finished_rerun": len(completed_before & {t for t, _ in after}),
+        "finished_restored": len(completed_before & restored_after(log, killed_at)),
         "epochs_trained": len(trained), "final_epochs": final_epochs,
         "retrained": len(trained) - final_epochs,
         "restarted_from_scratch": len({t for t, e in after if e == 1}
@@ -217,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [one_moment(m, Path(args.code), args.trials, args.epochs)
             for m in args.moments.split(",")]
     header = ("moment", "completed_at_kill", "extra_ids", "finished_rerun",
-              "restarted_from_scratch", "retrained", "epochs_trained", "rows", "duplicates",
-              "all_completed", "resume_exit")
+              "finished_restored", "restarted_from_scratch", "retrained", "epochs_trained",
+              "rows", "duplicates", "all_completed", "resume_exit")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:

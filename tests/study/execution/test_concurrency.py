@@ -171,6 +171,7 @@ def test_kill_while_trials_finish_reruns_nothing(tmp_path: Path) -> None:
     assert figures["resume_exit"] == 0, figures.get("resume_output", "")[-3000:]
     assert figures["rows"] == 3 and figures["duplicates"] == 0 and figures["all_completed"]
     assert figures["extra_ids"] == 0 and figures["finished_rerun"] == 0
+    assert figures["finished_restored"] == 0, figures  # not even from its last checkpoint
     assert figures["restarted_from_scratch"] == 0
     # at most the epochs whose report was in flight at the kill are trained again
     assert figures["retrained"] <= 2, figures
